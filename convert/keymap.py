@@ -1,0 +1,141 @@
+"""Source-checkpoint key -> model parameter, as a table of regexes, and the assembly of parameters from it.
+
+Each rule turns one source tensor into one or more `Placement`s: which parameter it fills, which slice
+of it (an expert index, or all of it), the source shape it must have, and the transform into our layout
+(PyTorch stores `[out, in]`; we store inputs first). Any key no rule matches, any duplicate, any shape
+mismatch and any parameter left unfilled is a `CheckpointError`: nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
+
+import numpy as np
+
+from mixtral_jax.config import MixtralConfig
+
+from .safetensors_file import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    target: str                      # parameter name, e.g. "layers.3.moe.w1"
+    index: tuple[int, ...]           # leading index into the target ((expert,) or () for all of it)
+    source_shape: tuple[int, ...]
+    transform: Callable[[np.ndarray], np.ndarray]
+
+
+Rule = tuple[str, Callable[[re.Match, MixtralConfig], list[Placement]]]
+
+
+def _t(w):
+    return w.T
+
+
+def _hf_rules() -> list[Rule]:
+    L = r"model\.layers\.(\d+)\."
+
+    def whole(target, shape_fn, transform=lambda w: w):
+        return lambda m, c: [Placement(target.format(*m.groups()), (), shape_fn(c), transform)]
+
+    def heads(target, n_heads_fn):
+        def rule(m, c):
+            n = n_heads_fn(c)
+            return [Placement(target.format(*m.groups()), (), (n * c.head_dim, c.dim),
+                              lambda w: w.T.reshape(c.dim, n, c.head_dim))]
+        return rule
+
+    def expert(m, c):
+        layer, e, which = m.groups()
+        e = int(e)
+        if e >= c.n_experts:
+            return []  # reported as an unknown key
+        shape = (c.dim, c.hidden_dim) if which == "2" else (c.hidden_dim, c.dim)
+        return [Placement(f"layers.{layer}.moe.w{which}", (e,), shape, _t)]
+
+    def gate_up(m, c):
+        f = c.hidden_dim
+        shape = (c.n_experts, 2 * f, c.dim)
+        return [Placement(f"layers.{m.group(1)}.moe.w1", (), shape, lambda w: w[:, :f].transpose(0, 2, 1)),
+                Placement(f"layers.{m.group(1)}.moe.w3", (), shape, lambda w: w[:, f:].transpose(0, 2, 1))]
+
+    return [
+        (r"model\.embed_tokens\.weight", whole("embed", lambda c: (c.vocab_size, c.dim))),
+        (r"lm_head\.weight", whole("lm_head", lambda c: (c.vocab_size, c.dim), _t)),
+        (r"model\.norm\.weight", whole("norm.scale", lambda c: (c.dim,))),
+        (L + r"input_layernorm\.weight", whole("layers.{}.attn_norm.scale", lambda c: (c.dim,))),
+        (L + r"post_attention_layernorm\.weight", whole("layers.{}.moe_norm.scale", lambda c: (c.dim,))),
+        (L + r"self_attn\.q_proj\.weight", heads("layers.{}.attn.wq", lambda c: c.n_heads)),
+        (L + r"self_attn\.k_proj\.weight", heads("layers.{}.attn.wk", lambda c: c.n_kv_heads)),
+        (L + r"self_attn\.v_proj\.weight", heads("layers.{}.attn.wv", lambda c: c.n_kv_heads)),
+        (L + r"self_attn\.o_proj\.weight",
+         lambda m, c: [Placement(f"layers.{m.group(1)}.attn.wo", (), (c.dim, c.n_heads * c.head_dim),
+                                 lambda w: w.T.reshape(c.n_heads, c.head_dim, c.dim))]),
+        (L + r"(?:block_sparse_moe|mlp)\.gate\.weight",
+         whole("layers.{}.moe.router", lambda c: (c.n_experts, c.dim), _t)),
+        (L + r"block_sparse_moe\.experts\.(\d+)\.w([123])\.weight", expert),
+        (L + r"mlp\.experts\.gate_up_proj", gate_up),
+        (L + r"mlp\.experts\.down_proj",
+         whole("layers.{}.moe.w2", lambda c: (c.n_experts, c.dim, c.hidden_dim), lambda w: w.transpose(0, 2, 1))),
+    ]
+
+
+HF_RULES = _hf_rules()
+
+
+class TensorSource(Protocol):
+    """Read access to a checkpoint's tensors, whatever the file format."""
+
+    def keys(self) -> Iterable[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def get(self, key: str) -> np.ndarray: ...
+
+
+def plan(source: TensorSource, rules: list[Rule], config: MixtralConfig,
+         specs: Mapping[str, object]) -> dict[str, list[tuple[str, Placement]]]:
+    """Map every source key to its placements; fail on unknown keys, bad shapes and missing parameters."""
+    compiled = [(re.compile(pattern), fn) for pattern, fn in rules]
+    by_target: dict[str, list[tuple[str, Placement]]] = {name: [] for name in specs}
+    for key in source.keys():
+        placements = next((fn(m, config) for rx, fn in compiled if (m := rx.fullmatch(key))), None)
+        if not placements or any(p.target not in by_target for p in placements):
+            raise CheckpointError(f"unexpected tensor {key!r}: not part of a Mixtral model with this config")
+        shape = tuple(source.shape(key))
+        if shape != placements[0].source_shape:
+            raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {placements[0].source_shape}")
+        for p in placements:
+            by_target[p.target].append((key, p))
+    for name, spec in specs.items():
+        parts = by_target[name]
+        covered = {p.index for _, p in parts}
+        if () in covered:
+            if len(parts) > 1:
+                raise CheckpointError(f"parameter {name} is given twice: {', '.join(k for k, _ in parts)}")
+            continue
+        need = {(i,) for i in range(spec.shape[0])} if parts else {()}
+        if covered != need or len(parts) != len(covered):
+            missing = sorted(need - covered)
+            what = f"slices {[i[0] for i in missing]} of " if parts else ""
+            raise CheckpointError(f"checkpoint is missing {what}parameter {name} (shape {spec.shape})")
+    return by_target
+
+
+def assemble(source: TensorSource, parts: list[tuple[str, Placement]], shape, dtype) -> np.ndarray:
+    """One parameter in our layout and `dtype`, built from its source tensors."""
+    if len(parts) == 1 and parts[0][1].index == ():
+        key, p = parts[0]
+        return np.ascontiguousarray(p.transform(source.get(key))).astype(dtype, copy=False)
+    out = np.empty(shape, dtype)
+    for key, p in parts:
+        out[p.index] = p.transform(source.get(key))
+    return out
+
+
+def iter_params(source: TensorSource, rules: list[Rule], config: MixtralConfig,
+                specs: Mapping[str, object], dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(name, array)` in model order, one parameter at a time (bounded memory)."""
+    by_target = plan(source, rules, config, specs)
+    for name, spec in specs.items():
+        yield name, assemble(source, by_target[name], spec.shape, dtype or spec.dtype)

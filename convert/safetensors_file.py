@@ -1,0 +1,92 @@
+"""A strict, memory-mapped reader of the safetensors format, with no dependency beyond numpy/ml_dtypes.
+
+Format: 8-byte little-endian header length N, N bytes of JSON `{name: {dtype, shape, data_offsets}}`,
+then the raw tensor bytes. Reading maps the file and copies nothing until a tensor is asked for, so a
+93 GB checkpoint is read one tensor at a time. Every inconsistency (a truncated file, offsets that do
+not match the shape, an unknown dtype) is a `CheckpointError` naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, malformed or does not match the model."""
+
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """The tensors of one `.safetensors` file: `keys()`, `shape(key)`, `dtype(key)`, `get(key)`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"safetensors file not found: {self.path}")
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{self.path}: not a safetensors file or truncated (header of {n} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{self.path}: malformed safetensors header") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._entries = {}
+        data_size = size - self._data_start
+        for key, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: bad header entry for {key!r}: {info!r}") from None
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+                raise CheckpointError(f"{self.path}: tensor {key!r} offsets do not match its shape {shape}")
+            if end > data_size:
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor {key!r} ends at byte {end} but the file holds {data_size}")
+            self._entries[key] = (dtype, shape, begin)
+        self._mmap = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._entries[key][0]
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor as a read-only view of the mapped file (no copy until it is transformed)."""
+        dtype, shape, begin = self._entries[key]
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        count = int(np.prod(shape, dtype=np.int64))
+        start = self._data_start + begin
+        return self._mmap[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+    def close(self):
+        self._mmap = None

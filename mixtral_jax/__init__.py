@@ -1,0 +1,19 @@
+"""mixtral-jax: Mixtral sparse mixture-of-experts models in JAX/Flax.
+
+    import mixtral_jax
+    model = mixtral_jax.load_hf("path/to/Mixtral-8x7B-v0.1", dtype="bfloat16")
+    logits = model(tokens)  # (batch, seq, vocab) float32
+"""
+
+from .config import ConfigError, MixtralConfig, RuntimeConfig
+from .model import Mixtral
+from .moe import load_balancing_loss
+from .params import ParamSpec, assemble_model, model_arrays, param_specs
+from .convert.hf import load_hf
+from .convert.safetensors_file import CheckpointError
+
+__all__ = [
+    "CheckpointError", "ConfigError", "Mixtral", "MixtralConfig", "ParamSpec", "RuntimeConfig",
+    "assemble_model", "load_balancing_loss", "load_hf", "model_arrays", "param_specs",
+]
+__version__ = "0.1.0"

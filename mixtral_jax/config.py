@@ -1,0 +1,240 @@
+"""Configuration: the architecture (`MixtralConfig`) apart from how it runs (`RuntimeConfig`).
+
+`MixtralConfig` describes the checkpoint and never changes for a given set of weights; its defaults are
+Mixtral-8x7B (Mistral's `params.json`). `RuntimeConfig` holds the choices a user makes per run: parameter
+and compute dtypes and the MoE strategy. Both are frozen so they can be static arguments under `jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a Mixtral model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtralConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    hidden_dim: int = 14336  # each expert's SwiGLU width
+    n_experts: int = 8
+    top_k: int = 2
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_seq_len: int = 32768
+    sliding_window: int | None = None  # tokens a query sees, itself included (HF semantics)
+    router_aux_loss_coef: float = 0.02
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
+                     "n_experts", "top_k", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise ConfigError("norm_eps and rope_theta must be positive")
+        for name in ("bos_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"{name} ({getattr(self, name)}) is outside the vocabulary of {self.vocab_size}")
+
+    # ----------------------------------------------------------------------------------------- sizes
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def param_count(self) -> int:
+        d, l, e, f, v = self.dim, self.n_layers, self.n_experts, self.hidden_dim, self.vocab_size
+        attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        per_layer = attn + d * e + 3 * e * d * f + 2 * d
+        return l * per_layer + 2 * v * d + d
+
+    def active_param_count(self) -> int:
+        """Parameters one token touches: attention, router, its top_k experts, embeddings row, LM head."""
+        d, f = self.dim, self.hidden_dim
+        attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        per_layer = attn + d * self.n_experts + 3 * self.top_k * d * f + 2 * d
+        return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + d
+
+    # ----------------------------------------------------------------------------- constructors
+    @classmethod
+    def mixtral_8x7b(cls) -> "MixtralConfig":
+        return cls()
+
+    @classmethod
+    def mixtral_8x22b(cls) -> "MixtralConfig":
+        return cls(vocab_size=32768, dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, head_dim=128,
+                   hidden_dim=16384, max_seq_len=65536)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "MixtralConfig":
+        """A few-kilobyte model for CPU tests; same structure as the real one."""
+        base = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
+                    n_experts=8, top_k=2, max_seq_len=256)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any]) -> "MixtralConfig":
+        """From a Hugging Face `config.json` (a path to it, its directory, or the parsed dict).
+
+        Reads both shapes of the rope setting: the hub's top-level `rope_theta` and transformers 5's
+        `rope_parameters: {"rope_theta": ...}`.
+        """
+        raw = _read_json(source, "config.json")
+        model_type = raw.get("model_type", "mixtral")
+        if model_type not in ("mixtral", "mistral"):
+            raise ConfigError(f"config.json describes a {model_type!r} model, not Mixtral")
+        if raw.get("tie_word_embeddings"):
+            raise ConfigError("tied embeddings are not part of the Mixtral architecture (tie_word_embeddings=true)")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"only the SiLU activation is supported, config.json has {raw['hidden_act']!r}")
+        rope = raw.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ConfigError(f"rope_type {rope['rope_type']!r} is not supported (only the default RoPE)")
+        theta = rope.get("rope_theta", raw.get("rope_theta", 1e6))
+        need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        missing = [k for k in need if k not in raw]
+        if missing:
+            raise ConfigError(f"config.json lacks required field(s): {', '.join(missing)}")
+        n_heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // n_heads
+        eos = raw.get("eos_token_id", 2)
+        return cls(
+            vocab_size=raw["vocab_size"], dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=raw.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+            hidden_dim=raw["intermediate_size"], n_experts=raw.get("num_local_experts", 8),
+            top_k=raw.get("num_experts_per_tok", 2), norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(theta), max_seq_len=raw.get("max_position_embeddings", 32768),
+            sliding_window=raw.get("sliding_window"),
+            router_aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.02)),
+            bos_id=raw.get("bos_token_id", 1) if raw.get("bos_token_id") is not None else 1,
+            eos_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 2,
+        )
+
+    @classmethod
+    def from_mistral(cls, source: str | os.PathLike | Mapping[str, Any]) -> "MixtralConfig":
+        """From Mistral's original `params.json`; a missing `rope_theta` means 1e6 as in mistral-inference."""
+        raw = _read_json(source, "params.json")
+        need = ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size")
+        missing = [k for k in need if k not in raw]
+        if missing:
+            raise ConfigError(f"params.json lacks required field(s): {', '.join(missing)}")
+        moe = raw.get("moe") or {}
+        n_heads = raw["n_heads"]
+        return cls(
+            vocab_size=raw["vocab_size"], dim=raw["dim"], n_layers=raw["n_layers"], n_heads=n_heads,
+            n_kv_heads=raw.get("n_kv_heads") or n_heads, head_dim=raw.get("head_dim") or raw["dim"] // n_heads,
+            hidden_dim=raw["hidden_dim"], n_experts=moe.get("num_experts", 8),
+            top_k=moe.get("num_experts_per_tok", 2), norm_eps=float(raw.get("norm_eps", 1e-5)),
+            rope_theta=float(raw.get("rope_theta") or 1e6),
+            max_seq_len=raw.get("max_seq_len", raw.get("max_position_embeddings", 32768)),
+            sliding_window=raw.get("sliding_window"),
+        )
+
+    def to_hf(self) -> dict:
+        """The `config.json` fields transformers' `MixtralConfig` takes (used by tests and the converter)."""
+        return dict(
+            model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=self.vocab_size,
+            hidden_size=self.dim, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim, intermediate_size=self.hidden_dim,
+            num_local_experts=self.n_experts, num_experts_per_tok=self.top_k, rms_norm_eps=self.norm_eps,
+            rope_theta=self.rope_theta, max_position_embeddings=self.max_seq_len,
+            sliding_window=self.sliding_window, router_aux_loss_coef=self.router_aux_loss_coef,
+            bos_token_id=self.bos_id, eos_token_id=self.eos_id, tie_word_embeddings=False, hidden_act="silu",
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "MixtralConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"unknown MixtralConfig field(s): {', '.join(sorted(unknown))}")
+        return cls(**raw)
+
+
+MOE_STRATEGIES = ("auto", "dense", "ragged", "capacity", "gather")
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def as_dtype(dtype) -> jnp.dtype:
+    """`'bf16'`, `'bfloat16'`, `jnp.bfloat16` or a numpy dtype -> a canonical numpy dtype."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
+        dtype = _DTYPES[dtype.lower()]
+    dt = jnp.dtype(dtype)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ConfigError(f"unsupported dtype {dt}; use float32, bfloat16 or float16")
+    return dt
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How to run a model: storage dtype of the weights, dtype of the matmuls, and the MoE strategy.
+
+    `compute_dtype=None` computes in the parameter dtype. Norms, softmaxes, the router and the logits are
+    always float32. `moe_strategy='auto'` picks the fastest exact strategy for the backend and shape
+    (see `mixtral_jax.moe.resolve_strategy`). `capacity_factor` sizes the buckets of the 'capacity'
+    strategy, which falls back to an exact path whenever a bucket would overflow.
+    """
+
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = None
+    moe_strategy: str = "auto"
+    capacity_factor: float = 2.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
+        if self.compute_dtype is not None:
+            object.__setattr__(self, "compute_dtype", as_dtype(self.compute_dtype))
+        if self.moe_strategy not in MOE_STRATEGIES:
+            raise ConfigError(f"unknown moe_strategy {self.moe_strategy!r}; choose from {', '.join(MOE_STRATEGIES)}")
+        if not self.capacity_factor > 0:
+            raise ConfigError(f"capacity_factor must be positive, got {self.capacity_factor}")
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.compute_dtype if self.compute_dtype is not None else self.param_dtype
+
+
+def _read_json(source, filename: str) -> dict:
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{filename} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(raw).__name__}")
+    return raw

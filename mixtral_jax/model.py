@@ -1,0 +1,187 @@
+"""The Mixtral decoder in Flax NNX, read top to bottom: norm, rotary embedding, attention, MoE, block, model.
+
+References: Mixtral of Experts (Jiang et al., 2024, arXiv:2401.04088); Hugging Face
+`transformers.models.mixtral.modeling_mixtral` (the numerical reference our tests compare against).
+
+Every parameter carries `logical_axes` metadata; `mixtral_jax.sharding` maps those names to mesh axes.
+Weights are stored in the layout that makes the einsums natural (inputs first), converted once on load.
+
+Einsum letters: b batch, t query positions, s key positions, d model dim, h query heads, k kv heads,
+g query heads per kv head, x head dim, e experts, f expert hidden dim, v vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import MixtralConfig, RuntimeConfig
+from .moe import route, run_experts
+
+_INIT_STD = 0.02  # transformers' initializer_range
+
+
+def _param(rngs: nnx.Rngs, shape, dtype, axes, init="normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (dim,), param_dtype, ("norm",), init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale.value.astype(x.dtype) * normed.astype(x.dtype)  # HF order: cast, then scale
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape (b, t, head_dim) in float32, duplicated halves (HF's `rotate_half` convention)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq       # (b, t, x/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)                     # (b, t, x)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate pairs (i, i + x/2) of each head: x (b, t, heads, x)."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def make_mask(q_pos, kv_pos, kv_valid, sliding_window: int | None) -> jax.Array:
+    """(b, t, s) boolean: causal by position, padding removed, and at most `sliding_window` keys back."""
+    allowed = (kv_pos[:, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]
+    if sliding_window is not None:
+        allowed &= q_pos[:, :, None] - kv_pos[:, None, :] < sliding_window
+    return allowed
+
+
+def attend(q, k, v, mask) -> jax.Array:
+    """Grouped-query attention. q (b, t, h, x); k, v (b, s, k, x); mask (b, t, s) -> (b, t, h, x)."""
+    b, t, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    q = q.reshape(b, t, n_kv, n_heads // n_kv, head_dim)                              # (b, t, k, g, x)
+    scores = jnp.einsum("btkgx,bskx->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskx->btkgx", probs, v)
+    return out.reshape(b, t, n_heads, head_dim)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: MixtralConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
+        pd = rt.param_dtype
+        self.wq = _param(rngs, (cfg.dim, cfg.n_heads, cfg.head_dim), pd, ("embed", "q_heads", "head_dim"))
+        self.wk = _param(rngs, (cfg.dim, cfg.n_kv_heads, cfg.head_dim), pd, ("embed", "kv_heads", "head_dim"))
+        self.wv = _param(rngs, (cfg.dim, cfg.n_kv_heads, cfg.head_dim), pd, ("embed", "kv_heads", "head_dim"))
+        self.wo = _param(rngs, (cfg.n_heads, cfg.head_dim, cfg.dim), pd, ("q_heads", "head_dim", "embed"))
+        self.cfg = cfg
+
+    def project_qkv(self, x, cos, sin):
+        dt = x.dtype
+        q = apply_rope(jnp.einsum("btd,dhx->bthx", x, self.wq.value.astype(dt)), cos, sin)
+        k = apply_rope(jnp.einsum("btd,dkx->btkx", x, self.wk.value.astype(dt)), cos, sin)
+        v = jnp.einsum("btd,dkx->btkx", x, self.wv.value.astype(dt))
+        return q, k, v
+
+    def project_out(self, out):
+        return jnp.einsum("bthx,hxd->btd", out, self.wo.value.astype(out.dtype))
+
+    def __call__(self, x, cos, sin, mask):
+        q, k, v = self.project_qkv(x, cos, sin)
+        return self.project_out(attend(q, k, v, mask))
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: MixtralConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
+        pd = rt.param_dtype
+        e, d, f = cfg.n_experts, cfg.dim, cfg.hidden_dim
+        self.router = _param(rngs, (d, e), pd, ("embed", "router"))
+        self.w1 = _param(rngs, (e, d, f), pd, ("expert", "embed", "mlp"))
+        self.w3 = _param(rngs, (e, d, f), pd, ("expert", "embed", "mlp"))
+        self.w2 = _param(rngs, (e, f, d), pd, ("expert", "mlp", "embed"))
+        self.top_k = cfg.top_k
+        self.strategy = rt.moe_strategy
+        self.capacity_factor = rt.capacity_factor
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x (b, t, d) -> (output (b, t, d), router logits (b, t, e))."""
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        routing = route(flat, self.router.value, self.top_k)
+        dt = x.dtype
+        out = run_experts(flat, routing, self.w1.value.astype(dt), self.w3.value.astype(dt),
+                          self.w2.value.astype(dt), self.strategy, self.capacity_factor)
+        return out.reshape(b, t, d), routing.logits.reshape(b, t, -1)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + MoE(RMSNorm(h))."""
+
+    def __init__(self, cfg: MixtralConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
+        self.attn = Attention(cfg, rt, rngs=rngs)
+        self.moe_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
+        self.moe = MoE(cfg, rt, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        moe_out, router_logits = self.moe(self.moe_norm(h))
+        return h + moe_out, router_logits
+
+
+class Mixtral(nnx.Module):
+    """The Mixtral causal language model. `model(tokens)` -> float32 logits (b, t, vocab)."""
+
+    def __init__(self, config: MixtralConfig, runtime: RuntimeConfig | None = None, *, rngs: nnx.Rngs):
+        rt = runtime or RuntimeConfig()
+        self.config = config
+        self.runtime = rt
+        self.embed = _param(rngs, (config.vocab_size, config.dim), rt.param_dtype, ("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(config, rt, rngs=rngs) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(config.dim, config.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
+        self.lm_head = _param(rngs, (config.dim, config.vocab_size), rt.param_dtype, ("embed", "vocab"))
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return self.embed.value[tokens].astype(self.runtime.dtype)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        h = self.norm(h)
+        return jnp.einsum("btd,dv->btv", h, self.lm_head.value.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, return_router_logits: bool = False):
+        """Full causal forward pass, no cache.
+
+        tokens (b, t) int; attention_mask (b, t) with 1 for real tokens and 0 for padding (as HF's);
+        positions (b, t) default to the count of real tokens before each one, so left padding is harmless.
+        Returns logits (b, t, vocab) float32, and with `return_router_logits` also (layers, b, t, e).
+        """
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (batch, seq), got {tokens.shape}")
+        b, t = tokens.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        mask = make_mask(positions, positions, valid, self.config.sliding_window)
+        h = self.embed_tokens(tokens)
+        router_logits = []
+        for layer in self.layers:
+            h, layer_router_logits = layer(h, cos, sin, mask)
+            router_logits.append(layer_router_logits)
+        logits = self.logits(h)
+        if return_router_logits:
+            return logits, jnp.stack(router_logits)
+        return logits
+
