@@ -1,0 +1,34 @@
+"""`mixtral-jax` command line: each subcommand lives with the code it drives and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module -> it defines `register(subparsers)`, which adds its subcommands with `set_defaults(run=fn)`
+_COMMAND_MODULES = ("mixtral_jax.convert.command",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixtral-jax", description="Mixtral in JAX: convert, generate, chat.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # our errors are one line each
+        print(f"mixtral-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mixtral-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
