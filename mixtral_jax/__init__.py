@@ -10,10 +10,14 @@ from .model import Mixtral
 from .moe import load_balancing_loss
 from .params import ParamSpec, assemble_model, model_arrays, param_specs
 from .convert.hf import load_hf
+from .generate import chat, generate
+from .sampler import Sampler, SamplingError
+from .tokenizer import load_tokenizer
 from .convert.safetensors_file import CheckpointError
 
 __all__ = [
     "CheckpointError", "ConfigError", "Mixtral", "MixtralConfig", "ParamSpec", "RuntimeConfig",
-    "assemble_model", "load_balancing_loss", "load_hf", "model_arrays", "param_specs",
+    "Sampler", "SamplingError", "assemble_model", "chat", "generate", "load_balancing_loss", "load_hf",
+    "load_tokenizer", "model_arrays", "param_specs",
 ]
 __version__ = "0.1.0"

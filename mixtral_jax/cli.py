@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # module -> it defines `register(subparsers)`, which adds its subcommands with `set_defaults(run=fn)`
-_COMMAND_MODULES = ("mixtral_jax.convert.command",)
+_COMMAND_MODULES = ("mixtral_jax.generate_command",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,8 @@ g query heads per kv head, x head dim, e experts, f expert hidden dim, v vocabul
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -38,7 +40,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.scale.value.astype(x.dtype) * normed.astype(x.dtype)  # HF order: cast, then scale
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)  # HF order: cast, then scale
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -88,17 +90,23 @@ class Attention(nnx.Module):
 
     def project_qkv(self, x, cos, sin):
         dt = x.dtype
-        q = apply_rope(jnp.einsum("btd,dhx->bthx", x, self.wq.value.astype(dt)), cos, sin)
-        k = apply_rope(jnp.einsum("btd,dkx->btkx", x, self.wk.value.astype(dt)), cos, sin)
-        v = jnp.einsum("btd,dkx->btkx", x, self.wv.value.astype(dt))
+        q = apply_rope(jnp.einsum("btd,dhx->bthx", x, self.wq[...].astype(dt)), cos, sin)
+        k = apply_rope(jnp.einsum("btd,dkx->btkx", x, self.wk[...].astype(dt)), cos, sin)
+        v = jnp.einsum("btd,dkx->btkx", x, self.wv[...].astype(dt))
         return q, k, v
 
     def project_out(self, out):
-        return jnp.einsum("bthx,hxd->btd", out, self.wo.value.astype(out.dtype))
+        return jnp.einsum("bthx,hxd->btd", out, self.wo[...].astype(out.dtype))
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, kv=None, start=None):
+        """With `kv` = (k_cache, v_cache) (b, s, k, x), writes this call's keys/values at slot `start`
+        and attends over the whole cache; returns (output, updated kv)."""
         q, k, v = self.project_qkv(x, cos, sin)
-        return self.project_out(attend(q, k, v, mask))
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=1)
+            kv = (k, v)
+        return self.project_out(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)), kv
 
 
 class MoE(nnx.Module):
@@ -117,10 +125,10 @@ class MoE(nnx.Module):
         """x (b, t, d) -> (output (b, t, d), router logits (b, t, e))."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
-        routing = route(flat, self.router.value, self.top_k)
+        routing = route(flat, self.router[...], self.top_k)
         dt = x.dtype
-        out = run_experts(flat, routing, self.w1.value.astype(dt), self.w3.value.astype(dt),
-                          self.w2.value.astype(dt), self.strategy, self.capacity_factor)
+        out = run_experts(flat, routing, self.w1[...].astype(dt), self.w3[...].astype(dt),
+                          self.w2[...].astype(dt), self.strategy, self.capacity_factor)
         return out.reshape(b, t, d), routing.logits.reshape(b, t, -1)
 
 
@@ -133,10 +141,11 @@ class DecoderLayer(nnx.Module):
         self.moe_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
         self.moe = MoE(cfg, rt, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, mask, kv=None, start=None):
+        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, start)
+        h = x + attn_out
         moe_out, router_logits = self.moe(self.moe_norm(h))
-        return h + moe_out, router_logits
+        return h + moe_out, router_logits, kv
 
 
 class Mixtral(nnx.Module):
@@ -152,11 +161,11 @@ class Mixtral(nnx.Module):
         self.lm_head = _param(rngs, (config.dim, config.vocab_size), rt.param_dtype, ("embed", "vocab"))
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        return self.embed.value[tokens].astype(self.runtime.dtype)
+        return self.embed[...][tokens].astype(self.runtime.dtype)
 
     def logits(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
-        return jnp.einsum("btd,dv->btv", h, self.lm_head.value.astype(h.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, return_router_logits: bool = False):
@@ -173,15 +182,65 @@ class Mixtral(nnx.Module):
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
-        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         mask = make_mask(positions, positions, valid, self.config.sliding_window)
-        h = self.embed_tokens(tokens)
-        router_logits = []
-        for layer in self.layers:
-            h, layer_router_logits = layer(h, cos, sin, mask)
-            router_logits.append(layer_router_logits)
+        h, router_logits, _ = self._decoder(tokens, positions, mask)
         logits = self.logits(h)
-        if return_router_logits:
-            return logits, jnp.stack(router_logits)
-        return logits
+        return (logits, router_logits) if return_router_logits else logits
 
+    def _decoder(self, tokens, positions, mask, cache: "KVCache | None" = None):
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        h = self.embed_tokens(tokens)
+        router_logits, ks, vs = [], [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            h, layer_router_logits, kv = layer(h, cos, sin, mask, kv, None if cache is None else cache.length)
+            router_logits.append(layer_router_logits)
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        return h, jnp.stack(router_logits), (jnp.stack(ks), jnp.stack(vs)) if ks else None
+
+    def extend(self, cache: "KVCache", tokens: jax.Array, valid: jax.Array | None = None
+               ) -> tuple[jax.Array, "KVCache"]:
+        """Feed `tokens` (b, t) through the model after what `cache` holds; returns (logits, new cache).
+
+        The cache has one slot per step for every row; `valid` (b, t) marks real tokens (False for left
+        padding). Each token's position is the number of real tokens before it in its row.
+        """
+        b, t = tokens.shape
+        valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+        positions = cache.next_position[:, None] + jnp.cumsum(valid, axis=-1) - 1
+        positions = jnp.maximum(positions, 0).astype(jnp.int32)
+        kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.length, axis=1)
+        kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.length, axis=1)
+        mask = make_mask(positions, kv_pos, kv_valid, self.config.sliding_window)
+        h, _, (k, v) = self._decoder(tokens, positions, mask, cache)
+        new_cache = KVCache(k=k, v=v, positions=kv_pos, valid=kv_valid, length=cache.length + t,
+                            next_position=cache.next_position + valid.sum(-1).astype(jnp.int32))
+        return self.logits(h), new_cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated keys/values for every layer, one slot per step; rows may hold different amounts of
+    padding. k, v: (layers, b, s, kv_heads, head_dim); positions, valid: (b, s); length: slots used;
+    next_position (b,): the position the row's next token will have."""
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    length: jax.Array
+    next_position: jax.Array
+
+    @classmethod
+    def empty(cls, config: MixtralConfig, batch: int, size: int, dtype=jnp.bfloat16) -> "KVCache":
+        shape = (config.n_layers, batch, size, config.n_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   positions=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
+                   length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]

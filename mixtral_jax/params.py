@@ -39,7 +39,7 @@ def param_specs(config: MixtralConfig, runtime: RuntimeConfig | None = None) -> 
     _, state = _abstract_model(config, runtime or RuntimeConfig())
     specs = {}
     for path, var in nnx.to_flat_state(state):
-        value = var.value
+        value = var.get_value()
         specs[_path_name(path)] = ParamSpec(tuple(value.shape), np.dtype(value.dtype), tuple(var.logical_axes))
     return specs
 
@@ -51,14 +51,14 @@ def assemble_model(config: MixtralConfig, runtime: RuntimeConfig,
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         name = _path_name(path)
-        spec = ParamSpec(tuple(var.value.shape), np.dtype(var.value.dtype), tuple(var.logical_axes))
+        spec = ParamSpec(tuple(var.get_value().shape), np.dtype(var.get_value().dtype), tuple(var.logical_axes))
         array = get_array(name, spec)
         if tuple(array.shape) != spec.shape or np.dtype(array.dtype) != spec.dtype:
             raise ValueError(f"{name}: got {array.dtype}{list(array.shape)}, expected {spec.dtype}{list(spec.shape)}")
-        var.value = array
+        var.set_value(array)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def model_arrays(model: Mixtral) -> Mapping[str, jax.Array]:
     """The model's parameters by name (the inverse of `assemble_model`)."""
-    return {_path_name(path): var.value for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {_path_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}

@@ -1,0 +1,50 @@
+"""The notebook API for generation: text or token ids in, text or token ids out, optionally streamed."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+from .model import Mixtral
+from .sampler import Sampler, SamplingError
+from .tokenizer import Tokenizer, load_tokenizer
+
+def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             tokenizer: Tokenizer | None = None, stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
+             on_text: Callable[[int, str], None] | None = None) -> list[str] | list[list[int]]:
+    """Generate a continuation for each prompt.
+
+    Strings are encoded with `tokenizer` (Mixtral's by default, with BOS) and strings come back; lists of
+    token ids come back as lists of new token ids. `stop` strings end a row (they are left out of the
+    answer); EOS always does unless `stop_tokens` says otherwise. `on_text(row, fragment)` streams text.
+    """
+    if isinstance(prompts, str):
+        raise SamplingError("prompts must be a list of strings or of token-id lists, not one string")
+    as_text = bool(prompts) and all(isinstance(p, str) for p in prompts)
+    if as_text or stop or on_text is not None:
+        tokenizer = tokenizer or load_tokenizer()
+    ids = [tokenizer.encode(p) for p in prompts] if as_text else [list(p) for p in prompts]
+    stop_sequences = [tokenizer.encode(s, bos=False) for s in stop] if stop else []
+    stream = None
+    if on_text is not None:
+        decoders = [tokenizer.incremental_decoder() for _ in ids]
+
+        def stream(step_tokens):
+            for row, tok in enumerate(step_tokens.tolist()):
+                if tok >= 0 and (fragment := decoders[row].push(tok)):
+                    on_text(row, fragment)
+
+    out = Sampler(model)(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          stop_tokens=stop_tokens, stop_sequences=stop_sequences, stream=stream)
+    return [tokenizer.decode(o) for o in out] if as_text else out
+
+
+def chat(model: Mixtral, messages: Sequence[Mapping[str, str]], max_new_tokens: int = 256, *,
+         tokenizer: Tokenizer | None = None, **kwargs) -> str:
+    """The assistant's reply to a conversation, encoded with Mixtral-Instruct's v1 chat template."""
+    tokenizer = tokenizer or load_tokenizer()
+    prompt = tokenizer.encode_chat(messages)
+    on_text = kwargs.pop("on_text", None)
+    out = generate(model, [prompt], max_new_tokens, tokenizer=tokenizer,
+                   on_text=(lambda _row, text: on_text(text)) if on_text else None, **kwargs)
+    return tokenizer.decode(out[0])

@@ -1,0 +1,113 @@
+"""`mixtral-jax generate` (one-shot, batched) and `mixtral-jax chat` (interactive, streaming, multi-turn)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .config import ConfigError
+
+
+def _load_model(args):
+    """The checkpoint given (a Hugging Face directory or one of our Orbax checkpoints), or the demo model."""
+    from .config import RuntimeConfig
+
+    if args.checkpoint is None:
+        from .demo import default_model
+
+        print("using the embedded demo model (random weights until a trained one ships)", file=sys.stderr)
+        return default_model(RuntimeConfig(param_dtype=args.dtype or "float32"))
+    if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        from .convert.hf import load_hf
+
+        return load_hf(args.checkpoint, dtype=args.dtype)
+    from . import load  # our Orbax checkpoints
+
+    return load(args.checkpoint, mesh=args.mesh, dtype=args.dtype)
+
+
+def _add_common(p: argparse.ArgumentParser):
+    p.add_argument("--checkpoint", help="Hugging Face directory or converted Orbax checkpoint "
+                                        "(default: the embedded demo model)")
+    p.add_argument("--mesh", help="device mesh spec such as 'expert=4,tensor=2' (Orbax checkpoints)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--tokenizer", help="SentencePiece model file (default: Mixtral's v1 tokenizer)")
+
+
+def _sampling_kwargs(args):
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=args.stop)
+
+
+def run_generate(args) -> int:
+    from .generate import generate
+    from .sampler import make_strategy
+    from .tokenizer import load_tokenizer
+
+    make_strategy(args.temperature, args.top_k, args.top_p)  # bad flags fail before loading anything
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ConfigError("give at least one prompt (arguments or --prompts-file)")
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = _load_model(args)
+    start = time.perf_counter()
+    if len(prompts) == 1:  # stream the single answer as it is produced
+        print(prompts[0], end="", flush=True)
+        out = generate(model, prompts, tokenizer=tokenizer, on_text=lambda _r, t: print(t, end="", flush=True),
+                       **_sampling_kwargs(args))
+        print()
+    else:
+        out = generate(model, prompts, tokenizer=tokenizer, **_sampling_kwargs(args))
+        for prompt, text in zip(prompts, out):
+            print(f"--- {prompt}\n{prompt}{text}")
+    n = sum(len(tokenizer.encode(o, bos=False)) for o in out)
+    print(f"[{n} tokens in {time.perf_counter() - start:.1f}s, compile included]", file=sys.stderr)
+    return 0
+
+
+def run_chat(args) -> int:
+    from .generate import chat
+    from .sampler import make_strategy
+    from .tokenizer import load_tokenizer
+
+    make_strategy(args.temperature, args.top_k, args.top_p)
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = _load_model(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: an empty line or Ctrl-D ends the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = chat(model, messages, tokenizer=tokenizer, on_text=lambda t: print(t, end="", flush=True),
+                     **_sampling_kwargs(args))
+        print()
+        messages.append({"role": "assistant", "content": reply.strip() or "..."})
+    return 0
+
+
+def register(sub):
+    g = sub.add_parser("generate", help="generate text from prompts")
+    g.add_argument("prompt", nargs="*", help="prompt text (several make a batch)")
+    g.add_argument("--prompts-file", help="a file with one prompt per line")
+    _add_common(g)
+    g.set_defaults(run=run_generate)
+    c = sub.add_parser("chat", help="interactive multi-turn chat with the Mixtral-Instruct template")
+    c.add_argument("--system", help="system prompt")
+    _add_common(c)
+    c.set_defaults(run=run_chat)

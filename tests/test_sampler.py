@@ -1,0 +1,157 @@
+"""KV-cached decoding against the full forward pass, greedy generation against transformers, sampling laws."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import mixtral_jax
+from mixtral_jax import MixtralConfig
+from mixtral_jax.model import KVCache
+from mixtral_jax.sampler import Greedy, Sample, Sampler, SamplingError, make_strategy
+from hf_reference import hf_model, save_hf
+
+CONFIG = MixtralConfig.tiny(sliding_window=12, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    hf = hf_model(CONFIG, seed=4)
+    return hf, mixtral_jax.load_hf(save_hf(hf, tmp_path_factory.mktemp("hf")), show_progress=False)
+
+
+def test_cached_decoding_equals_full_forward_every_step(pair):
+    """Ragged batch (left padding), prefill in one call, then one token at a time across the window."""
+    _, model = pair
+    rng = np.random.default_rng(0)
+    lengths, steps, width = [9, 3, 14], 20, 16
+    tokens = np.zeros((3, width + steps), np.int32)
+    valid = np.zeros((3, width + steps), bool)
+    for row, n in enumerate(lengths):
+        tokens[row, width - n:] = rng.integers(0, CONFIG.vocab_size, n + steps)
+        valid[row, width - n:] = True
+    full = np.asarray(model(tokens, attention_mask=valid))  # positions default to counts of real tokens
+
+    extend = nnx.jit(lambda m, c, t, v: m.extend(c, t, v))
+    cache = KVCache.empty(CONFIG, 3, width + steps, jnp.float32)
+    logits, cache = extend(model, cache, jnp.asarray(tokens[:, :width]), jnp.asarray(valid[:, :width]))
+    real = valid[:, :width]
+    np.testing.assert_allclose(np.asarray(logits)[real], full[:, :width][real], atol=1e-5)
+    for step in range(steps):
+        col = width + step
+        logits, cache = extend(model, cache, jnp.asarray(tokens[:, col:col + 1]), jnp.ones((3, 1), bool))
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, col], atol=1e-5, err_msg=f"step {step}")
+
+
+def test_greedy_equals_transformers_generate(pair):
+    hf, model = pair
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, CONFIG.vocab_size, n).tolist() for n in (5, 1, 17, 11)]
+    ours = Sampler(model)(prompts, 32, stop_tokens=[])
+    for prompt, out in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+        assert out == ref[0, len(prompt):].tolist()
+
+
+def test_stop_token_and_stop_sequence_end_a_row(pair):
+    _, model = pair
+    sampler = Sampler(model)
+    prompts = [[5, 6, 7], [9, 10]]
+    free = sampler(prompts, 24, stop_tokens=[])
+    stop_tok = free[0][6]
+    cut = sampler(prompts, 24, stop_tokens=[stop_tok])
+    assert cut[0] == free[0][:free[0].index(stop_tok)]
+    seq = free[1][4:7]
+    cut = sampler(prompts, 24, stop_tokens=[], stop_sequences=[seq])
+    first = next(i for i in range(len(free[1])) if free[1][i:i + 3] == seq)
+    assert cut[1] == free[1][:first]
+    assert cut[0] == free[0]
+
+
+def test_streaming_delivers_the_same_tokens(pair):
+    _, model = pair
+    steps = []
+    out = Sampler(model)([[1, 2, 3], [4]], 10, stop_tokens=[], stream=lambda t: steps.append(t.copy()))
+    streamed = np.stack(steps, axis=1)
+    for row, o in enumerate(out):
+        assert streamed[row][streamed[row] >= 0].tolist() == o
+
+
+def test_seed_repeats_and_temperature_zero_is_greedy(pair):
+    _, model = pair
+    sampler = Sampler(model)
+    prompts = [[3, 4, 5], [7]]
+    a = sampler(prompts, 16, temperature=1.0, top_p=0.9, seed=7, stop_tokens=[])
+    b = sampler(prompts, 16, temperature=1.0, top_p=0.9, seed=7, stop_tokens=[])
+    c = sampler(prompts, 16, temperature=1.0, top_p=0.9, seed=8, stop_tokens=[])
+    assert a == b and a != c
+    assert sampler(prompts, 16, temperature=0.0, seed=3, stop_tokens=[]) == sampler(prompts, 16, stop_tokens=[])
+    assert isinstance(make_strategy(0.0, top_k=5), Greedy)
+
+
+def test_top_k_and_top_p_never_leave_the_allowed_set():
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(4, 50)) * 2, jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    for strategy in (Sample(1.0, top_k=5), Sample(1.3, top_p=0.6), Sample(0.7, top_k=8, top_p=0.5)):
+        draws = np.asarray(jax.vmap(lambda k: strategy(logits, k))(keys))  # (4000, 4)
+        for row in range(4):
+            order = np.argsort(-np.asarray(logits[row]))
+            order = order[: strategy.top_k or 50]  # top-k first, then top-p on what is left (as HF's warpers)
+            allowed = set(order.tolist())
+            if strategy.top_p is not None:
+                probs = np.asarray(jax.nn.softmax(logits[row][order] / strategy.temperature))
+                n = int(np.searchsorted(np.cumsum(probs), strategy.top_p) + 1)  # smallest prefix reaching top_p
+                allowed = set(order[:n].tolist())
+            seen = set(draws[:, row].tolist())
+            assert seen <= allowed
+            assert len(seen) == len(allowed)  # and every allowed token does occur over 4000 draws
+
+
+def test_sampling_frequencies_follow_the_tempered_distribution():
+    logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
+    draws = np.asarray(jax.vmap(lambda k: Sample(0.8)(logits, k))(jax.random.split(jax.random.key(1), 20000)))
+    freq = np.bincount(draws[:, 0], minlength=4) / draws.shape[0]
+    expect = np.asarray(jax.nn.softmax(logits[0] / 0.8))
+    assert np.max(np.abs(freq - expect)) < 0.015
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompts=[[5] * 128]), "exceeds the context"),
+    (dict(prompts=[[5] * 129]), "context holds 128"),
+    (dict(prompts=[[]]), "prompt 0 is empty"),
+    (dict(prompts=[]), "no prompts"),
+    (dict(prompts=[[1, 999]]), "outside"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(prompts=[[1] * 100], max_new_tokens=40), "lower max_new_tokens to 28"),
+])
+def test_bad_requests_fail_before_compiling(pair, kwargs, message):
+    _, model = pair
+    args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
+    with pytest.raises(SamplingError, match=message):
+        Sampler(model)(args.pop("prompts"), args.pop("max_new_tokens"), **args)
+
+
+def test_text_api_with_the_demo_model():
+    from mixtral_jax.demo import default_model
+    from mixtral_jax.tokenizer import load_tokenizer
+
+    model = default_model()
+    tok = load_tokenizer()
+    pieces = []
+    out = mixtral_jax.generate(model, ["Hello there", "A"], max_new_tokens=8,
+                               on_text=lambda row, text: pieces.append((row, text)))
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    assert "".join(t for r, t in pieces if r == 0) == out[0]
+    ids = mixtral_jax.generate(model, [tok.encode("Hello there")], max_new_tokens=8)
+    assert tok.decode(ids[0]) == out[0]
+    reply = mixtral_jax.chat(model, [{"role": "user", "content": "Hi"}], max_new_tokens=4)
+    assert isinstance(reply, str)
