@@ -91,7 +91,7 @@ def test_route_softmax_over_topk_equals_softmax_all_then_renormalise():
 
 
 def test_auto_strategy_is_sparse_and_exact():
-    assert moe.resolve_strategy("auto", 1, 2, 8, "cpu") == "gather"
+    assert moe.resolve_strategy("auto", 1, 2, 8, "cpu") == "capacity"
     assert moe.resolve_strategy("auto", 512, 2, 8, "cpu") == "capacity"
     assert moe.resolve_strategy("auto", 512, 2, 8, "gpu") == "ragged"
     assert moe.resolve_strategy("dense", 1, 2, 8, "cpu") == "dense"
