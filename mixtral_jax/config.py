@@ -200,15 +200,22 @@ class RuntimeConfig:
     `compute_dtype=None` computes in the parameter dtype. Norms, softmaxes, the router and the logits are
     always float32. `moe_strategy='auto'` picks the fastest exact strategy for the backend and shape
     (see `mixtral_jax.moe.resolve_strategy`). `capacity_factor` sizes the buckets of the 'capacity'
-    strategy, which falls back to an exact path whenever a bucket would overflow.
+    strategy, which falls back to an exact path whenever a bucket would overflow. `mesh` (a
+    `jax.sharding.Mesh` or a spec string such as "expert=4,tensor=2") runs the MoE expert-parallel
+    (`mixtral_jax.sharding.expert_parallel`); None runs it on one device.
     """
 
     param_dtype: Any = jnp.float32
     compute_dtype: Any = None
     moe_strategy: str = "auto"
     capacity_factor: float = 2.0
+    mesh: Any = None
 
     def __post_init__(self):
+        if self.mesh is not None:
+            from mixtral_jax.sharding import make_mesh
+
+            object.__setattr__(self, "mesh", make_mesh(self.mesh))
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
         if self.compute_dtype is not None:
             object.__setattr__(self, "compute_dtype", as_dtype(self.compute_dtype))

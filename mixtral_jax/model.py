@@ -20,6 +20,7 @@ from flax import nnx
 
 from .config import MixtralConfig, RuntimeConfig
 from .moe import route, run_experts
+from .sharding.expert_parallel import moe_expert_parallel
 
 _INIT_STD = 0.02  # transformers' initializer_range
 
@@ -120,16 +121,22 @@ class MoE(nnx.Module):
         self.top_k = cfg.top_k
         self.strategy = rt.moe_strategy
         self.capacity_factor = rt.capacity_factor
+        self.mesh = rt.mesh
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x (b, t, d) -> (output (b, t, d), router logits (b, t, e))."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
-        routing = route(flat, self.router[...], self.top_k)
         dt = x.dtype
-        out = run_experts(flat, routing, self.w1[...].astype(dt), self.w3[...].astype(dt),
-                          self.w2[...].astype(dt), self.strategy, self.capacity_factor)
-        return out.reshape(b, t, d), routing.logits.reshape(b, t, -1)
+        w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
+        if self.mesh is not None:
+            out, logits = moe_expert_parallel(flat, self.router[...], w1, w3, w2, top_k=self.top_k, mesh=self.mesh,
+                                              strategy=self.strategy, capacity_factor=self.capacity_factor)
+        else:
+            routing = route(flat, self.router[...], self.top_k)
+            out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor)
+            logits = routing.logits
+        return out.reshape(b, t, d), logits.reshape(b, t, -1)
 
 
 class DecoderLayer(nnx.Module):

@@ -1,0 +1,43 @@
+"""Put a model's parameters on a mesh as the rules say, after checking the mesh can hold this model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.sharding import Mesh
+
+from mixtral_jax.config import MixtralConfig, RuntimeConfig
+from mixtral_jax.params import assemble_model, model_arrays, param_specs
+
+from .mesh import make_mesh
+from .rules import ShardingError, param_shardings
+
+
+def check_mesh(config: MixtralConfig, mesh: Mesh) -> None:
+    """Fail before any work, saying what to change, if `mesh` cannot lay out `config`."""
+    experts, tensor = mesh.shape.get("expert", 1), mesh.shape.get("tensor", 1)
+    if config.n_experts % experts:
+        divisors = [d for d in range(1, config.n_experts + 1) if config.n_experts % d == 0]
+        raise ShardingError(f"{config.n_experts} experts cannot be split over expert={experts}; "
+                            f"use an expert axis of {divisors} and put the other devices on data or tensor")
+    for name, size in (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads),
+                       ("hidden_dim", config.hidden_dim), ("vocab_size", config.vocab_size)):
+        if size % tensor:
+            raise ShardingError(f"{name} ({size}) is not divisible by tensor={tensor}; use a tensor axis that "
+                                f"divides {name} (and the others: heads {config.n_heads}, kv heads "
+                                f"{config.n_kv_heads}, hidden {config.hidden_dim}, vocab {config.vocab_size})")
+
+
+def sharded_runtime(config: MixtralConfig, runtime: RuntimeConfig, mesh) -> RuntimeConfig:
+    mesh = make_mesh(mesh)
+    check_mesh(config, mesh)
+    return dataclasses.replace(runtime, mesh=mesh)
+
+
+def shard_model(model, mesh):
+    """A copy of `model` whose parameters live on `mesh` per the rules and whose MoE runs expert-parallel."""
+    runtime = sharded_runtime(model.config, model.runtime, mesh)
+    shardings = param_shardings(param_specs(model.config, runtime), runtime.mesh)
+    arrays = model_arrays(model)
+    return assemble_model(model.config, runtime, lambda name, spec: jax.device_put(arrays[name], shardings[name]))
