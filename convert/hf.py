@@ -73,24 +73,51 @@ class HFCheckpoint:
         return self.dtype(key) if key in self._where else np.dtype(np.float32)
 
 
-def load_hf(path: str | os.PathLike, dtype=None, *, compute_dtype=None, moe_strategy: str = "auto",
+def load_hf(path: str | os.PathLike, dtype=None, *, compute_dtype=None, moe_strategy: str = "auto", mesh=None,
             show_progress: bool = True) -> Mixtral:
     """Build a `Mixtral` from a Hugging Face checkpoint, one tensor at a time.
 
     `dtype` is the parameter dtype (default: the checkpoint's own, so bf16 stays bf16);
-    `compute_dtype` the matmul dtype (default: `dtype`).
+    `compute_dtype` the matmul dtype (default: `dtype`). With `mesh` (a Mesh or a spec such as
+    "expert=4,tensor=2") each parameter is placed as the sharding rules say and each process reads,
+    from the memory-mapped files, only the slices its own devices hold.
     """
     ckpt = HFCheckpoint(path)
     param_dtype = as_dtype(dtype) if dtype is not None else ckpt.floating_dtype()
     runtime = RuntimeConfig(param_dtype=param_dtype, compute_dtype=compute_dtype, moe_strategy=moe_strategy)
+    shardings = None
+    if mesh is not None:
+        from mixtral_jax.sharding import param_shardings
+        from mixtral_jax.sharding.placement import sharded_runtime
+
+        runtime = sharded_runtime(ckpt.config, runtime, mesh)
     specs = param_specs(ckpt.config, runtime)
+    if mesh is not None:
+        shardings = param_shardings(specs, runtime.mesh)
     by_target = plan(ckpt, HF_RULES, ckpt.config, specs)
     bar = progress(total=len(specs), description="loading", unit="tensors", enabled=show_progress)
 
     def get_array(name, spec):
-        array = jax.device_put(assemble(ckpt, by_target[name], spec.shape, spec.dtype))
+        parts = by_target[name]
+        if shardings is None:
+            array = jax.device_put(assemble(ckpt, parts, spec.shape, spec.dtype))
+        elif len(parts) > 1:  # per-expert tensors: read only the experts this process's devices hold
+            array = jax.make_array_from_callback(
+                spec.shape, shardings[name], lambda idx: _slice_experts(ckpt, parts, spec, idx))
+        else:
+            full = assemble(ckpt, parts, spec.shape, spec.dtype)
+            array = jax.make_array_from_callback(spec.shape, shardings[name], lambda idx: full[idx])
         bar.advance()
         return array
 
     with bar:
         return assemble_model(ckpt.config, runtime, get_array)
+
+
+def _slice_experts(ckpt, parts, spec, idx):
+    """The block `idx` of a stacked expert parameter, reading only the experts it covers."""
+    experts = range(*idx[0].indices(spec.shape[0]))
+    rest = tuple(idx[1:])
+    by_expert = {p.index[0]: (key, p) for key, p in parts}
+    return np.stack([np.asarray(by_expert[e][1].transform(ckpt.get(by_expert[e][0])))[rest].astype(spec.dtype)
+                     for e in experts])
