@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from mixtral_jax.sharding.distributed import initialize
+
+        initialize()  # joins the other processes when launch/ (or a TPU pod / SLURM) started several
         return args.run(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # our errors are one line each
         print(f"mixtral-jax {args.command}: error: {e}", file=sys.stderr)

@@ -22,7 +22,7 @@ def _load_model(args):
     if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         from .convert.hf import load_hf
 
-        return load_hf(args.checkpoint, dtype=args.dtype)
+        return load_hf(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
     from . import load  # our Orbax checkpoints
 
     return load(args.checkpoint, mesh=args.mesh, dtype=args.dtype)
@@ -31,7 +31,7 @@ def _load_model(args):
 def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", help="Hugging Face directory or converted Orbax checkpoint "
                                         "(default: the embedded demo model)")
-    p.add_argument("--mesh", help="device mesh spec such as 'expert=4,tensor=2' (Orbax checkpoints)")
+    p.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")

@@ -105,3 +105,14 @@ def test_spec_parsing():
     assert parse_mesh_spec("data=2,expert=-1", 8) == {"data": 2, "expert": 4, "tensor": 1}
     assert parse_mesh_spec("tensor=2, expert=4", 8) == {"data": 1, "expert": 4, "tensor": 2}
     assert make_mesh(None).shape == {"data": 8, "expert": 1, "tensor": 1}
+
+
+@pytest.mark.parametrize("spec", ["expert=4,tensor=2", "data=2,expert=4"])
+def test_sampler_on_a_sharded_mesh_equals_one_device(model, spec):
+    from mixtral_jax.sampler import Sampler
+
+    prompts = [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15], [3, 3]]
+    ref = Sampler(model)(prompts, 12, stop_tokens=[])
+    assert Sampler(shard_model(model, spec))(prompts, 12, stop_tokens=[]) == ref
+    sampled = dict(temperature=0.9, top_p=0.8, seed=5, stop_tokens=[])
+    assert Sampler(shard_model(model, spec))(prompts, 12, **sampled) == Sampler(model)(prompts, 12, **sampled)
