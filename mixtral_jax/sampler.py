@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .model import KVCache, Mixtral
 
@@ -126,12 +127,13 @@ class Sampler:
         for i, s in enumerate(seqs):
             stop_arr[i, stop_arr.shape[1] - len(s):] = s
         graphdef, state = nnx.split(self.model)
-        out, n_out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(seed),
-                               jnp.asarray(np.asarray(stops or [-1], np.int32)), jnp.asarray(stop_arr),
+        put = _replicator(self.model.runtime.mesh)
+        out, n_out = _generate(graphdef, state, put(tokens), put(valid), put(jax.random.key_data(jax.random.key(seed))),
+                               put(np.asarray(stops or [-1], np.int32)), put(stop_arr),
                                strategy=strategy, max_new=bucket(max_new_tokens), limit=max_new_tokens,
                                cache_dtype=self.cache_dtype or self.model.runtime.dtype,
                                stream=stream)
-        out, n_out = np.asarray(out), np.asarray(n_out)
+        out, n_out = _to_host(out), _to_host(n_out)
         results = []
         for row, n in zip(out, n_out):
             seq = row[:n].tolist()
@@ -156,6 +158,7 @@ def _emit_to_stream(tokens):
 def _generate_jit(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, limit, *, strategy, max_new,
                   cache_dtype, stream):
     model = nnx.merge(graphdef, state)
+    key = jax.random.wrap_key_data(key)
     b, prompt_len = tokens.shape
     cache = KVCache.empty(model.config, b, prompt_len + max_new, cache_dtype)
     logits, cache = model.extend(cache, tokens, valid)
@@ -197,6 +200,26 @@ def _generate_jit(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, l
     init = (jnp.zeros((), jnp.int32), first, out, jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), cache, key)
     _, _, out, n_out, _, _, _ = jax.lax.while_loop(cond, body, init)
     return out, n_out
+
+
+def _replicator(mesh):
+    """Inputs as arrays replicated over the model's mesh (global arrays when several processes share it)."""
+    if mesh is None:
+        return jnp.asarray
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return put
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _generate(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, *, strategy, max_new, limit,
