@@ -61,19 +61,27 @@ def run_generate(args) -> int:
         raise ConfigError("give at least one prompt (arguments or --prompts-file)")
     tokenizer = load_tokenizer(args.tokenizer)
     model = _load_model(args)
+    lead = _is_lead_process()  # in a multi-process run every process computes, process 0 prints
+    show = (lambda *a, **k: print(*a, **k)) if lead else (lambda *a, **k: None)
     start = time.perf_counter()
     if len(prompts) == 1:  # stream the single answer as it is produced
-        print(prompts[0], end="", flush=True)
-        out = generate(model, prompts, tokenizer=tokenizer, on_text=lambda _r, t: print(t, end="", flush=True),
+        show(prompts[0], end="", flush=True)
+        out = generate(model, prompts, tokenizer=tokenizer, on_text=lambda _r, t: show(t, end="", flush=True),
                        **_sampling_kwargs(args))
-        print()
+        show()
     else:
         out = generate(model, prompts, tokenizer=tokenizer, **_sampling_kwargs(args))
         for prompt, text in zip(prompts, out):
-            print(f"--- {prompt}\n{prompt}{text}")
+            show(f"--- {prompt}\n{prompt}{text}")
     n = sum(len(tokenizer.encode(o, bos=False)) for o in out)
-    print(f"[{n} tokens in {time.perf_counter() - start:.1f}s, compile included]", file=sys.stderr)
+    show(f"[{n} tokens in {time.perf_counter() - start:.1f}s, compile included]", file=sys.stderr)
     return 0
+
+
+def _is_lead_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def run_chat(args) -> int:
