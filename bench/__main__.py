@@ -1,8 +1,8 @@
-"""`python -m bench`: run the benchmarks that exist so far (MoE strategies)."""
+"""`python -m bench [--quick]`: speed against transformers and the machine's limits (bench/speed.py)."""
 
 import sys
 
-from bench import moe_strategies
+from bench import speed
 
 if __name__ == "__main__":
-    sys.exit(moe_strategies.main(sys.argv[1:]))
+    sys.exit(speed.main(sys.argv[1:]))

@@ -1,0 +1,217 @@
+"""Decode and prefill speed against transformers and against this machine's limits, in one run.
+
+    python -m bench --quick          # ratios for the targets, under two minutes on 2 CPU cores
+    python -m bench                  # the full table (also batch 64 and every transformers setting)
+
+The model is Mixtral-shaped and random (dim 512, 8 layers, 8 heads / 2 KV heads, FFN 1792, 8 experts
+top-2, vocab 32000, fp32): transformers builds it, `save_pretrained` writes it, our reader loads the same
+weights. Decode tokens/s = new tokens / (time of prompt+N tokens - time of prompt+1 token), after a
+128-token prompt; prefill is one 1024-token forward pass. Limits measured in the same run: memory
+bandwidth (large array copy) for decode, fp32 matmul peak for prefill. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixtral_jax import MixtralConfig, load_hf
+from mixtral_jax.sampler import Sampler
+
+BENCH_CONFIG = MixtralConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
+                             hidden_dim=1792, n_experts=8, top_k=2, max_seq_len=4096)
+PROMPT = 128
+
+
+def _best(fn, reps: int) -> float:
+    fn()  # warm-up / compile
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# --------------------------------------------------------------------------------- machine limits
+def memory_bandwidth(n_bytes: int = 512 * 2**20) -> float:
+    """Bytes/s of a large copy (read + write counted), the ceiling for weight-streaming decode."""
+    src = np.ones(n_bytes // 8, np.float64)
+    dst = np.empty_like(src)
+    t = _best(lambda: np.copyto(dst, src), 5)
+    return 2 * n_bytes / t
+
+
+def matmul_peak(n: int = 2048) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    t = _best(lambda: f(a).block_until_ready(), 5)
+    return 2 * n**3 / t
+
+
+def decode_bytes_per_step(config: MixtralConfig, batch: int, context: int, itemsize: int = 4) -> float:
+    """Weights a decode step must read (touched experts under uniform routing) plus the KV cache."""
+    d, f = config.dim, config.hidden_dim
+    attn = d * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
+    touched = config.n_experts * (1 - (1 - config.top_k / config.n_experts) ** batch)
+    per_layer = attn + d * config.n_experts + touched * 3 * d * f + 2 * d
+    weights = config.n_layers * per_layer + config.vocab_size * d + d  # + LM head (embedding rows: negligible)
+    kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * context * batch
+    return (weights + kv) * itemsize
+
+
+def active_flops_per_token(config: MixtralConfig, context: int) -> float:
+    d, f = config.dim, config.hidden_dim
+    attn_proj = d * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
+    per_layer = attn_proj + d * config.n_experts + 3 * config.top_k * d * f
+    attn_scores = 2 * config.n_heads * config.head_dim * context  # QK^T and PV, causal average ~context/2 x2
+    return 2 * (config.n_layers * (per_layer + attn_scores / 2) + config.vocab_size * d)
+
+
+# ------------------------------------------------------------------------------------------ ours
+def ours_decode(model, batch: int, new: int, reps: int) -> float:
+    sampler = Sampler(model)
+    prompts = np.random.default_rng(batch).integers(3, BENCH_CONFIG.vocab_size, (batch, PROMPT)).tolist()
+    t_full = _best(lambda: sampler(prompts, new, stop_tokens=[]), reps)
+    t_one = _best(lambda: sampler(prompts, 1, stop_tokens=[]), reps)
+    return batch * (new - 1) / max(t_full - t_one, 1e-9)
+
+
+def ours_prefill(model, tokens: int, reps: int) -> float:
+    forward = nnx.jit(lambda m, t: m(t)[:, -1])
+    x = jnp.asarray(np.random.default_rng(0).integers(3, BENCH_CONFIG.vocab_size, (1, tokens)))
+    return tokens / _best(lambda: forward(model, x).block_until_ready(), reps)
+
+
+# ---------------------------------------------------------------------------------- transformers
+def hf_settings(hf) -> dict[str, dict]:
+    """transformers' attention x experts implementations worth timing for this shape.
+
+    `batched_mm` is left out: it gathers every token's expert weights ((tokens*k, D, F) per projection),
+    tens of GB for a 1024-token prefill or the 8x128-token prompt of a batch-8 `generate`.
+    """
+    settings = {"eager": dict(attn="eager", experts="eager"), "sdpa": dict(attn="sdpa", experts="eager")}
+    for experts in ("grouped_mm",):
+        try:
+            hf.set_experts_implementation(experts)
+            settings[f"sdpa+{experts}"] = dict(attn="sdpa", experts=experts)
+        except Exception:  # not available in this transformers/torch build
+            pass
+    hf.set_experts_implementation("eager")
+    return settings
+
+
+def _apply(hf, setting):
+    hf.set_attn_implementation(setting["attn"])
+    hf.set_experts_implementation(setting["experts"])
+
+
+def hf_decode(hf, batch: int, new: int, reps: int) -> float:
+    import torch
+
+    ids = torch.as_tensor(np.random.default_rng(batch).integers(3, BENCH_CONFIG.vocab_size, (batch, PROMPT)))
+
+    def run(n):
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    t_full = _best(lambda: run(new), reps)
+    t_one = _best(lambda: run(1), reps)
+    return batch * (new - 1) / max(t_full - t_one, 1e-9)
+
+
+def hf_prefill(hf, tokens: int, reps: int) -> float:
+    import torch
+
+    ids = torch.as_tensor(np.random.default_rng(0).integers(3, BENCH_CONFIG.vocab_size, (1, tokens)))
+
+    def run():
+        with torch.no_grad():
+            hf(ids, logits_to_keep=1)
+
+    return tokens / _best(run, reps)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    import torch
+    import transformers
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    quick = args.quick
+    reps = 1 if quick else 3
+    new = 16 if quick else 64
+    batches = (1, 8) if quick else (1, 8, 64)
+    prefill_tokens = 1024
+
+    torch.manual_seed(0)
+    hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**BENCH_CONFIG.to_hf())).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model = load_hf(d, show_progress=False)
+
+    bandwidth, peak = memory_bandwidth(), matmul_peak()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
+          f"{jax.default_backend()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"limits: memory bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 matmul {peak / 1e9:.1f} GFLOP/s")
+    results: dict = {"bandwidth_gbs": bandwidth / 1e9, "matmul_gflops": peak / 1e9}
+    rows = []
+    for batch in batches:
+        ours = ours_decode(model, batch, new, reps)
+        peers = {}
+        for name, setting in hf_settings(hf).items():
+            _apply(hf, setting)
+            peers[name] = hf_decode(hf, batch, new, reps)
+        limit = bandwidth / decode_bytes_per_step(BENCH_CONFIG, batch, PROMPT + new // 2)
+        rows.append((f"decode b{batch}", ours, peers, batch * limit))
+        results[f"decode_b{batch}"] = dict(ours=ours, hf=peers, bandwidth_limit=batch * limit)
+    ours = ours_prefill(model, prefill_tokens, reps)
+    peers = {}
+    for name, setting in hf_settings(hf).items():
+        _apply(hf, setting)
+        peers[name] = hf_prefill(hf, prefill_tokens, reps)
+    limit = peak / active_flops_per_token(BENCH_CONFIG, prefill_tokens)
+    rows.append((f"prefill {prefill_tokens}", ours, peers, limit))
+    results["prefill"] = dict(ours=ours, hf=peers, matmul_limit=limit)
+
+    from bench.moe_strategies import measure
+
+    moe = measure(prefill_tokens, quick=quick)
+    results["moe_prefill_ms"] = {k: v * 1e3 for k, v in moe.items()}
+
+    print(f"\n{'tokens/s':<14}{'ours':>10}{'best hf':>10}  {'(setting)':<20}{'vs best hf':>11}{'vs limit':>10}")
+    for label, o, peer, limit in rows:
+        best = max(peer, key=peer.get)
+        print(f"{label:<14}{o:>10.1f}{peer[best]:>10.1f}  {best:<20}{o / peer[best]:>10.2f}x{o / limit:>9.0%}")
+        print(f"{'':<14}hf: " + ", ".join(f"{n} {v:.1f}" for n, v in peer.items()))
+    print("MoE strategies at prefill (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in moe.items()))
+    best_hf = {label: max(peer.values()) for label, _, peer, _ in rows}
+    summary = {
+        "decode_b1_vs_hf": results["decode_b1"]["ours"] / best_hf["decode b1"],
+        "decode_b1_vs_bandwidth": results["decode_b1"]["ours"] / results["decode_b1"]["bandwidth_limit"],
+        "decode_b8_vs_hf": results["decode_b8"]["ours"] / best_hf["decode b8"],
+        "prefill_vs_hf": results["prefill"]["ours"] / best_hf[f"prefill {prefill_tokens}"],
+        "moe_best_vs_dense": moe["dense"] / min(v for k, v in moe.items() if k != "dense"),
+    }
+    results["summary"] = summary
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    print(json.dumps({k: round(v, 3) for k, v in summary.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
