@@ -9,8 +9,10 @@ everything (the constant part), and the conversion's throughput.
     .venv/bin/python bench/convert_memory.py --layers 6 --out bench/results/convert_memory.json
 
 The shape is Mixtral's (8 experts, top-2, GQA 8:2 heads of 128, vocabulary 32000) at width 1024 and
-expert width 3584, so each layer is ~181 MB in bf16: six layers make a ~1.2 GB checkpoint. The
-converter's memory should follow `max(--buffer-mb, largest parameter)`, not the checkpoint size.
+expert width 3584, so each layer is ~181 MB in bf16: six layers make a ~1.2 GB checkpoint. With
+`--full-width` the widths are Mixtral-8x7B's own (each layer 2.8 GB, each expert weight 0.94 GB), so a
+couple of layers show the memory a full 93 GB conversion needs. The converter's memory should follow
+`max(--buffer-mb, largest parameter)`, not the checkpoint size.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -89,7 +92,8 @@ def write_random_hf(path, config, dtype: str = "bfloat16", seed: int = 0, shard_
         header, offset = {}, 0
         for key in keys:
             nbytes = int(np.prod(shapes[key])) * np_dtype.itemsize
-            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shapes[key]), "data_offsets": [offset, offset + nbytes]}
+            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shapes[key]),
+                           "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
             weight_map[key] = name
         header["__metadata__"] = {"format": "pt"}
@@ -122,6 +126,7 @@ def peak_rss(cmd: list[str], env: dict | None = None) -> dict:
     if not lines:
         raise RuntimeError(f"measurement failed: {out.stderr[-2000:]}")
     result = json.loads(lines[-1])
+    result["stdout"] = "\n".join(lines[:-1])
     result["stderr"] = out.stderr[-2000:]
     return result
 
@@ -142,7 +147,9 @@ def convert_cmd(src, dst, buffer_mb: int, compression: bool = True) -> list[str]
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=6, help="decoder layers (each ~181 MB in bf16)")
-    ap.add_argument("--buffer-mb", type=int, nargs="+", default=[256, 64], help="converter buffer sizes to try")
+    ap.add_argument("--full-width", action="store_true",
+                    help="Mixtral-8x7B's own widths (dim 4096, 32 heads, experts of width 14336): 2.8 GB a layer")
+    ap.add_argument("--buffer-mb", type=int, nargs="+", default=[64, 256], help="converter buffer sizes to try")
     ap.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
     ap.add_argument("--out", default="bench/results/convert_memory.json", help="JSON results file")
     ap.add_argument("--no-compression", action="store_true", help="convert with --no-compression")
@@ -151,7 +158,8 @@ def main(argv=None):
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="convert_memory_")
     src = os.path.join(workdir, "hf")
-    config = bench_config(args.layers)
+    widths = dict(dim=4096, n_heads=32, n_kv_heads=8, hidden_dim=14336) if args.full_width else {}
+    config = bench_config(args.layers, **widths)
     t = time.perf_counter()
     size = write_random_hf(src, config)
     print(f"wrote a random {size / 1e9:.2f} GB bf16 HF checkpoint ({config.n_layers} layers, dim {config.dim}, "
@@ -166,16 +174,20 @@ def main(argv=None):
         if r["rc"] != 0:
             raise SystemExit(f"conversion failed: {r['stderr']}")
         out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
+        found = re.search(r" in ([\d.]+) s \(", r["stdout"])  # the converter's own report line
+        convert_s = float(found.group(1)) if found else float("nan")
         run = {"buffer_mb": buffer_mb, "compression": not args.no_compression, "peak_rss_mib": r["maxrss_kb"] / 1024,
                "peak_rss_over_baseline_mib": (r["maxrss_kb"] - base["maxrss_kb"]) / 1024,
                "peak_rss_over_checkpoint": r["maxrss_kb"] * 1024 / size,
-               "seconds": r["seconds"], "throughput_mb_s": size / 1e6 / r["seconds"],
+               "wall_seconds": r["seconds"], "wall_mb_s": size / 1e6 / r["seconds"],
+               "convert_seconds": convert_s, "convert_mb_s": size / 1e6 / convert_s,
                "output_bytes": out_bytes}
         runs.append(run)
         print(f"buffer {buffer_mb} MB: peak RSS {run['peak_rss_mib']:.0f} MiB ({run['peak_rss_over_baseline_mib']:.0f} "
-              f"MiB over baseline) for a {size / 2**20:.0f} MiB checkpoint = {run['peak_rss_over_checkpoint']:.2f}x its "
-              f"size; {r['seconds']:.1f} s wall incl. startup = {run['throughput_mb_s']:.0f} MB/s; output "
-              f"{out_bytes / 2**20:.0f} MiB", flush=True)
+              f"MiB over baseline) for a {size / 2**20:.0f} MiB checkpoint = "
+              f"{run['peak_rss_over_checkpoint']:.2f}x its "
+              f"size; conversion {convert_s:.1f} s = {run['convert_mb_s']:.0f} MB/s ({r['seconds']:.1f} s = "
+              f"{run['wall_mb_s']:.0f} MB/s with process startup); output {out_bytes / 2**20:.0f} MiB", flush=True)
         if not args.keep:
             shutil.rmtree(dst, ignore_errors=True)
     largest = max(int(np.prod(s)) for s in hf_tensor_shapes(config).values()) * 2

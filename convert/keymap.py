@@ -139,3 +139,71 @@ def iter_params(source: TensorSource, rules: list[Rule], config: MixtralConfig,
     by_target = plan(source, rules, config, specs)
     for name, spec in specs.items():
         yield name, assemble(source, by_target[name], spec.shape, dtype or spec.dtype)
+
+
+# ------------------------------------------------------------------------------------ Mistral originals
+def mistral_to_hf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Permute the rows of a Mistral `wq`/`wk` ([n_heads * head_dim, dim], RoPE on interleaved pairs
+    (2i, 2i+1)) into HF's order (pairs (i, i + head_dim/2)), as `convert_mixtral_weights_to_hf.py` does:
+    `w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)`."""
+    dim1, dim2 = w.shape
+    return w.reshape(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(0, 2, 1, 3).reshape(dim1, dim2)
+
+
+def _mistral_rules() -> list[Rule]:
+    """Mistral's `consolidated.*` keys, both layouts: the release's per-expert `feed_forward.experts.E.wN`
+    and the pre-release torrent's stacked `block_sparse_moe.wN` (`[E*F, D]`; each w2 slice is the
+    transposed expert weight). wq/wk rows are permuted from interleaved RoPE into our (HF) convention."""
+    L = r"layers\.(\d+)\."
+
+    def whole(target, shape_fn, transform=lambda w: w):
+        return lambda m, c: [Placement(target.format(*m.groups()), (), shape_fn(c), transform)]
+
+    def heads(target, n_heads_fn, rope: bool):
+        def rule(m, c):
+            n = n_heads_fn(c)
+
+            def transform(w):
+                if rope:
+                    w = mistral_to_hf_rows(w, n)
+                return w.T.reshape(c.dim, n, c.head_dim)
+            return [Placement(target.format(*m.groups()), (), (n * c.head_dim, c.dim), transform)]
+        return rule
+
+    def expert(m, c):
+        layer, e, which = m.groups()
+        e = int(e)
+        if e >= c.n_experts:
+            return []  # reported as an unknown key
+        shape = (c.dim, c.hidden_dim) if which == "2" else (c.hidden_dim, c.dim)
+        return [Placement(f"layers.{layer}.moe.w{which}", (e,), shape, _t)]
+
+    def stacked(m, c):
+        layer, which = m.groups()
+        e, f, d = c.n_experts, c.hidden_dim, c.dim
+        if which == "2":  # slice e is w2_e.T: [F, D], already our (inputs-first) layout
+            transform = lambda w: w.reshape(e, f, d)  # noqa: E731
+        else:             # slice e is w1_e / w3_e: [F, D] -> ours [D, F]
+            transform = lambda w: w.reshape(e, f, d).transpose(0, 2, 1)  # noqa: E731
+        return [Placement(f"layers.{layer}.moe.w{which}", (), (e * f, d), transform)]
+
+    return [
+        (r"tok_embeddings\.weight", whole("embed", lambda c: (c.vocab_size, c.dim))),
+        (r"output\.weight", whole("lm_head", lambda c: (c.vocab_size, c.dim), _t)),
+        (r"norm\.weight", whole("norm.scale", lambda c: (c.dim,))),
+        (L + r"attention_norm\.weight", whole("layers.{}.attn_norm.scale", lambda c: (c.dim,))),
+        (L + r"ffn_norm\.weight", whole("layers.{}.moe_norm.scale", lambda c: (c.dim,))),
+        (L + r"attention\.wq\.weight", heads("layers.{}.attn.wq", lambda c: c.n_heads, rope=True)),
+        (L + r"attention\.wk\.weight", heads("layers.{}.attn.wk", lambda c: c.n_kv_heads, rope=True)),
+        (L + r"attention\.wv\.weight", heads("layers.{}.attn.wv", lambda c: c.n_kv_heads, rope=False)),
+        (L + r"attention\.wo\.weight",
+         lambda m, c: [Placement(f"layers.{m.group(1)}.attn.wo", (), (c.dim, c.n_heads * c.head_dim),
+                                 lambda w: w.T.reshape(c.n_heads, c.head_dim, c.dim))]),
+        (L + r"(?:feed_forward|block_sparse_moe)\.gate\.weight",
+         whole("layers.{}.moe.router", lambda c: (c.n_experts, c.dim), _t)),
+        (L + r"feed_forward\.experts\.(\d+)\.w([123])\.weight", expert),
+        (L + r"block_sparse_moe\.w([123])", stacked),
+    ]
+
+
+MISTRAL_RULES = _mistral_rules()

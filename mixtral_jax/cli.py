@@ -7,11 +7,11 @@ import importlib
 import sys
 
 # module -> it defines `register(subparsers)`, which adds its subcommands with `set_defaults(run=fn)`
-_COMMAND_MODULES = ("mixtral_jax.generate_command",)
+_COMMAND_MODULES = ("mixtral_jax.generate_command", "mixtral_jax.convert.command", "mixtral_jax.train_command")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixtral-jax", description="Mixtral in JAX: convert, generate, chat.")
+    parser = argparse.ArgumentParser(prog="mixtral-jax", description="Mixtral in JAX: convert, verify, generate, chat, train.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -15,9 +15,10 @@ def _load_model(args):
     from .config import RuntimeConfig
 
     if args.checkpoint is None:
-        from .demo import default_model
+        from .demo import default_model, has_trained_model
 
-        print("using the embedded demo model (random weights until a trained one ships)", file=sys.stderr)
+        what = "trained on Python's standard library" if has_trained_model() else "random weights: checkpoint absent"
+        print(f"using the embedded demo model ({what})", file=sys.stderr)
         return default_model(RuntimeConfig(param_dtype=args.dtype or "float32"))
     if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         from .convert.hf import load_hf
@@ -78,6 +79,32 @@ def run_generate(args) -> int:
     return 0
 
 
+_MAX_LINE = 1 << 16
+
+
+def _read_line_everywhere(prompt: str) -> str | None:
+    """Process 0 reads a line (None at end of input) and every process of a multi-host run receives it."""
+    import jax
+    import numpy as np
+
+    line = None
+    if jax.process_index() == 0:
+        try:
+            line = input(prompt)
+        except EOFError:
+            line = None
+    if jax.process_count() == 1:
+        return line
+    from jax.experimental import multihost_utils
+
+    data = b"" if line is None else line.encode("utf-8")[: _MAX_LINE - 1]
+    buf = np.zeros(_MAX_LINE + 1, np.int32)
+    buf[0] = -1 if line is None else len(data)
+    buf[1:1 + len(data)] = np.frombuffer(data, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return None if buf[0] < 0 else bytes(buf[1:1 + buf[0]].astype(np.uint8)).decode("utf-8", "replace")
+
+
 def _is_lead_process() -> bool:
     import jax
 
@@ -95,16 +122,14 @@ def run_chat(args) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: an empty line or Ctrl-D ends the conversation", file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
+        line = _read_line_everywhere("> " if _is_lead_process() else "")
+        if line is None or not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        reply = chat(model, messages, tokenizer=tokenizer, on_text=lambda t: print(t, end="", flush=True),
+        show = print if _is_lead_process() else (lambda *a, **k: None)
+        reply = chat(model, messages, tokenizer=tokenizer, on_text=lambda t: show(t, end="", flush=True),
                      **_sampling_kwargs(args))
-        print()
+        show()
         messages.append({"role": "assistant", "content": reply.strip() or "..."})
     return 0
 

@@ -29,18 +29,21 @@ def load(path: str | os.PathLike, mesh: Mesh | str | dict | None = None, dtype=N
     `dtype`). `moe_strategy`: see `RuntimeConfig`.
     """
     from mixtral_jax.convert import orbax_io
-    from mixtral_jax.sharding import make_mesh, param_shardings
+    from mixtral_jax.sharding import param_shardings
+    from mixtral_jax.sharding.placement import sharded_runtime
 
     info = orbax_io.read_info(path)
     runtime = RuntimeConfig(param_dtype=as_dtype(dtype) if dtype is not None else info.dtype,
                             compute_dtype=compute_dtype, moe_strategy=moe_strategy)
+    if mesh is not None:  # checks the mesh can hold this model; the MoE then runs expert-parallel
+        runtime = sharded_runtime(info.config, runtime, mesh)
     specs = param_specs(info.config, runtime)
     orbax_io.check_specs(info, specs)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = {name: device for name in specs}
     else:
-        shardings = param_shardings(specs, make_mesh(mesh))
+        shardings = param_shardings(specs, runtime.mesh)
     abstract = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings[name])
                 for name, spec in specs.items()}
     arrays = orbax_io.restore(info.path, abstract)

@@ -226,8 +226,12 @@ def _generate(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, *, st
               cache_dtype, stream):
     _stream_target[0] = stream
     try:
-        return _generate_jit(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, jnp.int32(limit),
-                             strategy=strategy, max_new=max_new, cache_dtype=jnp.dtype(cache_dtype),
-                             stream=stream is not None)
+        result = _generate_jit(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, jnp.int32(limit),
+                               strategy=strategy, max_new=max_new, cache_dtype=jnp.dtype(cache_dtype),
+                               stream=stream is not None)
+        if stream is not None:  # dispatch is asynchronous: let every callback run before unhooking it
+            jax.block_until_ready(result)
+            jax.effects_barrier()
+        return result
     finally:
         _stream_target[0] = None

@@ -113,6 +113,9 @@ def test_sampler_on_a_sharded_mesh_equals_one_device(model, spec):
 
     prompts = [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15], [3, 3]]
     ref = Sampler(model)(prompts, 12, stop_tokens=[])
-    assert Sampler(shard_model(model, spec))(prompts, 12, stop_tokens=[]) == ref
+    steps = []
+    assert Sampler(shard_model(model, spec))(prompts, 12, stop_tokens=[], stream=steps.append) == ref
+    streamed = np.stack(steps, axis=1)  # the stream works on a mesh too (asynchronous dispatch included)
+    assert [row[row >= 0].tolist() for row in streamed] == ref
     sampled = dict(temperature=0.9, top_p=0.8, seed=5, stop_tokens=[])
     assert Sampler(shard_model(model, spec))(prompts, 12, **sampled) == Sampler(model)(prompts, 12, **sampled)

@@ -1,0 +1,433 @@
+"""The conversion driver: any supported PyTorch checkpoint -> a mixtral-jax Orbax checkpoint, streamed.
+
+    from mixtral_jax.convert.convert import convert
+    report = convert("Mixtral-8x7B-v0.1", "mixtral-8x7b-orbax")   # format detected, bf16 stays bf16
+    print(report)
+
+Steps: detect the format and open the source lazily (`open_source`); map every source key to its place
+with the rule table and fail on anything unknown, missing, duplicated or mis-shaped (`keymap.plan`)
+*before* writing anything; then build one parameter at a time in the model's layout (dropping the
+source's memory-mapped pages after every tensor read) and hand it to the `orbax_io.StreamingWriter`,
+which saves groups of at most `buffer_bytes`, one group in flight while the next is built.
+
+Memory: about 3x `max(buffer_bytes, largest parameter)` plus the interpreter's ~200 MB, whatever the
+model's size (the group being built, the group being written, and Orbax's compressed copy of it). For
+Mixtral-8x7B in bf16 the largest parameter (one layer's w1, w2 or w3) is 0.94 GB: bench/convert_memory.py
+measured a 3.0 GB peak for checkpoints of 8x7B-width layers of 6.3 GB and 12.1 GB alike, i.e. about one
+layer's weights plus a constant.
+
+Safety: the checkpoint is built in a hidden sibling workspace (`.DST.tmp-*`) and renamed to `DST` only
+once complete (with its completion marker). An interrupted run leaves only that workspace, which the
+next run removes; with `overwrite=True` the old `DST` is moved aside only after the new one is complete
+(and put back by the next run if the process died between the two renames). A lock file (`.DST.lock`)
+keeps two conversions from writing the same `DST` at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fcntl
+import glob
+import os
+import re
+import shutil
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from mixtral_jax.config import MixtralConfig, RuntimeConfig, as_dtype
+from mixtral_jax.params import param_specs
+from mixtral_jax.progress import progress
+
+from . import orbax_io
+from .keymap import HF_RULES, MISTRAL_RULES, plan
+from .mistral import drop_mapped_pages
+from .safetensors_file import CheckpointError
+
+FORMATS = ("hf", "mistral")
+_FORMAT_NAMES = {"hf": "Hugging Face safetensors", "mistral": "Mistral original"}
+
+
+def _supported_dtypes():
+    import ml_dtypes
+    return {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
+
+
+# ------------------------------------------------------------------------------------------ sources
+@dataclasses.dataclass
+class Source:
+    """An opened source checkpoint: its tensors, how they map onto the model, and what it is."""
+    path: str
+    format: str                 # "hf" | "mistral"
+    description: str            # e.g. "Hugging Face safetensors, per-expert keys, 3 files"
+    config: MixtralConfig
+    tensors: object             # a keymap.TensorSource with dtype(key); released with `release()`
+    rules: list
+
+    _buffer: np.ndarray | None = None
+
+    def release(self):
+        """Drop the source's memory-mapped pages from this process (they count as resident once read)."""
+        release = getattr(self.tensors, "release", None)
+        if release is not None:
+            release()
+        else:  # HFCheckpoint: its safetensors files' maps
+            for f in getattr(self.tensors, "_files", {}).values():
+                drop_mapped_pages(f)
+
+    def read(self, key) -> np.ndarray:
+        """Tensor `key`, read with one `readinto` into a buffer reused from tensor to tensor where it lies
+        in a safetensors file (no page faults on a mapping, nothing left resident), else the reader's
+        own (memory-mapped) view. Valid until the next `read`."""
+        where = _safetensors_location(self.tensors, key)
+        nbytes = int(np.prod(where[3], dtype=np.int64)) * where[2].itemsize if where else 0
+        if where is None or nbytes > _MAX_READ_BUFFER:  # huge fused tensors: the mapping, released after
+            return self.tensors.get(key)
+        path, offset, dtype, shape = where
+        if self._buffer is None or self._buffer.nbytes < nbytes:
+            self._buffer = None
+            self._buffer = np.empty(nbytes, np.uint8)
+        view = self._buffer[:nbytes]
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            got = f.readinto(memoryview(view))
+        if got != nbytes:
+            raise CheckpointError(f"{path}: truncated while reading tensor {key!r}")
+        return view.view(dtype).reshape(shape)
+
+
+_MAX_READ_BUFFER = 512 << 20  # Mixtral-8x22B's per-expert tensors are 201 MB
+
+
+def _safetensors_location(tensors, key):
+    """(path, byte offset, dtype, shape) of `key` if it lies in a `SafetensorsFile`, else None.
+
+    Reads the readers' internals defensively: if they change, `Source.read` falls back to `get`."""
+    st = getattr(tensors, "_where", {}).get(key) if hasattr(tensors, "_where") else None
+    entries, start = getattr(st, "_entries", None), getattr(st, "_data_start", None)
+    if not isinstance(entries, dict) or key not in entries or not isinstance(start, int):
+        return None
+    dtype, shape, begin = entries[key]
+    return st.path, start + begin, np.dtype(dtype), tuple(shape)
+
+
+def detect_format(path: str) -> str:
+    """'hf' for config.json + *.safetensors, else 'mistral' for params.json; an error for neither."""
+    has_config = os.path.isfile(os.path.join(path, "config.json"))
+    has_params = os.path.isfile(os.path.join(path, "params.json"))
+    hf_weights = [p for p in glob.glob(os.path.join(path, "*.safetensors"))
+                  if not os.path.basename(p).startswith("consolidated")]
+    if has_config and (hf_weights or not has_params):
+        return "hf"
+    if has_params:
+        return "mistral"
+    raise CheckpointError(f"cannot tell the format of {path}: it has neither config.json (Hugging Face) nor "
+                          f"params.json (Mistral original)")
+
+
+def open_source(src, format: str | None = None) -> Source:
+    src = os.fspath(src)
+    if format is not None and format not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {format!r}; use one of: {', '.join(FORMATS)}")
+    if not os.path.isdir(src):
+        raise CheckpointError(f"source checkpoint directory not found: {src}")
+    fmt = format or detect_format(src)
+    if fmt == "hf":
+        from .hf import HFCheckpoint
+        tensors = HFCheckpoint(src)
+        fused = any(k.endswith("mlp.experts.gate_up_proj") for k in tensors.keys())
+        n = len(tensors._files)
+        desc = (f"Hugging Face safetensors, {'fused gate_up_proj/down_proj experts' if fused else 'per-expert keys'}, "
+                f"{n} file{'s' if n != 1 else ''}")
+        source = Source(src, "hf", desc, tensors.config, tensors, HF_RULES)
+    else:
+        from .mistral import MistralCheckpoint
+        tensors = MistralCheckpoint(src)
+        source = Source(src, "mistral", tensors.describe(), tensors.config, tensors, MISTRAL_RULES)
+    source.release()
+    return source
+
+
+def default_tokenizer(config: MixtralConfig) -> str | None:
+    """The mistral-common tokenizer a Mixtral of this vocabulary was trained with."""
+    known = {32000: "mistral-common:tokenizer.model.v1", 32768: "mistral-common:tokenizer.model.v3"}
+    return known.get(config.vocab_size)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything decided before writing: targets, their sources, dtypes and sizes."""
+    source: Source
+    specs: dict
+    by_target: dict
+    dtypes: dict                # name -> dtype stored in the checkpoint
+    source_bytes: int
+    cast: np.dtype | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(int(np.prod(s.shape, dtype=np.int64)) * self.dtypes[n].itemsize for n, s in self.specs.items())
+
+    def param_bytes(self, name) -> int:
+        return int(np.prod(self.specs[name].shape, dtype=np.int64)) * self.dtypes[name].itemsize
+
+    def default_dtype(self) -> np.dtype:
+        """The dtype most of the bytes have: what `load` gives the model unless told otherwise."""
+        totals: dict = {}
+        for name in self.specs:
+            totals[self.dtypes[name]] = totals.get(self.dtypes[name], 0) + self.param_bytes(name)
+        return max(totals, key=totals.get)
+
+    def build(self, name) -> np.ndarray:
+        """One parameter in our layout, in memory of its own; the source's pages are dropped as we go.
+
+        (`keymap.assemble`, but reading each source tensor in one go into a reused buffer, copying
+        transposed views in cache-sized tiles, and releasing the source after every tensor, so building
+        a parameter from eight experts holds one expert's source at a time, not eight.)"""
+        spec, dtype, parts, source = self.specs[name], self.dtypes[name], self.by_target[name], self.source
+        out = np.empty(spec.shape, dtype)
+        for key, p in parts:
+            tiled_copy(out[p.index], p.transform(source.read(key)))
+            source.release()
+        return out
+
+
+def tiled_copy(dst: np.ndarray, src: np.ndarray, block: int = 128):
+    """`dst[...] = src` (casting as assignment does), in `block`-square tiles over src's fastest axis and
+    dst's last one when they differ: a transposing copy that stays in cache (3-4x a plain strided copy
+    of a 117 MB expert weight)."""
+    if src.ndim >= 2:
+        strides = [abs(st) if n > 1 else np.inf for st, n in zip(src.strides, src.shape, strict=True)]
+        k, last = int(np.argmin(strides)), src.ndim - 1
+        if k != last and (src.shape[k] > block or src.shape[last] > block):
+            idx = [slice(None)] * src.ndim
+            for i in range(0, src.shape[k], block):
+                idx[k] = slice(i, i + block)
+                for j in range(0, src.shape[last], block):
+                    idx[last] = slice(j, j + block)
+                    np.copyto(dst[tuple(idx)], src[tuple(idx)], casting="unsafe")
+            return
+    np.copyto(dst, src, casting="unsafe")
+
+
+def make_plan(source: Source, dtype=None) -> Plan:
+    cast = as_dtype(dtype) if dtype is not None else None
+    specs = param_specs(source.config, RuntimeConfig())
+    by_target = plan(source.tensors, source.rules, source.config, specs)
+    supported = _supported_dtypes()
+    dtypes, source_bytes = {}, 0
+    for name, parts in by_target.items():
+        keys = [k for k, _ in parts]
+        src_dtypes = {np.dtype(source.tensors.dtype(k)) for k in keys}
+        for k in dict.fromkeys(keys):
+            itemsize = np.dtype(source.tensors.dtype(k)).itemsize
+            source_bytes += int(np.prod(source.tensors.shape(k), dtype=np.int64)) * itemsize
+        if cast is not None:
+            for d in src_dtypes:
+                if d.kind not in "fV" and d not in supported:
+                    raise CheckpointError(f"tensor {keys[0]!r} has dtype {d}, which is not a float type")
+            dtypes[name] = cast
+            continue
+        if len(src_dtypes) > 1:
+            raise CheckpointError(f"parameter {name} is assembled from tensors of different dtypes "
+                                  f"({', '.join(sorted(map(str, src_dtypes)))}); pass --dtype to cast")
+        (d,) = src_dtypes
+        if d not in supported:
+            raise CheckpointError(f"tensor {keys[0]!r} has dtype {d}; only float32, bfloat16 and float16 are kept "
+                                  f"as they are (pass --dtype to cast)")
+        dtypes[name] = d
+    return Plan(source, specs, by_target, dtypes, source_bytes, cast)
+
+
+# --------------------------------------------------------------------------------------- the driver
+@dataclasses.dataclass
+class ConversionReport:
+    src: str
+    dst: str
+    format: str
+    description: str
+    n_params: int
+    n_source_tensors: int
+    bytes_written: int          # parameter bytes (before Orbax's compression)
+    seconds: float
+    dtype: str
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
+
+    def __str__(self):
+        return (f"converted {self.n_source_tensors} tensors ({self.bytes_written / 1e9:.2f} GB, {self.dtype}) from "
+                f"{self.description} into {self.n_params} parameters at {self.dst} in {self.seconds:.1f} s "
+                f"({self.mb_per_s:.0f} MB/s)")
+
+
+def convert(src, dst, format: str | None = None, dtype=None, overwrite: bool = False, show_progress: bool = True,
+            *, tokenizer: str | None = None, buffer_bytes: int = 64 << 20, compress: bool = True,
+            log: Callable[[str], None] | None = None) -> ConversionReport:
+    """Convert the checkpoint directory `src` into a mixtral-jax Orbax checkpoint at `dst`.
+
+    `format`: 'hf' or 'mistral' (default: detected). `dtype`: cast every parameter to it (default: keep
+    each tensor's own dtype, bit for bit). `overwrite`: replace an existing `dst` (only once the new one
+    is complete). `tokenizer`: recorded in the checkpoint (default: the mistral-common tokenizer matching
+    the vocabulary). `buffer_bytes`: how much to gather before each write; peak memory is about
+    `max(buffer_bytes, largest parameter)` plus a constant. Every problem with the input is a
+    `CheckpointError` raised before anything is written.
+    """
+    t0 = time.perf_counter()
+    say = log if log is not None else ((lambda m: print(m, file=sys.stderr)) if show_progress else (lambda m: None))
+    src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+    if os.path.lexists(dst) and not overwrite:
+        raise CheckpointError(f"destination {dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    source = open_source(src, format)
+    say(f"found {source.description}")
+    p = make_plan(source, dtype)
+    if os.path.lexists(dst) and not _replaceable(dst):
+        raise CheckpointError(f"destination {dst} exists and is not a mixtral-jax checkpoint; refusing to replace "
+                              f"it even with --overwrite")
+    default_dtype = p.default_dtype()
+    metadata = {
+        "format": orbax_io.FORMAT_NAME,
+        "format_version": orbax_io.FORMAT_VERSION,
+        "config": source.config.to_dict(),
+        "tokenizer": tokenizer if tokenizer is not None else default_tokenizer(source.config),
+        "dtype": np.dtype(default_dtype).name,
+        "params": {n: {"shape": list(s.shape), "dtype": p.dtypes[n].name, "logical_axes": list(s.logical_axes)}
+                   for n, s in p.specs.items()},
+        "source": {"path": src, "format": source.format, "layout": source.description,
+                   "cast_to": p.cast.name if p.cast is not None else None},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        from mixtral_jax import __version__
+        metadata["converted_with"] = f"mixtral-jax {__version__}"
+    except ImportError:  # pragma: no cover
+        pass
+
+    parent, name = os.path.split(dst)
+    os.makedirs(parent, exist_ok=True)
+    with _DestinationLock(parent, name):
+        _remove_stale(parent, name, dst)
+        if os.path.lexists(dst) and not overwrite:  # put back by _remove_stale, or made meanwhile
+            raise CheckpointError(f"destination {dst} already exists; pass --overwrite (overwrite=True) to replace it")
+        # a hidden workspace beside dst; the checkpoint inside it has a plain name, as Orbax's partial
+        # saving lists its pending pieces with a glob that skips hidden names
+        workspace = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        os.mkdir(workspace)
+        try:
+            tmp = os.path.join(workspace, "checkpoint")
+            _write(p, tmp, metadata, buffer_bytes, compress, show_progress)
+            _install(tmp, dst, overwrite)
+        finally:
+            _rmtree(workspace)
+    report = ConversionReport(src, dst, source.format, source.description, len(p.specs),
+                              len(source.tensors.keys()), p.total_bytes, time.perf_counter() - t0,
+                              p.cast.name if p.cast is not None else np.dtype(default_dtype).name)
+    return report
+
+
+def _write(p: Plan, tmp: str, metadata: dict, buffer_bytes: int, compress: bool, show_progress: bool):
+    """Build the parameters one by one while the previous group is being written (one in flight)."""
+    writer = orbax_io.StreamingWriter(tmp, custom_metadata=metadata, buffer_bytes=buffer_bytes, compress=compress)
+    total = p.total_bytes
+    done, start = 0, time.perf_counter()
+    bar = progress(total=len(p.specs), description="converting", unit="tensors", enabled=show_progress)
+    try:
+        with bar:
+            for name, spec in p.specs.items():
+                nbytes = p.param_bytes(name)
+                if writer.would_overflow(nbytes):
+                    writer.flush()
+                writer.add(name, p.build(name), spec.logical_axes)
+                done += nbytes
+                rate = done / 1e6 / max(time.perf_counter() - start, 1e-9)
+                bar.advance(description=f"converting {done / 1e9:.2f}/{total / 1e9:.2f} GB {rate:.0f} MB/s")
+            writer.finish(metadata)
+    except BaseException:
+        try:
+            writer.wait()  # never delete files under a write still in flight
+        except BaseException:  # noqa: BLE001 - the first error is the one to report
+            pass
+        raise
+    finally:
+        p.source.release()
+
+
+# ----------------------------------------------------------------------------- destination handling
+def _replaceable(path: str) -> bool:
+    """Only an empty directory or a (possibly incomplete) mixtral-jax checkpoint may be replaced."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return False
+    entries = os.listdir(path)
+    return not entries or orbax_io.is_checkpoint(path)
+
+
+class _DestinationLock:
+    """An exclusive `flock` on `.NAME.lock` beside the destination (released by the kernel on any exit)."""
+
+    def __init__(self, parent: str, name: str):
+        self.path = os.path.join(parent, f".{name}.lock")
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise CheckpointError(f"another conversion into {self.path[:-5]} is running (lock {self.path})") from None
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _stale_entries(parent: str, name: str) -> list[str]:
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-\d+-[0-9a-f]+$")
+    return [os.path.join(parent, e) for e in os.listdir(parent) if pattern.match(e)]
+
+
+def _remove_stale(parent: str, name: str, dst: str):
+    """Temporary directories of conversions that died (we hold the lock, so none is running).
+
+    A run killed between moving the old checkpoint aside and moving the new one in leaves `dst` missing
+    and the old one complete in `.NAME.old-*`: that one is put back rather than deleted."""
+    stale = _stale_entries(parent, name)
+    if not os.path.lexists(dst):
+        for path in stale:
+            if ".old-" in os.path.basename(path) and os.path.isfile(os.path.join(path, orbax_io.MARKER_FILE)):
+                os.rename(path, dst)
+                stale.remove(path)
+                break
+    for path in stale:
+        _rmtree(path)
+
+
+def _install(tmp: str, dst: str, overwrite: bool):
+    """Move the complete checkpoint into place; the old `dst` goes only after the new one is there."""
+    orbax_io.read_info(tmp)  # complete and readable, or raise
+    if os.path.lexists(dst):
+        if not overwrite:
+            raise CheckpointError(f"destination {dst} appeared during the conversion; not replacing it")
+        parent, name = os.path.split(dst)
+        old = os.path.join(parent, f".{name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        _rmtree(old)
+    else:
+        os.rename(tmp, dst)
+    orbax_io._fsync_dir(os.path.dirname(dst))
+
+
+def _rmtree(path: str):
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)

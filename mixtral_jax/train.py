@@ -1,0 +1,408 @@
+"""Training and fine-tuning: next-token loss + router losses, optax, Orbax training checkpoints, export.
+
+    tc = TrainConfig(steps=1000, batch_size=8, seq_len=512, lr=3e-4, warmup_steps=50)
+    data = PackedDataset.from_files(["corpus.jsonl"], tc.seq_len, seed=tc.seed)
+    trainer = Trainer(Mixtral(config, rngs=nnx.Rngs(tc.seed)), tc)      # or a loaded checkpoint
+    trainer.fit(data, out_dir="run1")                                   # resumes if run1 has checkpoints
+    trainer.export("run1/final")                                        # mixtral_jax.load("run1/final")
+
+- Loss (`loss_terms`): mean next-token cross-entropy over every position that has a next token (as
+  transformers' `labels=input_ids`), plus `aux_loss_coef` (default: the model config's
+  `router_aux_loss_coef`) times the Switch load-balancing loss over all layers and tokens
+  (`mixtral_jax.load_balancing_loss`, equal to transformers'), plus `z_loss_coef` times the ST-MoE router
+  z-loss `mean(logsumexp(router_logits)^2)`.
+- Optimizer: gradient clipping by global norm, then AdamW (no decay on 1-D norm scales) under a linear
+  warm-up + cosine schedule to `min_lr_ratio * lr`. Gradient accumulation runs the micro-batches of a
+  step in one jitted `lax.scan` and averages their gradients: the update equals one big batch's.
+- The parameters are a flat `{name: array}` dict (the names of `mixtral_jax.param_specs`); the jitted step
+  rebuilds the `Mixtral` from them, so on a mesh (`TrainConfig.mesh`, via `shard_model`) parameters and
+  optimizer state keep the rules' shardings, the batch is split over `data`, and the MoE runs
+  expert-parallel.
+- Training checkpoints (`OUT/checkpoints/step_NNNNNNNN/`): an Orbax PyTree of parameters and optimizer
+  state plus `train.json` (step, data position, model and training config), written to a temporary
+  directory and renamed into place only when complete. The data stream is a pure function of its position
+  (`mixtral_jax.data`) and the step is deterministic, so a resumed run equals the uninterrupted one.
+- `Trainer.export(path)` writes the parameters in the converter's checkpoint format
+  (`mixtral_jax.convert.orbax_io`), which `mixtral_jax.load(path)` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .config import ConfigError, MixtralConfig
+from .data import PackedDataset
+from .model import Mixtral
+from .moe import load_balancing_loss
+
+CHECKPOINT_DIR = "checkpoints"
+TRAIN_STATE_FILE = "train.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run decides besides the model and the data."""
+
+    steps: int = 100
+    batch_size: int = 8           # sequences per optimizer step (all micro-batches together)
+    seq_len: int = 256
+    lr: float = 3e-4              # peak learning rate
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1     # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0        # 0 disables clipping
+    grad_accum: int = 1           # micro-batches per step; batch_size must divide by it
+    aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef
+    z_loss_coef: float = 0.0      # router z-loss (ST-MoE); 0 disables it
+    seed: int = 0                 # parameter init and data order
+    mesh: str | None = None       # e.g. "data=2,expert=4"; None trains on one device
+    save_every: int = 0           # steps between checkpoints; 0 saves only at the end
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "save_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)!r}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be at least 2 (one token and its successor), got {self.seq_len}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"lr must be positive and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if self.warmup_steps > self.steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
+        for name in ("weight_decay", "clip_norm", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)!r}")
+        if self.aux_loss_coef is not None and self.aux_loss_coef < 0:
+            raise ConfigError(f"aux_loss_coef must not be negative, got {self.aux_loss_coef}")
+
+    def check_model(self, config: MixtralConfig):
+        if self.seq_len > config.max_seq_len:
+            raise ConfigError(f"seq_len {self.seq_len} exceeds the model's context of {config.max_seq_len} tokens")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def loss_terms(model: Mixtral, tokens: jax.Array, aux_loss_coef: float, z_loss_coef: float = 0.0):
+    """tokens (b, t) -> (total loss, {"loss", "ce", "aux", "z"}); every position predicts the next."""
+    logits, router_logits = model(tokens, return_router_logits=True)  # (b, t, v), (l, b, t, e)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    ce = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    n_layers, b, t, e = router_logits.shape
+    flat = router_logits.reshape(n_layers, b * t, e).astype(jnp.float32)
+    aux = load_balancing_loss(flat, model.config.top_k)
+    z = jnp.mean(jax.nn.logsumexp(flat, axis=-1) ** 2)
+    total = ce + aux_loss_coef * aux + z_loss_coef * z
+    return total, {"loss": total, "ce": ce, "aux": aux, "z": z}
+
+
+def make_schedule(tc: TrainConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    decay_mask = lambda params: {k: v.ndim >= 2 for k, v in params.items()}  # noqa: E731 - no decay on norms
+    adamw = optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+                        mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw) if tc.clip_norm > 0 else adamw
+
+
+# ------------------------------------------------------------------------------------------------ step
+class TrainStep:
+    """The pure pieces of a step: parameters (flat dict) -> model, loss, and one optimizer update.
+
+    Holds no arrays (the variables are abstract templates that carry only metadata), so a compiled step
+    can be shared by every trainer of the same model, config and shardings without keeping any alive."""
+
+    def __init__(self, graphdef, templates, tc: TrainConfig, aux_loss_coef: float):
+        self.graphdef, self.templates, self.tc, self.aux_loss_coef = graphdef, templates, tc, aux_loss_coef
+        self.optimizer = make_optimizer(tc)
+        self.schedule = make_schedule(tc)
+
+    def model(self, params: Mapping[str, jax.Array]) -> Mixtral:
+        state = nnx.from_flat_state([(path, var.replace(params[name])) for path, name, var in self.templates])
+        return nnx.merge(self.graphdef, state)
+
+    def loss(self, params, tokens):
+        return loss_terms(self.model(params), tokens, self.aux_loss_coef, self.tc.z_loss_coef)
+
+    def __call__(self, params, opt_state, batch):
+        """batch (grad_accum, micro_batch, seq_len) -> new params, new opt state, metrics."""
+        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+
+        def micro(carry, tokens):
+            (_, metrics), grads = grad_fn(params, tokens)
+            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), dict.fromkeys(("loss", "ce", "aux", "z"), jnp.float32(0)))
+        (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
+        n = batch.shape[0]
+        grads = jax.tree.map(lambda g: g / n, grads)
+        metrics = {k: v / n for k, v in metrics.items()}
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+
+_COMPILED: dict = {}  # (graphdef, config, coefficient, shardings) -> jitted TrainStep
+
+
+def _compiled(step: TrainStep, param_shardings, opt_shardings):
+    # what does not change the computation (checkpoint cadence, the mesh spec string) is not part of the key
+    tc = dataclasses.replace(step.tc, save_every=0, keep_checkpoints=1, mesh=None)
+    key = (step.graphdef, tc, step.aux_loss_coef, tuple(param_shardings.items()),
+           tuple(jax.tree.leaves(opt_shardings)), jax.tree.structure(opt_shardings))
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
+    return _COMPILED[key]
+
+
+# --------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns the parameters, the optimizer state and the step; `fit` runs the loop, `save`/`restore`
+    the training checkpoints, `export` the trained model."""
+
+    def __init__(self, model: Mixtral, tc: TrainConfig):
+        tc.check_model(model.config)
+        if tc.mesh is not None:
+            from mixtral_jax.sharding.placement import shard_model
+            model = shard_model(model, tc.mesh)
+        self.tc, self.config, self.runtime = tc, model.config, model.runtime
+        self.mesh = model.runtime.mesh
+        aux_loss_coef = model.config.router_aux_loss_coef if tc.aux_loss_coef is None else tc.aux_loss_coef
+        graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise ValueError("the model holds non-parameter state; training expects parameters only")
+        flat = nnx.to_flat_state(state)
+        self.params: dict[str, jax.Array] = {".".join(map(str, path)): var.get_value() for path, var in flat}
+        templates = [(path, ".".join(map(str, path)),
+                      var.replace(jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype)))
+                     for path, var in flat]
+        self.step_fn = TrainStep(graphdef, templates, tc, aux_loss_coef)
+        self.optimizer, self.schedule = self.step_fn.optimizer, self.step_fn.schedule
+        self.opt_state = jax.jit(self.optimizer.init)(self.params)
+        if self.mesh is not None:  # the step counters come out on one device: replicate them over the mesh
+            from jax.sharding import NamedSharding, PartitionSpec as P
+            replicated = NamedSharding(self.mesh, P())
+            self.opt_state = jax.tree.map(
+                lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), self.opt_state)
+        # committed to their devices, as the step's outputs are: the second step then reuses the first's compile
+        self.params = {k: jax.device_put(v, v.sharding) for k, v in self.params.items()}
+        self.opt_state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), self.opt_state)
+        self.step = 0
+        self.data_position = 0  # stream items (sequences) consumed
+        self._batch_sharding = self._make_batch_sharding()
+        self._step_fn = _compiled(self.step_fn, {k: v.sharding for k, v in self.params.items()},
+                                  jax.tree.map(lambda x: x.sharding, self.opt_state))
+
+    @property
+    def aux_loss_coef(self) -> float:
+        return self.step_fn.aux_loss_coef
+
+    def model(self, params: Mapping[str, jax.Array] | None = None) -> Mixtral:
+        """The `Mixtral` with these parameters (default: the current ones)."""
+        return self.step_fn.model(self.params if params is None else params)
+
+    def loss(self, params, tokens):
+        """(total loss, metrics) of tokens (b, t) under `params` (a flat dict like `self.params`)."""
+        return self.step_fn.loss(params, tokens)
+
+    def _make_batch_sharding(self):
+        if self.mesh is None:
+            return None
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        data = self.mesh.shape.get("data", 1)
+        micro = self.tc.batch_size // self.tc.grad_accum
+        spec = P(None, "data") if data > 1 and micro % data == 0 else P()
+        return NamedSharding(self.mesh, spec)
+
+    def train_step(self, tokens: np.ndarray) -> dict[str, float]:
+        """One optimizer step on tokens (batch_size, seq_len); returns the metrics as floats."""
+        tc = self.tc
+        batch = np.asarray(tokens, np.int32).reshape(tc.grad_accum, tc.batch_size // tc.grad_accum, -1)
+        batch = jax.device_put(batch, self._batch_sharding) if self._batch_sharding is not None else jnp.asarray(batch)
+        self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, batch)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["lr"] = float(self.schedule(self.step))  # the rate this step's update used
+        self.step += 1
+        self.data_position += tc.batch_size
+        return metrics
+
+    # ---- the loop
+    def fit(self, data: PackedDataset, out_dir: str | None = None, *, stop_at: int | None = None,
+            on_step: Callable[[int, dict], None] | None = None, show_progress: bool = False) -> list[dict]:
+        """Train from `self.step` to `tc.steps` (or `stop_at`), saving to `out_dir` every `save_every`
+        steps and at the end. Returns the metrics of every step run here."""
+        from .progress import progress
+
+        tc = self.tc
+        if data.seq_len != tc.seq_len:
+            raise ConfigError(f"the data is packed into {data.seq_len}-token sequences, the config says {tc.seq_len}")
+        last = min(tc.steps, stop_at) if stop_at is not None else tc.steps
+        history = []
+        tokens_per_step = tc.batch_size * tc.seq_len
+        with progress(total=last - self.step, description="training", unit="steps", enabled=show_progress) as bar:
+            while self.step < last:
+                t0 = time.perf_counter()
+                metrics = self.train_step(data.batch(self.data_position, tc.batch_size))
+                metrics["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                history.append(metrics)
+                bar.advance(1, description=f"step {self.step} loss {metrics['loss']:.3f} aux {metrics['aux']:.3f} "
+                                           f"{metrics['tokens_per_s']:.0f} tok/s")
+                if on_step is not None:
+                    on_step(self.step, metrics)
+                if out_dir is not None and tc.save_every and self.step % tc.save_every == 0 and self.step < last:
+                    self.save(out_dir)
+        if out_dir is not None and history:
+            self.save(out_dir)
+        return history
+
+    # ---- training checkpoints
+    def _tree(self) -> dict:
+        from .convert.orbax_io import nest
+        leaves = jax.tree.leaves(self.opt_state)
+        return {"params": nest(self.params), "opt": {str(i): x for i, x in enumerate(leaves)}}
+
+    def save(self, out_dir: str) -> str:
+        """Write `out_dir/checkpoints/step_NNNNNNNN` (atomically) and drop all but the newest few."""
+        import orbax.checkpoint as ocp
+
+        root = os.path.join(os.path.abspath(out_dir), CHECKPOINT_DIR)
+        os.makedirs(root, exist_ok=True)
+        final = os.path.join(root, f"step_{self.step:08d}")
+        if os.path.exists(final):
+            return final
+        tmp = os.path.join(root, f".step_{self.step:08d}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, "state"), self._tree())
+            ckptr.wait_until_finished()
+        meta = {"step": self.step, "data_position": self.data_position, "train_config": self.tc.to_dict(),
+                "model_config": self.config.to_dict(),
+                "param_dtype": np.dtype(self.runtime.param_dtype).name,
+                "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        for old in list_checkpoints(out_dir)[: -self.tc.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def restore(self, path: str):
+        """Load parameters, optimizer state, step and data position from a training checkpoint directory
+        (`step_NNNNNNNN`), straight into this trainer's shardings."""
+        import orbax.checkpoint as ocp
+
+        from .convert.orbax_io import flatten
+
+        meta = read_train_state(path)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._tree())
+        with ocp.StandardCheckpointer() as ckptr:
+            try:
+                tree = ckptr.restore(os.path.join(path, "state"), abstract)
+            except Exception as e:  # noqa: BLE001 - Orbax raises many types; ours is one line
+                raise ValueError(f"{path}: cannot restore the training state (was it written for this model "
+                                 f"and optimizer?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self.params = flatten(tree["params"])
+        treedef = jax.tree.structure(self.opt_state)
+        self.opt_state = jax.tree.unflatten(treedef, [tree["opt"][str(i)] for i in range(treedef.num_leaves)])
+        self.step, self.data_position = int(meta["step"]), int(meta["data_position"])
+
+    def restore_latest(self, out_dir: str) -> bool:
+        checkpoints = list_checkpoints(out_dir)
+        if not checkpoints:
+            return False
+        self.restore(checkpoints[-1])
+        return True
+
+    # ---- export
+    def export(self, path: str, dtype=None, *, overwrite: bool = False,
+               tokenizer: str | None = "mistral-common:tokenizer.model.v1") -> str:
+        """The trained parameters as a mixtral-jax checkpoint (the converter's format, optionally cast to
+        `dtype`, e.g. "bfloat16"): `mixtral_jax.load(path)` reads it. `overwrite` replaces an earlier
+        export (and nothing else) only once the new one is complete."""
+        from .config import as_dtype
+        from .convert import orbax_io
+        from .params import param_specs
+
+        path = os.path.abspath(path)
+        if os.path.lexists(path) and not (overwrite and orbax_io.is_checkpoint(path)):
+            raise FileExistsError(f"export destination {path} already exists")
+        specs = param_specs(self.config, self.runtime)
+        cast = as_dtype(dtype) if dtype is not None else None
+        arrays = {name: np.asarray(jax.device_get(self.params[name] if cast is None else self.params[name].astype(cast)))
+                  for name in specs}
+        metadata = {
+            "format": orbax_io.FORMAT_NAME, "format_version": orbax_io.FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "tokenizer": tokenizer if self.config.vocab_size == 32000 else None,
+            "dtype": np.dtype(cast if cast is not None else self.runtime.param_dtype).name,
+            "params": {n: {"shape": list(s.shape), "dtype": arrays[n].dtype.name, "logical_axes": list(s.logical_axes)}
+                       for n, s in specs.items()},
+            "source": {"path": None, "format": "mixtral-jax train", "layout": f"trained for {self.step} steps",
+                       "cast_to": np.dtype(cast).name if cast is not None else None,
+                       "train_config": self.tc.to_dict()},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        parent, name = os.path.split(path)
+        os.makedirs(parent, exist_ok=True)
+        workspace = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+        shutil.rmtree(workspace, ignore_errors=True)
+        os.makedirs(workspace)
+        try:
+            tmp = os.path.join(workspace, "checkpoint")  # not a hidden name: Orbax's partial save globs
+            writer = orbax_io.StreamingWriter(tmp, custom_metadata=metadata, overlap=False)
+            for n, s in specs.items():
+                writer.add(n, arrays[n], s.logical_axes)
+            writer.finish(metadata)
+            if os.path.lexists(path):  # an earlier export (checked above): swap, then drop it
+                os.rename(path, os.path.join(workspace, "old"))
+            os.rename(tmp, path)
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+        return path
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Complete training checkpoints under `out_dir`, oldest first."""
+    root = os.path.join(os.fspath(out_dir), CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root)
+                   if n.startswith("step_") and os.path.isfile(os.path.join(root, n, TRAIN_STATE_FILE)))
+    return [os.path.join(root, n) for n in names]
+
+
+def read_train_state(path: str) -> dict[str, Any]:
+    file = os.path.join(path, TRAIN_STATE_FILE)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no {TRAIN_STATE_FILE})")
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
