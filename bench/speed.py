@@ -87,7 +87,10 @@ def ours_decode(model, batch: int, new: int, reps: int) -> float:
 
 
 def ours_prefill(model, tokens: int, reps: int) -> float:
-    forward = nnx.jit(lambda m, t: m(t)[:, -1])
+    """A 1024-token prompt into the KV cache, logits for its last position (as the sampler prefills)."""
+    from mixtral_jax.model import KVCache
+
+    forward = nnx.jit(lambda m, t: m.extend(KVCache.empty(m.config, 1, tokens, jnp.float32), t, last_only=True)[0])
     x = jnp.asarray(np.random.default_rng(0).integers(3, BENCH_CONFIG.vocab_size, (1, tokens)))
     return tokens / _best(lambda: forward(model, x).block_until_ready(), reps)
 

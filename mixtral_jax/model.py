@@ -207,12 +207,13 @@ class Mixtral(nnx.Module):
                 vs.append(kv[1])
         return h, jnp.stack(router_logits), (jnp.stack(ks), jnp.stack(vs)) if ks else None
 
-    def extend(self, cache: "KVCache", tokens: jax.Array, valid: jax.Array | None = None
-               ) -> tuple[jax.Array, "KVCache"]:
+    def extend(self, cache: "KVCache", tokens: jax.Array, valid: jax.Array | None = None, *,
+               last_only: bool = False) -> tuple[jax.Array, "KVCache"]:
         """Feed `tokens` (b, t) through the model after what `cache` holds; returns (logits, new cache).
 
         The cache has one slot per step for every row; `valid` (b, t) marks real tokens (False for left
-        padding). Each token's position is the number of real tokens before it in its row.
+        padding). Each token's position is the number of real tokens before it in its row. `last_only`
+        computes logits for the last position only (all a sampler needs; skips most of the LM head).
         """
         b, t = tokens.shape
         valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
@@ -224,7 +225,7 @@ class Mixtral(nnx.Module):
         h, _, (k, v) = self._decoder(tokens, positions, mask, cache)
         new_cache = KVCache(k=k, v=v, positions=kv_pos, valid=kv_valid, length=cache.length + t,
                             next_position=cache.next_position + valid.sum(-1).astype(jnp.int32))
-        return self.logits(h), new_cache
+        return self.logits(h[:, -1:] if last_only else h), new_cache
 
 
 @jax.tree_util.register_dataclass

@@ -161,7 +161,7 @@ def _generate_jit(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, l
     key = jax.random.wrap_key_data(key)
     b, prompt_len = tokens.shape
     cache = KVCache.empty(model.config, b, prompt_len + max_new, cache_dtype)
-    logits, cache = model.extend(cache, tokens, valid)
+    logits, cache = model.extend(cache, tokens, valid, last_only=True)
     key, sub = jax.random.split(key)
     first = strategy(logits[:, -1], sub)
     out = jnp.full((b, max_new), -1, jnp.int32)
@@ -188,7 +188,7 @@ def _generate_jit(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, l
         _, seq_hit = finished(tok, out, i)
         emit(tok, keep)
         alive = keep & ~seq_hit
-        logits, cache = model.extend(cache, tok[:, None])
+        logits, cache = model.extend(cache, tok[:, None], last_only=True)
         key, sub = jax.random.split(key)
         nxt = strategy(logits[:, -1], sub)
         return i + 1, nxt, out, n_out, alive, cache, key
