@@ -14,7 +14,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 
 from mixtral_jax.moe import STRATEGIES, resolve_strategy, route, run_experts
 

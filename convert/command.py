@@ -60,19 +60,10 @@ def _run_verify(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m mixtral_jax.convert.command {convert,verify} ...`: these two commands alone, with the
-    same one-line error handling as `mixtral-jax`."""
-    parser = argparse.ArgumentParser(prog="mixtral-jax")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"mixtral-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"mixtral-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+    """`python -m mixtral_jax.convert.command ...`: the `mixtral-jax` CLI (convert and verify live there)."""
+    from mixtral_jax.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

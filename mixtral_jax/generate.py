@@ -25,17 +25,19 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
         tokenizer = tokenizer or load_tokenizer()
     ids = [tokenizer.encode(p) for p in prompts] if as_text else [list(p) for p in prompts]
     stop_sequences = [tokenizer.encode(s, bos=False) for s in stop] if stop else []
-    stream = None
-    if on_text is not None:
-        decoders = [tokenizer.incremental_decoder() for _ in ids]
+    decoders = [tokenizer.incremental_decoder() for _ in ids] if on_text is not None else []
 
-        def stream(step_tokens):
-            for row, tok in enumerate(step_tokens.tolist()):
-                if tok >= 0 and (fragment := decoders[row].push(tok)):
-                    on_text(row, fragment)
+    def stream(step_tokens):
+        for row, tok in enumerate(step_tokens.tolist()):
+            if tok >= 0 and (fragment := decoders[row].push(tok)):
+                on_text(row, fragment)
 
     out = Sampler(model)(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          stop_tokens=stop_tokens, stop_sequences=stop_sequences, stream=stream)
+                          stop_tokens=stop_tokens, stop_sequences=stop_sequences,
+                          stream=stream if on_text is not None else None)
+    for row, decoder in enumerate(decoders):  # text held back for an unfinished character at the end
+        if fragment := decoder.flush():
+            on_text(row, fragment)
     return [tokenizer.decode(o) for o in out] if as_text else out
 
 

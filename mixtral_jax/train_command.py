@@ -10,11 +10,10 @@ converter's format: `mixtral-jax generate --checkpoint OUT/final`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-from .config import ConfigError, MixtralConfig
+from .config import ConfigError, MixtralConfig, _read_json
 
 
 def model_config(spec: str) -> MixtralConfig:
@@ -25,16 +24,9 @@ def model_config(spec: str) -> MixtralConfig:
     if spec == "demo":
         from .demo import DEMO_CONFIG
         return DEMO_CONFIG
-    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
-    if not os.path.isfile(path):
+    if not (os.path.isdir(spec) or os.path.isfile(spec)):
         raise ConfigError(f"--config must be tiny, demo or a JSON config file; {spec} is none of these")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
+    raw = _read_json(spec, "config.json")
     return MixtralConfig.from_hf(raw) if "hidden_size" in raw else MixtralConfig.from_dict(raw)
 
 
