@@ -14,13 +14,13 @@ from mixtral_jax.model import Mixtral
 from mixtral_jax.params import assemble_model, param_specs
 from mixtral_jax.progress import progress
 
-from .keymap import HF_RULES, plan, assemble
+from .keymap import HF_RULES, FileIndexedTensors, assemble, plan
 from .safetensors_file import CheckpointError, SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class HFCheckpoint:
+class HFCheckpoint(FileIndexedTensors):
     """All tensors of a Hugging Face checkpoint directory, each read from its own shard on demand."""
 
     def __init__(self, path: str | os.PathLike):
@@ -55,18 +55,6 @@ class HFCheckpoint:
             for key, name in weight_map.items():
                 if key not in self._files[name]:
                     raise CheckpointError(f"{INDEX_FILE} places {key!r} in {name}, which does not hold it")
-
-    def keys(self):
-        return list(self._where)
-
-    def shape(self, key):
-        return self._where[key].shape(key)
-
-    def dtype(self, key):
-        return self._where[key].dtype(key)
-
-    def get(self, key):
-        return self._where[key].get(key)
 
     def floating_dtype(self) -> np.dtype:
         key = "model.embed_tokens.weight"

@@ -34,26 +34,43 @@ def _t(w):
     return w.T
 
 
+# Rule builders shared by the HF and Mistral tables.
+def _whole(target, shape_fn, transform=lambda w: w):
+    """One source tensor fills a whole parameter; `target` is formatted with the regex groups."""
+    return lambda m, c: [Placement(target.format(*m.groups()), (), shape_fn(c), transform)]
+
+
+def _heads(target, n_heads_fn, rope: bool = False):
+    """A `[heads * head_dim, dim]` projection -> ours `[dim, heads, head_dim]`; `rope` permutes Mistral's
+    interleaved wq/wk rows into HF's order first."""
+    def rule(m, c):
+        n = n_heads_fn(c)
+
+        def transform(w):
+            if rope:
+                w = mistral_to_hf_rows(w, n)
+            return w.T.reshape(c.dim, n, c.head_dim)
+        return [Placement(target.format(*m.groups()), (), (n * c.head_dim, c.dim), transform)]
+    return rule
+
+
+def _expert(m, c):
+    """`...experts.E.wN.weight` (groups: layer, expert, N) -> slice E of `layers.L.moe.wN`."""
+    layer, e, which = m.groups()
+    e = int(e)
+    if e >= c.n_experts:
+        return []  # reported as an unknown key
+    shape = (c.dim, c.hidden_dim) if which == "2" else (c.hidden_dim, c.dim)
+    return [Placement(f"layers.{layer}.moe.w{which}", (e,), shape, _t)]
+
+
+def _wo(m, c):
+    return [Placement(f"layers.{m.group(1)}.attn.wo", (), (c.dim, c.n_heads * c.head_dim),
+                      lambda w: w.T.reshape(c.n_heads, c.head_dim, c.dim))]
+
+
 def _hf_rules() -> list[Rule]:
     L = r"model\.layers\.(\d+)\."
-
-    def whole(target, shape_fn, transform=lambda w: w):
-        return lambda m, c: [Placement(target.format(*m.groups()), (), shape_fn(c), transform)]
-
-    def heads(target, n_heads_fn):
-        def rule(m, c):
-            n = n_heads_fn(c)
-            return [Placement(target.format(*m.groups()), (), (n * c.head_dim, c.dim),
-                              lambda w: w.T.reshape(c.dim, n, c.head_dim))]
-        return rule
-
-    def expert(m, c):
-        layer, e, which = m.groups()
-        e = int(e)
-        if e >= c.n_experts:
-            return []  # reported as an unknown key
-        shape = (c.dim, c.hidden_dim) if which == "2" else (c.hidden_dim, c.dim)
-        return [Placement(f"layers.{layer}.moe.w{which}", (e,), shape, _t)]
 
     def gate_up(m, c):
         f = c.hidden_dim
@@ -62,23 +79,21 @@ def _hf_rules() -> list[Rule]:
                 Placement(f"layers.{m.group(1)}.moe.w3", (), shape, lambda w: w[:, f:].transpose(0, 2, 1))]
 
     return [
-        (r"model\.embed_tokens\.weight", whole("embed", lambda c: (c.vocab_size, c.dim))),
-        (r"lm_head\.weight", whole("lm_head", lambda c: (c.vocab_size, c.dim), _t)),
-        (r"model\.norm\.weight", whole("norm.scale", lambda c: (c.dim,))),
-        (L + r"input_layernorm\.weight", whole("layers.{}.attn_norm.scale", lambda c: (c.dim,))),
-        (L + r"post_attention_layernorm\.weight", whole("layers.{}.moe_norm.scale", lambda c: (c.dim,))),
-        (L + r"self_attn\.q_proj\.weight", heads("layers.{}.attn.wq", lambda c: c.n_heads)),
-        (L + r"self_attn\.k_proj\.weight", heads("layers.{}.attn.wk", lambda c: c.n_kv_heads)),
-        (L + r"self_attn\.v_proj\.weight", heads("layers.{}.attn.wv", lambda c: c.n_kv_heads)),
-        (L + r"self_attn\.o_proj\.weight",
-         lambda m, c: [Placement(f"layers.{m.group(1)}.attn.wo", (), (c.dim, c.n_heads * c.head_dim),
-                                 lambda w: w.T.reshape(c.n_heads, c.head_dim, c.dim))]),
+        (r"model\.embed_tokens\.weight", _whole("embed", lambda c: (c.vocab_size, c.dim))),
+        (r"lm_head\.weight", _whole("lm_head", lambda c: (c.vocab_size, c.dim), _t)),
+        (r"model\.norm\.weight", _whole("norm.scale", lambda c: (c.dim,))),
+        (L + r"input_layernorm\.weight", _whole("layers.{}.attn_norm.scale", lambda c: (c.dim,))),
+        (L + r"post_attention_layernorm\.weight", _whole("layers.{}.moe_norm.scale", lambda c: (c.dim,))),
+        (L + r"self_attn\.q_proj\.weight", _heads("layers.{}.attn.wq", lambda c: c.n_heads)),
+        (L + r"self_attn\.k_proj\.weight", _heads("layers.{}.attn.wk", lambda c: c.n_kv_heads)),
+        (L + r"self_attn\.v_proj\.weight", _heads("layers.{}.attn.wv", lambda c: c.n_kv_heads)),
+        (L + r"self_attn\.o_proj\.weight", _wo),
         (L + r"(?:block_sparse_moe|mlp)\.gate\.weight",
-         whole("layers.{}.moe.router", lambda c: (c.n_experts, c.dim), _t)),
-        (L + r"block_sparse_moe\.experts\.(\d+)\.w([123])\.weight", expert),
+         _whole("layers.{}.moe.router", lambda c: (c.n_experts, c.dim), _t)),
+        (L + r"block_sparse_moe\.experts\.(\d+)\.w([123])\.weight", _expert),
         (L + r"mlp\.experts\.gate_up_proj", gate_up),
         (L + r"mlp\.experts\.down_proj",
-         whole("layers.{}.moe.w2", lambda c: (c.n_experts, c.dim, c.hidden_dim), lambda w: w.transpose(0, 2, 1))),
+         _whole("layers.{}.moe.w2", lambda c: (c.n_experts, c.dim, c.hidden_dim), lambda w: w.transpose(0, 2, 1))),
     ]
 
 
@@ -91,6 +106,25 @@ class TensorSource(Protocol):
     def keys(self) -> Iterable[str]: ...
     def shape(self, key: str) -> tuple[int, ...]: ...
     def get(self, key: str) -> np.ndarray: ...
+
+
+class FileIndexedTensors:
+    """A `TensorSource` over several files: subclasses fill `self._where` with key -> the file holding it
+    (an object with `shape(key)`, `dtype(key)` and `get(key)`)."""
+
+    _where: dict
+
+    def keys(self):
+        return list(self._where)
+
+    def shape(self, key):
+        return self._where[key].shape(key)
+
+    def dtype(self, key):
+        return self._where[key].dtype(key)
+
+    def get(self, key):
+        return self._where[key].get(key)
 
 
 def plan(source: TensorSource, rules: list[Rule], config: MixtralConfig,
@@ -156,28 +190,6 @@ def _mistral_rules() -> list[Rule]:
     transposed expert weight). wq/wk rows are permuted from interleaved RoPE into our (HF) convention."""
     L = r"layers\.(\d+)\."
 
-    def whole(target, shape_fn, transform=lambda w: w):
-        return lambda m, c: [Placement(target.format(*m.groups()), (), shape_fn(c), transform)]
-
-    def heads(target, n_heads_fn, rope: bool):
-        def rule(m, c):
-            n = n_heads_fn(c)
-
-            def transform(w):
-                if rope:
-                    w = mistral_to_hf_rows(w, n)
-                return w.T.reshape(c.dim, n, c.head_dim)
-            return [Placement(target.format(*m.groups()), (), (n * c.head_dim, c.dim), transform)]
-        return rule
-
-    def expert(m, c):
-        layer, e, which = m.groups()
-        e = int(e)
-        if e >= c.n_experts:
-            return []  # reported as an unknown key
-        shape = (c.dim, c.hidden_dim) if which == "2" else (c.hidden_dim, c.dim)
-        return [Placement(f"layers.{layer}.moe.w{which}", (e,), shape, _t)]
-
     def stacked(m, c):
         layer, which = m.groups()
         e, f, d = c.n_experts, c.hidden_dim, c.dim
@@ -188,20 +200,18 @@ def _mistral_rules() -> list[Rule]:
         return [Placement(f"layers.{layer}.moe.w{which}", (), (e * f, d), transform)]
 
     return [
-        (r"tok_embeddings\.weight", whole("embed", lambda c: (c.vocab_size, c.dim))),
-        (r"output\.weight", whole("lm_head", lambda c: (c.vocab_size, c.dim), _t)),
-        (r"norm\.weight", whole("norm.scale", lambda c: (c.dim,))),
-        (L + r"attention_norm\.weight", whole("layers.{}.attn_norm.scale", lambda c: (c.dim,))),
-        (L + r"ffn_norm\.weight", whole("layers.{}.moe_norm.scale", lambda c: (c.dim,))),
-        (L + r"attention\.wq\.weight", heads("layers.{}.attn.wq", lambda c: c.n_heads, rope=True)),
-        (L + r"attention\.wk\.weight", heads("layers.{}.attn.wk", lambda c: c.n_kv_heads, rope=True)),
-        (L + r"attention\.wv\.weight", heads("layers.{}.attn.wv", lambda c: c.n_kv_heads, rope=False)),
-        (L + r"attention\.wo\.weight",
-         lambda m, c: [Placement(f"layers.{m.group(1)}.attn.wo", (), (c.dim, c.n_heads * c.head_dim),
-                                 lambda w: w.T.reshape(c.n_heads, c.head_dim, c.dim))]),
+        (r"tok_embeddings\.weight", _whole("embed", lambda c: (c.vocab_size, c.dim))),
+        (r"output\.weight", _whole("lm_head", lambda c: (c.vocab_size, c.dim), _t)),
+        (r"norm\.weight", _whole("norm.scale", lambda c: (c.dim,))),
+        (L + r"attention_norm\.weight", _whole("layers.{}.attn_norm.scale", lambda c: (c.dim,))),
+        (L + r"ffn_norm\.weight", _whole("layers.{}.moe_norm.scale", lambda c: (c.dim,))),
+        (L + r"attention\.wq\.weight", _heads("layers.{}.attn.wq", lambda c: c.n_heads, rope=True)),
+        (L + r"attention\.wk\.weight", _heads("layers.{}.attn.wk", lambda c: c.n_kv_heads, rope=True)),
+        (L + r"attention\.wv\.weight", _heads("layers.{}.attn.wv", lambda c: c.n_kv_heads, rope=False)),
+        (L + r"attention\.wo\.weight", _wo),
         (L + r"(?:feed_forward|block_sparse_moe)\.gate\.weight",
-         whole("layers.{}.moe.router", lambda c: (c.n_experts, c.dim), _t)),
-        (L + r"feed_forward\.experts\.(\d+)\.w([123])\.weight", expert),
+         _whole("layers.{}.moe.router", lambda c: (c.n_experts, c.dim), _t)),
+        (L + r"feed_forward\.experts\.(\d+)\.w([123])\.weight", _expert),
         (L + r"block_sparse_moe\.w([123])", stacked),
     ]
 

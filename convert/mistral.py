@@ -29,6 +29,7 @@ import numpy as np
 
 from mixtral_jax.config import MixtralConfig
 
+from .keymap import FileIndexedTensors
 from .safetensors_file import CheckpointError, SafetensorsFile
 
 LAYOUT_RELEASE = "per-expert keys (release layout)"
@@ -159,7 +160,7 @@ def drop_mapped_pages(st: SafetensorsFile):
             pass
 
 
-class MistralCheckpoint:
+class MistralCheckpoint(FileIndexedTensors):
     """All tensors of a Mistral original checkpoint directory (a `TensorSource`)."""
 
     def __init__(self, path: str | os.PathLike):
@@ -191,18 +192,6 @@ class MistralCheckpoint:
         names = [os.path.basename(f.path) for f in self.files]
         files = names[0] if len(names) == 1 else f"{len(names)} files {names[0]} ... {names[-1]}"
         return f"Mistral original, {self.layout}, {files}"
-
-    def keys(self):
-        return list(self._where)
-
-    def shape(self, key):
-        return self._where[key].shape(key)
-
-    def dtype(self, key):
-        return self._where[key].dtype(key)
-
-    def get(self, key):
-        return self._where[key].get(key)
 
     def release(self):
         """Unmap the files (memory-mapped pages count as resident until then); reopened on demand."""
