@@ -176,7 +176,7 @@ class MixtralConfig:
         return cls(**raw)
 
 
-MOE_STRATEGIES = ("auto", "dense", "ragged", "capacity", "gather")
+MOE_STRATEGIES = ("auto", "dense", "ragged", "capacity", "gather", "grouped")
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
 

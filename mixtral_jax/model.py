@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import MixtralConfig, RuntimeConfig
-from .moe import route, run_experts
+from .moe import expert_views, resolve_strategy, route, run_experts
 from .sharding.expert_parallel import moe_expert_parallel
 
 _INIT_STD = 0.02  # transformers' initializer_range
@@ -69,15 +69,34 @@ def make_mask(q_pos, kv_pos, kv_valid, sliding_window: int | None) -> jax.Array:
 
 
 def attend(q, k, v, mask) -> jax.Array:
-    """Grouped-query attention. q (b, t, h, x); k, v (b, s, k, x); mask (b, t, s) -> (b, t, h, x)."""
+    """Grouped-query attention. q (b, t, h, x); k, v (b, k, s, x) (the cache layout); mask (b, t, s).
+
+    Keys and values keep kv-heads ahead of positions so both matmuls read the cache as it lies (no
+    per-step transposed copy of the whole cache)."""
     b, t, n_heads, head_dim = q.shape
-    n_kv = k.shape[2]
+    n_kv = k.shape[1]
     q = q.reshape(b, t, n_kv, n_heads // n_kv, head_dim)                              # (b, t, k, g, x)
-    scores = jnp.einsum("btkgx,bskx->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    scores = jnp.einsum("btkgx,bksx->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskx->btkgx", probs, v)
+    out = jnp.einsum("bkgts,bksx->btkgx", probs, v)
     return out.reshape(b, t, n_heads, head_dim)
+
+
+QUERY_BLOCK = 256
+
+
+def attend_causal(q, k, v, mask, block: int | None = None) -> jax.Array:
+    """`attend` for keys that sit in the same slots as the queries (a prefill into a fresh cache): query
+    block i only meets keys up to its own end, since later slots are masked (later positions, or padding).
+    A 1024-token prompt does 10/16 of the score work."""
+    t = q.shape[1]
+    block = block or QUERY_BLOCK
+    if t < 2 * block:
+        return attend(q, k, v, mask)
+    outs = [attend(q[:, i:i + block], k[:, :, :i + block], v[:, :, :i + block], mask[:, i:i + block, :i + block])
+            for i in range(0, t, block)]
+    return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):
@@ -90,24 +109,27 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def project_qkv(self, x, cos, sin):
+        """q (b, t, h, x); k, v in the cache layout (b, k, t, x)."""
         dt = x.dtype
         q = apply_rope(jnp.einsum("btd,dhx->bthx", x, self.wq[...].astype(dt)), cos, sin)
         k = apply_rope(jnp.einsum("btd,dkx->btkx", x, self.wk[...].astype(dt)), cos, sin)
-        v = jnp.einsum("btd,dkx->btkx", x, self.wv[...].astype(dt))
-        return q, k, v
+        v = jnp.einsum("btd,dkx->bktx", x, self.wv[...].astype(dt))
+        return q, jnp.swapaxes(k, 1, 2), v
 
     def project_out(self, out):
         return jnp.einsum("bthx,hxd->btd", out, self.wo[...].astype(out.dtype))
 
     def __call__(self, x, cos, sin, mask, kv=None, start=None):
-        """With `kv` = (k_cache, v_cache) (b, s, k, x), writes this call's keys/values at slot `start`
+        """With `kv` = (k_cache, v_cache) (b, k, s, x), writes this call's keys/values at slot `start`
         and attends over the whole cache; returns (output, updated kv)."""
         q, k, v = self.project_qkv(x, cos, sin)
+        fresh = kv is not None and kv[0].shape[2] == x.shape[1]  # this call fills the whole cache: start is 0
         if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=2)
             kv = (k, v)
-        return self.project_out(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)), kv
+        attention = attend_causal if fresh else attend
+        return self.project_out(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)), kv
 
 
 class MoE(nnx.Module):
@@ -123,12 +145,17 @@ class MoE(nnx.Module):
         self.capacity_factor = rt.capacity_factor
         self.mesh = rt.mesh
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x (b, t, d) -> (output (b, t, d), router logits (b, t, e))."""
+    def __call__(self, x: jax.Array, experts=None) -> tuple[jax.Array, jax.Array]:
+        """x (b, t, d) -> (output (b, t, d), router logits (b, t, e)).
+
+        `experts`: this layer's (w1, w3, w2) as per-expert arrays from `Mixtral.expert_views`, used in
+        place of the stacked parameters by the `grouped` strategy."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         dt = x.dtype
         w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
+        if experts is not None and resolve_strategy(self.strategy, b * t, self.top_k, len(w1)) == "grouped":
+            w1, w3, w2 = experts
         if self.mesh is not None:
             out, logits = moe_expert_parallel(flat, self.router[...], w1, w3, w2, top_k=self.top_k, mesh=self.mesh,
                                               strategy=self.strategy, capacity_factor=self.capacity_factor)
@@ -148,10 +175,10 @@ class DecoderLayer(nnx.Module):
         self.moe_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
         self.moe = MoE(cfg, rt, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, start=None):
+    def __call__(self, x, cos, sin, mask, kv=None, start=None, experts=None):
         attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, start)
         h = x + attn_out
-        moe_out, router_logits = self.moe(self.moe_norm(h))
+        moe_out, router_logits = self.moe(self.moe_norm(h), experts)
         return h + moe_out, router_logits, kv
 
 
@@ -194,26 +221,39 @@ class Mixtral(nnx.Module):
         logits = self.logits(h)
         return (logits, router_logits) if return_router_logits else logits
 
-    def _decoder(self, tokens, positions, mask, cache: "KVCache | None" = None):
+    def expert_views(self) -> tuple | None:
+        """Per layer, (w1, w3, w2) as tuples of per-expert arrays sharing the parameters' memory, for
+        `extend(..., experts=)`; None where they would not help or would cost a copy (see
+        `mixtral_jax.moe.expert_views`). Build them again after the parameters change."""
+        if self.runtime.mesh is not None or jnp.dtype(self.runtime.param_dtype) != jnp.dtype(self.runtime.dtype):
+            return None
+        if resolve_strategy(self.runtime.moe_strategy, 1, self.config.top_k, self.config.n_experts) != "grouped":
+            return None
+        views = tuple(tuple(expert_views(w[...]) for w in (l.moe.w1, l.moe.w3, l.moe.w2)) for l in self.layers)
+        return None if any(v is None for layer in views for v in layer) else views
+
+    def _decoder(self, tokens, positions, mask, cache: "KVCache | None" = None, experts=None):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         h = self.embed_tokens(tokens)
         router_logits, ks, vs = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h, layer_router_logits, kv = layer(h, cos, sin, mask, kv, None if cache is None else cache.length)
+            h, layer_router_logits, kv = layer(h, cos, sin, mask, kv, None if cache is None else cache.length,
+                                               None if experts is None else experts[i])
             router_logits.append(layer_router_logits)
             if kv is not None:
                 ks.append(kv[0])
                 vs.append(kv[1])
-        return h, jnp.stack(router_logits), (jnp.stack(ks), jnp.stack(vs)) if ks else None
+        return h, jnp.stack(router_logits), (tuple(ks), tuple(vs)) if ks else None
 
     def extend(self, cache: "KVCache", tokens: jax.Array, valid: jax.Array | None = None, *,
-               last_only: bool = False) -> tuple[jax.Array, "KVCache"]:
+               last_only: bool = False, experts=None) -> tuple[jax.Array, "KVCache"]:
         """Feed `tokens` (b, t) through the model after what `cache` holds; returns (logits, new cache).
 
         The cache has one slot per step for every row; `valid` (b, t) marks real tokens (False for left
         padding). Each token's position is the number of real tokens before it in its row. `last_only`
         computes logits for the last position only (all a sampler needs; skips most of the LM head).
+        `experts`: `expert_views()`, passed in as a jit argument (faster on CPU; same numbers).
         """
         b, t = tokens.shape
         valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
@@ -222,7 +262,7 @@ class Mixtral(nnx.Module):
         kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.length, axis=1)
         kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.length, axis=1)
         mask = make_mask(positions, kv_pos, kv_valid, self.config.sliding_window)
-        h, _, (k, v) = self._decoder(tokens, positions, mask, cache)
+        h, _, (k, v) = self._decoder(tokens, positions, mask, cache, experts)
         new_cache = KVCache(k=k, v=v, positions=kv_pos, valid=kv_valid, length=cache.length + t,
                             next_position=cache.next_position + valid.sum(-1).astype(jnp.int32))
         return self.logits(h[:, -1:] if last_only else h), new_cache
@@ -232,11 +272,12 @@ class Mixtral(nnx.Module):
 @dataclasses.dataclass
 class KVCache:
     """Preallocated keys/values for every layer, one slot per step; rows may hold different amounts of
-    padding. k, v: (layers, b, s, kv_heads, head_dim); positions, valid: (b, s); length: slots used;
-    next_position (b,): the position the row's next token will have."""
+    padding. k, v: one (b, kv_heads, s, head_dim) array per layer (separate arrays update in place; a
+    stacked one would be sliced and restacked every step); positions, valid: (b, s); length: slots
+    used; next_position (b,): the position the row's next token will have."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     positions: jax.Array
     valid: jax.Array
     length: jax.Array
@@ -244,11 +285,20 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: MixtralConfig, batch: int, size: int, dtype=jnp.bfloat16) -> "KVCache":
-        shape = (config.n_layers, batch, size, config.n_kv_heads, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        shape = (batch, config.n_kv_heads, size, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
                    positions=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
                    length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch,), jnp.int32))
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
+
+    def grow(self, extra: int) -> "KVCache":
+        """The same contents with `extra` empty slots after them (prefill a prompt-sized cache, then grow
+        it for decoding: the prefill's attention then skips the slots it cannot see)."""
+        pad = lambda a, axis: jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])
+        return KVCache(k=tuple(pad(a, 2) for a in self.k), v=tuple(pad(a, 2) for a in self.v),
+                       positions=pad(self.positions, 1), valid=pad(self.valid, 1), length=self.length,
+                       next_position=self.next_position)

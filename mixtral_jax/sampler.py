@@ -128,7 +128,7 @@ class Sampler:
             stop_arr[i, stop_arr.shape[1] - len(s):] = s
         graphdef, state = nnx.split(self.model)
         put = _replicator(self.model.runtime.mesh)
-        out, n_out = _generate(graphdef, state, put(tokens), put(valid), put(jax.random.key_data(jax.random.key(seed))),
+        out, n_out = _generate(graphdef, state, self.model.expert_views(), put(tokens), put(valid), put(jax.random.key_data(jax.random.key(seed))),
                                put(np.asarray(stops or [-1], np.int32)), put(stop_arr),
                                strategy=strategy, max_new=bucket(max_new_tokens), limit=max_new_tokens,
                                cache_dtype=self.cache_dtype or self.model.runtime.dtype,
@@ -155,13 +155,14 @@ def _emit_to_stream(tokens):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "cache_dtype", "stream"))
-def _generate_jit(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, limit, *, strategy, max_new,
-                  cache_dtype, stream):
+def _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, limit, *, strategy,
+                  max_new, cache_dtype, stream):
     model = nnx.merge(graphdef, state)
     key = jax.random.wrap_key_data(key)
     b, prompt_len = tokens.shape
-    cache = KVCache.empty(model.config, b, prompt_len + max_new, cache_dtype)
-    logits, cache = model.extend(cache, tokens, valid, last_only=True)
+    cache = KVCache.empty(model.config, b, prompt_len, cache_dtype)
+    logits, cache = model.extend(cache, tokens, valid, last_only=True, experts=experts)
+    cache = cache.grow(max_new)
     key, sub = jax.random.split(key)
     first = strategy(logits[:, -1], sub)
     out = jnp.full((b, max_new), -1, jnp.int32)
@@ -188,7 +189,7 @@ def _generate_jit(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, l
         _, seq_hit = finished(tok, out, i)
         emit(tok, keep)
         alive = keep & ~seq_hit
-        logits, cache = model.extend(cache, tok[:, None], last_only=True)
+        logits, cache = model.extend(cache, tok[:, None], last_only=True, experts=experts)
         key, sub = jax.random.split(key)
         nxt = strategy(logits[:, -1], sub)
         return i + 1, nxt, out, n_out, alive, cache, key
@@ -222,11 +223,11 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _generate(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, *, strategy, max_new, limit,
+def _generate(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, *, strategy, max_new, limit,
               cache_dtype, stream):
     _stream_target[0] = stream
     try:
-        result = _generate_jit(graphdef, state, tokens, valid, key, stop_tokens, stop_seqs, jnp.int32(limit),
+        result = _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, jnp.int32(limit),
                                strategy=strategy, max_new=max_new, cache_dtype=jnp.dtype(cache_dtype),
                                stream=stream is not None)
         if stream is not None:  # dispatch is asynchronous: let every callback run before unhooking it

@@ -9,7 +9,7 @@ import torch
 from mixtral_jax import moe
 from mixtral_jax.moe import Routing, route, run_experts
 
-SPARSE = ["ragged", "capacity", "gather"]
+SPARSE = ["ragged", "capacity", "gather", "grouped"]
 
 
 def _weights(e=8, d=32, f=48, seed=0):
@@ -46,6 +46,25 @@ def test_overflow_every_token_to_the_same_experts(strategy, capacity_factor):
     expect = moe.moe_dense(x, routing, w1, w3, w2)
     got = jax.jit(lambda x: run_experts(x, routing, w1, w3, w2, strategy, capacity_factor))(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expect), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("skew", [0.05, 0.5, 5.0])
+def test_grouped_every_bucket_size_on_skewed_routing(skew):
+    """Loads from nearly one-hot to balanced: experts land in every rung of the size ladder (and at 0)."""
+    router, w1, w3, w2 = _weights()
+    t = 256
+    x = jax.random.normal(jax.random.key(3), (t, router.shape[0]))
+    rng = np.random.default_rng(int(skew * 100))
+    popularity = rng.dirichlet(np.full(8, skew))
+    scores = np.log(popularity + 1e-12) + rng.gumbel(size=(t, 8))  # distinct top-2 per token
+    experts = jnp.asarray(np.argsort(-scores, axis=1)[:, :2], jnp.int32)
+    routing = Routing(x @ router, jax.nn.softmax(jax.random.normal(jax.random.key(4), (t, 2)), -1), experts)
+    loads = np.bincount(np.asarray(experts).ravel(), minlength=8)
+    sizes = moe.group_sizes(t, 2, 8)
+    assert sizes[-1] == t and len(sizes) > 3
+    got = jax.jit(lambda x: moe.moe_grouped(x, routing, w1, w3, w2))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(moe.moe_dense(x, routing, w1, w3, w2)), atol=1e-5,
+                               err_msg=f"loads {loads}")
 
 
 def test_capacity_without_overflow_takes_the_bucket_path():
@@ -91,8 +110,8 @@ def test_route_softmax_over_topk_equals_softmax_all_then_renormalise():
 
 
 def test_auto_strategy_is_sparse_and_exact():
-    assert moe.resolve_strategy("auto", 1, 2, 8, "cpu") == "capacity"
-    assert moe.resolve_strategy("auto", 512, 2, 8, "cpu") == "capacity"
+    assert moe.resolve_strategy("auto", 1, 2, 8, "cpu") == "grouped"
+    assert moe.resolve_strategy("auto", 512, 2, 8, "cpu") == "grouped"
     assert moe.resolve_strategy("auto", 512, 2, 8, "gpu") == "ragged"
     assert moe.resolve_strategy("dense", 1, 2, 8, "cpu") == "dense"
 

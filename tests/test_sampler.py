@@ -45,6 +45,42 @@ def test_cached_decoding_equals_full_forward_every_step(pair):
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, col], atol=1e-5, err_msg=f"step {step}")
 
 
+def test_prefill_into_a_fresh_cache_skips_nothing_it_needs(pair, monkeypatch):
+    """A prompt that fills a fresh cache attends block by block (later key blocks skipped): same logits
+    as the full forward pass, with left padding and the sliding window, and on the slow path too."""
+    import mixtral_jax.model as model_module
+
+    _, model = pair
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", 8)
+    rng = np.random.default_rng(5)
+    width = 40
+    tokens = rng.integers(0, CONFIG.vocab_size, (3, width)).astype(np.int32)
+    valid = np.zeros((3, width), bool)
+    for row, n in enumerate([40, 23, 9]):
+        valid[row, width - n:] = True
+    full = np.asarray(model(tokens, attention_mask=valid))
+    for size in (width, width + 8):  # fresh (blocked) and a cache with room to spare (one block)
+        cache = KVCache.empty(CONFIG, 3, size, jnp.float32)
+        logits, _ = model.extend(cache, jnp.asarray(tokens), jnp.asarray(valid))
+        np.testing.assert_allclose(np.asarray(logits)[valid], full[valid], atol=1e-5, err_msg=f"cache {size}")
+
+
+def test_expert_views_share_the_parameters_and_change_nothing(pair):
+    """On CPU the per-expert views alias the stacked weights (no copy) and give the same logits."""
+    _, model = pair
+    views = model.expert_views()
+    assert views is not None and len(views) == CONFIG.n_layers
+    for layer, (w1s, w3s, w2s) in zip(model.layers, views):
+        for stacked, per_expert in ((layer.moe.w1, w1s), (layer.moe.w3, w3s), (layer.moe.w2, w2s)):
+            base, step = stacked[...].unsafe_buffer_pointer(), stacked[...][0].nbytes
+            assert [v.unsafe_buffer_pointer() for v in per_expert] == [base + e * step for e in range(CONFIG.n_experts)]
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, CONFIG.vocab_size, (2, 10)), jnp.int32)
+    cache = KVCache.empty(CONFIG, 2, 12, jnp.float32)
+    plain, _ = model.extend(cache, tokens)
+    viewed, _ = nnx.jit(lambda m, c, t, e: m.extend(c, t, experts=e))(model, cache, tokens, views)
+    np.testing.assert_allclose(np.asarray(viewed), np.asarray(plain), atol=1e-5)
+
+
 def test_greedy_equals_transformers_generate(pair):
     hf, model = pair
     rng = np.random.default_rng(1)
