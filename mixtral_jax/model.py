@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import MixtralConfig, RuntimeConfig
-from .moe import expert_views, resolve_strategy, route, run_experts
+from .moe import expert_views, group_sizes, resolve_strategy, route, run_experts
 from .sharding.expert_parallel import moe_expert_parallel
 
 _INIT_STD = 0.02  # transformers' initializer_range
@@ -154,7 +154,8 @@ class MoE(nnx.Module):
         flat = x.reshape(b * t, d)
         dt = x.dtype
         w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
-        if experts is not None and resolve_strategy(self.strategy, b * t, self.top_k, len(w1)) == "grouped":
+        if (experts is not None and resolve_strategy(self.strategy, b * t, self.top_k, len(w1)) == "grouped"
+                and group_sizes(b * t, self.top_k, len(w1))[0] == 1):  # views serve the unrolled (decode) form
             w1, w3, w2 = experts
         if self.mesh is not None:
             out, logits = moe_expert_parallel(flat, self.router[...], w1, w3, w2, top_k=self.top_k, mesh=self.mesh,
