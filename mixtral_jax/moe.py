@@ -104,11 +104,15 @@ def group_sizes(n_tokens: int, top_k: int, n_experts: int) -> tuple[int, ...]:
     """The static bucket sizes of `grouped`, ending with `n_tokens` (an expert never gets more: top-k
     picks distinct experts). Each size is one more branch to compile; XLA:CPU multiplies a single row
     ~2x faster than a few (a matrix-vector product against a small-M matmul), so decode-sized inputs get
-    powers of two; larger ones a ladder around the balanced load, where a typical expert pads by ~10%."""
+    powers of two; larger ones (compiled once per layer, in a loop over experts) a fine geometric
+    ladder, so skewed routing pads as little as balanced routing does."""
     balanced = n_tokens * top_k / n_experts
     if balanced < 8:  # decode: powers of two, so an expert with one token runs a matrix-vector product
         return tuple(sorted({c for c in (1, 2, 4, 8, 16, 32) if c < n_tokens} | {n_tokens}))
-    ladder = {min(n_tokens, 8 * math.ceil(f * balanced / 8)) for f in (0.5, 1.0, 1.25, 2.0)}
+    ladder, size = set(), balanced / 2
+    while size < n_tokens:  # 1.25x apart from half the balanced load: pads by ~12%, at most 25%
+        ladder.add(min(n_tokens, 8 * math.ceil(size / 8)))
+        size *= 1.25
     return tuple(sorted(ladder | {n_tokens}))
 
 
