@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import MixtralConfig, RuntimeConfig
-from .moe import expert_views, group_sizes, resolve_strategy, route, run_experts
+from .moe import expert_views, resolve_strategy, route, run_experts
 from .sharding.expert_parallel import moe_expert_parallel
 
 _INIT_STD = 0.02  # transformers' initializer_range
@@ -148,21 +148,18 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array, experts=None) -> tuple[jax.Array, jax.Array]:
         """x (b, t, d) -> (output (b, t, d), router logits (b, t, e)).
 
-        `experts`: this layer's (w1, w3, w2) as per-expert arrays from `Mixtral.expert_views`, used in
-        place of the stacked parameters by the `grouped` strategy."""
+        `experts`: this layer's (w1, w3, w2) as per-expert arrays from `Mixtral.expert_views`, read by the
+        `grouped` strategy in place of static slices of the stacked parameters."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         dt = x.dtype
         w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
-        if (experts is not None and resolve_strategy(self.strategy, b * t, self.top_k, len(w1)) == "grouped"
-                and group_sizes(b * t, self.top_k, len(w1))[0] == 1):  # views serve the unrolled (decode) form
-            w1, w3, w2 = experts
         if self.mesh is not None:
             out, logits = moe_expert_parallel(flat, self.router[...], w1, w3, w2, top_k=self.top_k, mesh=self.mesh,
                                               strategy=self.strategy, capacity_factor=self.capacity_factor)
         else:
             routing = route(flat, self.router[...], self.top_k)
-            out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor)
+            out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, views=experts)
             logits = routing.logits
         return out.reshape(b, t, d), logits.reshape(b, t, -1)
 
@@ -287,8 +284,8 @@ class KVCache:
     @classmethod
     def empty(cls, config: MixtralConfig, batch: int, size: int, dtype=jnp.bfloat16) -> "KVCache":
         shape = (batch, config.n_kv_heads, size, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
+        per_layer = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
+        return cls(k=per_layer(), v=per_layer(),
                    positions=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
                    length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch,), jnp.int32))
 

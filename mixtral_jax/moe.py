@@ -116,10 +116,11 @@ def group_sizes(n_tokens: int, top_k: int, n_experts: int) -> tuple[int, ...]:
     return tuple(sorted(ladder | {n_tokens}))
 
 
-def moe_grouped(x, routing: Routing, w1, w3, w2) -> jax.Array:
-    """w1, w3, w2: stacked (e, ...) arrays, or sequences of per-expert arrays (see `expert_views`)."""
+def moe_grouped(x, routing: Routing, w1, w3, w2, views=None) -> jax.Array:
+    """`views`: optional (w1, w3, w2) as per-expert arrays (see `expert_views`); the decode form reads them
+    in place of static slices of the stacked weights."""
     t, k = routing.experts.shape
-    n_experts = len(w1)
+    n_experts = w1.shape[0]
     sizes = group_sizes(t, k, n_experts)
     flat_experts = routing.experts.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)                      # copies grouped by expert
@@ -149,6 +150,8 @@ def moe_grouped(x, routing: Routing, w1, w3, w2) -> jax.Array:
                               out, starts[e], counts[e])
 
     if sizes[0] == 1:  # decode-sized: unrolled, so `w[e]` is a static slice (or a view) read in place
+        if views is not None:
+            w1, w3, w2 = views
         for e in range(n_experts):
             out = one_expert(e, out)
     else:  # prefill-sized: one loop body instead of one per expert (compiles ~8x less; the
@@ -197,19 +200,23 @@ def resolve_strategy(strategy: str, n_tokens: int, top_k: int, n_experts: int, b
     return "grouped" if backend == "cpu" else "ragged"
 
 
-def run_experts(x, routing: Routing, w1, w3, w2, strategy: str = "auto", capacity_factor: float = 2.0):
-    """Apply the experts to `x` (t, d) with the chosen strategy."""
+def run_experts(x, routing: Routing, w1, w3, w2, strategy: str = "auto", capacity_factor: float = 2.0,
+                views=None):
+    """Apply the experts to `x` (t, d) with the chosen strategy; `views` (see `expert_views`) serve
+    `grouped` and are ignored by the others."""
     t, k = routing.experts.shape
-    strategy = resolve_strategy(strategy, t, k, len(w1))
+    strategy = resolve_strategy(strategy, t, k, w1.shape[0])
     # Eagerly, jit: `lax.switch` would otherwise compile its branches on every call. Under an outer jit,
     # call straight through: a nested jit boundary costs the decode step ~20% on XLA:CPU.
     run = _run_experts if isinstance(x, jax.core.Tracer) else _run_experts_jit
-    return run(x, routing, w1, w3, w2, strategy, capacity_factor)
+    return run(x, routing, w1, w3, w2, strategy, capacity_factor, views)
 
 
-def _run_experts(x, routing, w1, w3, w2, strategy, capacity_factor):
+def _run_experts(x, routing, w1, w3, w2, strategy, capacity_factor, views):
     if strategy == "capacity":
         return moe_capacity(x, routing, w1, w3, w2, capacity_factor)
+    if strategy == "grouped":
+        return moe_grouped(x, routing, w1, w3, w2, views)
     return STRATEGIES[strategy](x, routing, w1, w3, w2)
 
 

@@ -9,6 +9,7 @@ written; interrupted conversions leave nothing that looks complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -77,27 +78,15 @@ def reference():
 def sources(reference, tmp_path_factory):
     """Source checkpoints by layout name, written on first use."""
     root = tmp_path_factory.mktemp("sources")
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            cache[kind] = WRITERS[kind](reference[0], CONFIG, str(root / kind))
-        return cache[kind]
-    return get
+    return functools.cache(lambda kind: WRITERS[kind](reference[0], CONFIG, str(root / kind)))
 
 
 @pytest.fixture(scope="module")
 def converted(sources, tmp_path_factory):
     """A converted checkpoint per layout (shared by the tests that only read them)."""
     root = tmp_path_factory.mktemp("converted")
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            dst = str(root / kind)
-            cache[kind] = (convert(sources(kind), dst, show_progress=False), dst)
-        return cache[kind]
-    return get
+    return functools.cache(lambda kind: (convert(sources(kind), str(root / kind), show_progress=False),
+                                         str(root / kind)))
 
 
 def _logits(model):
