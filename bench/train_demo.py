@@ -26,8 +26,9 @@ def stdlib_files() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    from mixtral_jax import train_command
     import argparse
+
+    from mixtral_jax import train_command
 
     if not argv:
         print(__doc__, file=sys.stderr)

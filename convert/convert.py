@@ -34,7 +34,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -299,7 +299,7 @@ def convert(src, dst, format: str | None = None, dtype=None, overwrite: bool = F
                    for n, s in p.specs.items()},
         "source": {"path": src, "format": source.format, "layout": source.description,
                    "cast_to": p.cast.name if p.cast is not None else None},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     try:
         from mixtral_jax import __version__

@@ -46,7 +46,7 @@ class HFCheckpoint(FileIndexedTensors):
                 raise CheckpointError(f"no *.safetensors files in {self.path}")
         self._files = {name: SafetensorsFile(os.path.join(self.path, name)) for name in files}
         self._where: dict[str, SafetensorsFile] = {}
-        for name, st in self._files.items():
+        for st in self._files.values():
             for key in st.keys():
                 if key in self._where:
                     raise CheckpointError(f"tensor {key!r} appears in both {self._where[key].path} and {st.path}")

@@ -38,7 +38,8 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 

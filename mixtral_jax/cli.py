@@ -11,7 +11,8 @@ _COMMAND_MODULES = ("mixtral_jax.generate_command", "mixtral_jax.convert.command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixtral-jax", description="Mixtral in JAX: convert, verify, generate, chat, train.")
+    parser = argparse.ArgumentParser(prog="mixtral-jax",
+                                     description="Mixtral in JAX: convert, verify, generate, chat, train.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)

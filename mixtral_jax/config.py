@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -64,10 +65,10 @@ class MixtralConfig:
         return self.n_heads // self.n_kv_heads
 
     def param_count(self) -> int:
-        d, l, e, f, v = self.dim, self.n_layers, self.n_experts, self.hidden_dim, self.vocab_size
+        d, n_layers, e, f, v = self.dim, self.n_layers, self.n_experts, self.hidden_dim, self.vocab_size
         attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         per_layer = attn + d * e + 3 * e * d * f + 2 * d
-        return l * per_layer + 2 * v * d + d
+        return n_layers * per_layer + 2 * v * d + d
 
     def active_param_count(self) -> int:
         """Parameters one token touches: attention, router, its top_k experts, embeddings row, LM head."""
@@ -78,16 +79,16 @@ class MixtralConfig:
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
-    def mixtral_8x7b(cls) -> "MixtralConfig":
+    def mixtral_8x7b(cls) -> MixtralConfig:
         return cls()
 
     @classmethod
-    def mixtral_8x22b(cls) -> "MixtralConfig":
+    def mixtral_8x22b(cls) -> MixtralConfig:
         return cls(vocab_size=32768, dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, head_dim=128,
                    hidden_dim=16384, max_seq_len=65536)
 
     @classmethod
-    def tiny(cls, **overrides) -> "MixtralConfig":
+    def tiny(cls, **overrides) -> MixtralConfig:
         """A few-kilobyte model for CPU tests; same structure as the real one."""
         base = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
                     n_experts=8, top_k=2, max_seq_len=256)
@@ -95,7 +96,7 @@ class MixtralConfig:
         return cls(**base)
 
     @classmethod
-    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any]) -> "MixtralConfig":
+    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any]) -> MixtralConfig:
         """From a Hugging Face `config.json` (a path to it, its directory, or the parsed dict).
 
         Reads both shapes of the rope setting: the hub's top-level `rope_theta` and transformers 5's
@@ -133,7 +134,7 @@ class MixtralConfig:
         )
 
     @classmethod
-    def from_mistral(cls, source: str | os.PathLike | Mapping[str, Any]) -> "MixtralConfig":
+    def from_mistral(cls, source: str | os.PathLike | Mapping[str, Any]) -> MixtralConfig:
         """From Mistral's original `params.json`; a missing `rope_theta` means 1e6 as in mistral-inference."""
         raw = _read_json(source, "params.json")
         need = ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size")
@@ -168,7 +169,7 @@ class MixtralConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "MixtralConfig":
+    def from_dict(cls, raw: Mapping[str, Any]) -> MixtralConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - known
         if unknown:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -72,7 +72,7 @@ class PackedDataset:
             raise DataError(f"seq_len must be at least 2, got {self.seq_len}")
 
     @classmethod
-    def from_tokens(cls, tokens: np.ndarray, seq_len: int, seed: int = 0, shuffle: bool = True) -> "PackedDataset":
+    def from_tokens(cls, tokens: np.ndarray, seq_len: int, seed: int = 0, shuffle: bool = True) -> PackedDataset:
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         n = len(tokens) // seq_len
         if n == 0:
@@ -82,7 +82,7 @@ class PackedDataset:
 
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike], seq_len: int, tokenizer=None, seed: int = 0,
-                   shuffle: bool = True) -> "PackedDataset":
+                   shuffle: bool = True) -> PackedDataset:
         if not paths:
             raise DataError("no data files given")
         for p in paths:  # every path checked before the (slow) tokenizing starts

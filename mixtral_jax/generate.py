@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from .model import Mixtral
 from .sampler import Sampler, SamplingError
 from .tokenizer import Tokenizer, load_tokenizer
+
 
 def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,

@@ -127,7 +127,7 @@ def run_chat(args) -> int:
             break
         messages.append({"role": "user", "content": line})
         show = print if _is_lead_process() else (lambda *a, **k: None)
-        reply = chat(model, messages, tokenizer=tokenizer, on_text=lambda t: show(t, end="", flush=True),
+        reply = chat(model, messages, tokenizer=tokenizer, on_text=lambda t, show=show: show(t, end="", flush=True),
                      **_sampling_kwargs(args))
         show()
         messages.append({"role": "assistant", "content": reply.strip() or "..."})

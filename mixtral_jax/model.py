@@ -227,10 +227,11 @@ class Mixtral(nnx.Module):
             return None
         if resolve_strategy(self.runtime.moe_strategy, 1, self.config.top_k, self.config.n_experts) != "grouped":
             return None
-        views = tuple(tuple(expert_views(w[...]) for w in (l.moe.w1, l.moe.w3, l.moe.w2)) for l in self.layers)
+        views = tuple(tuple(expert_views(w[...]) for w in (layer.moe.w1, layer.moe.w3, layer.moe.w2))
+                      for layer in self.layers)
         return None if any(v is None for layer in views for v in layer) else views
 
-    def _decoder(self, tokens, positions, mask, cache: "KVCache | None" = None, experts=None):
+    def _decoder(self, tokens, positions, mask, cache: KVCache | None = None, experts=None):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         h = self.embed_tokens(tokens)
         router_logits, ks, vs = [], [], []
@@ -244,8 +245,8 @@ class Mixtral(nnx.Module):
                 vs.append(kv[1])
         return h, jnp.stack(router_logits), (tuple(ks), tuple(vs)) if ks else None
 
-    def extend(self, cache: "KVCache", tokens: jax.Array, valid: jax.Array | None = None, *,
-               last_only: bool = False, experts=None) -> tuple[jax.Array, "KVCache"]:
+    def extend(self, cache: KVCache, tokens: jax.Array, valid: jax.Array | None = None, *,
+               last_only: bool = False, experts=None) -> tuple[jax.Array, KVCache]:
         """Feed `tokens` (b, t) through the model after what `cache` holds; returns (logits, new cache).
 
         The cache has one slot per step for every row; `valid` (b, t) marks real tokens (False for left
@@ -282,7 +283,7 @@ class KVCache:
     next_position: jax.Array
 
     @classmethod
-    def empty(cls, config: MixtralConfig, batch: int, size: int, dtype=jnp.bfloat16) -> "KVCache":
+    def empty(cls, config: MixtralConfig, batch: int, size: int, dtype=jnp.bfloat16) -> KVCache:
         shape = (batch, config.n_kv_heads, size, config.head_dim)
         per_layer = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
         return cls(k=per_layer(), v=per_layer(),
@@ -293,10 +294,11 @@ class KVCache:
     def size(self) -> int:
         return self.k[0].shape[2]
 
-    def grow(self, extra: int) -> "KVCache":
+    def grow(self, extra: int) -> KVCache:
         """The same contents with `extra` empty slots after them (prefill a prompt-sized cache, then grow
         it for decoding: the prefill's attention then skips the slots it cannot see)."""
-        pad = lambda a, axis: jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])
+        def pad(a, axis):
+            return jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])
         return KVCache(k=tuple(pad(a, 2) for a in self.k), v=tuple(pad(a, 2) for a in self.v),
                        positions=pad(self.positions, 1), valid=pad(self.valid, 1), length=self.length,
                        next_position=self.next_position)

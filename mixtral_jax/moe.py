@@ -22,7 +22,8 @@ Einsum letters: t tokens, d model dim, f expert hidden dim, e experts, k experts
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,8 @@ def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
 
 
 def _swiglu(x, w1, w3, w2, spec_in: str, spec_w: str, spec_h: str, spec_w2: str, spec_out: str):
-    h = jax.nn.silu(jnp.einsum(f"{spec_in},{spec_w}->{spec_h}", x, w1)) * jnp.einsum(f"{spec_in},{spec_w}->{spec_h}", x, w3)
+    up = f"{spec_in},{spec_w}->{spec_h}"
+    h = jax.nn.silu(jnp.einsum(up, x, w1)) * jnp.einsum(up, x, w3)
     return jnp.einsum(f"{spec_h},{spec_w2}->{spec_out}", h, w2)
 
 

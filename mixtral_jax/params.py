@@ -8,7 +8,7 @@ full 46.7B-parameter config. Loaders, converters and sharding rules all work fro
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np

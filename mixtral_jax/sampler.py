@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +128,8 @@ class Sampler:
             stop_arr[i, stop_arr.shape[1] - len(s):] = s
         graphdef, state = nnx.split(self.model)
         put = _replicator(self.model.runtime.mesh)
-        out, n_out = _generate(graphdef, state, self.model.expert_views(), put(tokens), put(valid), put(jax.random.key_data(jax.random.key(seed))),
+        key = jax.random.key_data(jax.random.key(seed))
+        out, n_out = _generate(graphdef, state, self.model.expert_views(), put(tokens), put(valid), put(key),
                                put(np.asarray(stops or [-1], np.int32)), put(stop_arr),
                                strategy=strategy, max_new=bucket(max_new_tokens), limit=max_new_tokens,
                                cache_dtype=self.cache_dtype or self.model.runtime.dtype,

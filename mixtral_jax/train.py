@@ -34,7 +34,8 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -206,7 +207,8 @@ class Trainer:
         self.optimizer, self.schedule = self.step_fn.optimizer, self.step_fn.schedule
         self.opt_state = jax.jit(self.optimizer.init)(self.params)
         if self.mesh is not None:  # the step counters come out on one device: replicate them over the mesh
-            from jax.sharding import NamedSharding, PartitionSpec as P
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
             replicated = NamedSharding(self.mesh, P())
             self.opt_state = jax.tree.map(
                 lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), self.opt_state)
@@ -234,7 +236,8 @@ class Trainer:
     def _make_batch_sharding(self):
         if self.mesh is None:
             return None
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
         data = self.mesh.shape.get("data", 1)
         micro = self.tc.batch_size // self.tc.grad_accum
         spec = P(None, "data") if data > 1 and micro % data == 0 else P()
@@ -305,7 +308,7 @@ class Trainer:
         meta = {"step": self.step, "data_position": self.data_position, "train_config": self.tc.to_dict(),
                 "model_config": self.config.to_dict(),
                 "param_dtype": np.dtype(self.runtime.param_dtype).name,
-                "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                "saved": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
             f.flush()
@@ -357,7 +360,8 @@ class Trainer:
             raise FileExistsError(f"export destination {path} already exists")
         specs = param_specs(self.config, self.runtime)
         cast = as_dtype(dtype) if dtype is not None else None
-        arrays = {name: np.asarray(jax.device_get(self.params[name] if cast is None else self.params[name].astype(cast)))
+        arrays = {name: np.asarray(jax.device_get(self.params[name] if cast is None
+                                                  else self.params[name].astype(cast)))
                   for name in specs}
         metadata = {
             "format": orbax_io.FORMAT_NAME, "format_version": orbax_io.FORMAT_VERSION,
@@ -369,7 +373,7 @@ class Trainer:
             "source": {"path": None, "format": "mixtral-jax train", "layout": f"trained for {self.step} steps",
                        "cast_to": np.dtype(cast).name if cast is not None else None,
                        "train_config": self.tc.to_dict()},
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         parent, name = os.path.split(path)
         os.makedirs(parent, exist_ok=True)

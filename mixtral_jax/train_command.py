@@ -80,7 +80,8 @@ def run_train(args) -> int:
         trainer.restore(existing[-1])
         say(f"resumed from {existing[-1]} (step {trainer.step})")
     n_params = sum(int(v.size) for v in trainer.params.values())
-    say(f"model: {n_params / 1e6:.2f}M parameters, {config.n_layers} layers, {config.n_experts} experts top-{config.top_k}")
+    say(f"model: {n_params / 1e6:.2f}M parameters, {config.n_layers} layers, "
+        f"{config.n_experts} experts top-{config.top_k}")
 
     def log(step, m):
         if not args.quiet and (step % args.log_every == 0 or step == tc.steps):

@@ -20,7 +20,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from mixtral_jax.moe import Routing, bucket_capacity, route, run_experts
 

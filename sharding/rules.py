@@ -7,7 +7,7 @@ changing how Mixtral is laid out on a pod means changing this table, nothing els
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec

@@ -9,7 +9,7 @@ import transformers
 from mixtral_jax import MixtralConfig
 
 
-def hf_model(config: MixtralConfig, seed: int = 0) -> "transformers.MixtralForCausalLM":
+def hf_model(config: MixtralConfig, seed: int = 0) -> transformers.MixtralForCausalLM:
     """A random fp32 HF model with non-trivial norm weights and routers spread enough to matter."""
     torch.manual_seed(seed)
     hf_config = transformers.MixtralConfig(**config.to_hf())

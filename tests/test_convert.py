@@ -23,6 +23,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hf_reference import hf_logits, hf_model, save_hf
+from mistral_reference import save_mistral
 
 from mixtral_jax import MixtralConfig
 from mixtral_jax.config import ConfigError
@@ -33,9 +35,6 @@ from mixtral_jax.convert.safetensors_file import CheckpointError
 from mixtral_jax.convert.verify import VerificationError, verify
 from mixtral_jax.loading import load
 from mixtral_jax.params import model_arrays
-
-from hf_reference import hf_logits, hf_model, save_hf
-from mistral_reference import save_mistral
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = MixtralConfig.tiny()

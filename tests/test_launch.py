@@ -15,9 +15,9 @@ import sys
 import time
 
 import pytest
+from hf_reference import hf_model, save_hf
 
 from mixtral_jax import MixtralConfig
-from hf_reference import hf_model, save_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from hf_reference import hf_logits, hf_model, save_hf
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
-from hf_reference import hf_logits, hf_model, save_hf
 
 CONFIGS = {
     "base": MixtralConfig.tiny(),

@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from hf_reference import hf_logits, hf_model, save_hf
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
-from hf_reference import hf_logits, hf_model, save_hf
 
 HERE = os.path.dirname(__file__)
 

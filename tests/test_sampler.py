@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_reference import hf_model, save_hf
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
 from mixtral_jax.model import KVCache
 from mixtral_jax.sampler import Greedy, Sample, Sampler, SamplingError, make_strategy
-from hf_reference import hf_model, save_hf
 
 CONFIG = MixtralConfig.tiny(sliding_window=12, max_seq_len=128)
 
@@ -133,7 +133,7 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
     logits = jnp.asarray(np.random.default_rng(2).normal(size=(4, 50)) * 2, jnp.float32)
     keys = jax.random.split(jax.random.key(0), 4000)
     for strategy in (Sample(1.0, top_k=5), Sample(1.3, top_p=0.6), Sample(0.7, top_k=8, top_p=0.5)):
-        draws = np.asarray(jax.vmap(lambda k: strategy(logits, k))(keys))  # (4000, 4)
+        draws = np.asarray(jax.vmap(lambda k, strategy=strategy: strategy(logits, k))(keys))  # (4000, 4)
         for row in range(4):
             order = np.argsort(-np.asarray(logits[row]))
             order = order[: strategy.top_k or 50]  # top-k first, then top-p on what is left (as HF's warpers)

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_reference import hf_model, save_hf
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig, RuntimeConfig
 from mixtral_jax.config import ConfigError
 from mixtral_jax.data import PackedDataset, read_documents, tokenize_documents
-from mixtral_jax.train import Trainer, TrainConfig, list_checkpoints, loss_terms
-
-from hf_reference import hf_model, save_hf
+from mixtral_jax.train import TrainConfig, Trainer, list_checkpoints, loss_terms
 
 TINY = MixtralConfig.tiny(router_aux_loss_coef=0.05)  # not HF's default: proves the coefficient is read
 SMALL = MixtralConfig.tiny(router_aux_loss_coef=0.05, n_layers=1)  # for training: compiles in half the time
