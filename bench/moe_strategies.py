@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     print(f"{'shape':<14}" + "".join(f"{n:>12}" for n in STRATEGIES) + f"{'auto':>12}{'best/dense':>12}")
     for label, tokens in shapes.items():
         times = measure(tokens, quick=args.quick)
-        auto = resolve_strategy("auto", tokens, 2, 8)
+        auto = resolve_strategy("auto")
         best = min(times, key=times.get)
         results[label] = dict(times_ms={k: v * 1e3 for k, v in times.items()}, auto=auto, best=best,
                               best_vs_dense=times["dense"] / times[best],

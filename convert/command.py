@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .converter import convert
+from .verify import VerificationError, verify
+
 _DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
@@ -40,7 +43,6 @@ def register(subparsers: argparse._SubParsersAction):
 
 
 def _run_convert(args) -> int:
-    from .convert import convert
     report = convert(args.src, args.dst, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
                      show_progress=not args.no_progress, tokenizer=args.tokenizer,
                      buffer_bytes=max(args.buffer_mb, 1) << 20, compress=not args.no_compression)
@@ -49,7 +51,6 @@ def _run_convert(args) -> int:
 
 
 def _run_verify(args) -> int:
-    from .verify import VerificationError, verify
     try:
         report = verify(args.src, args.dst, format=args.format, show_progress=not args.no_progress)
     except VerificationError as e:
@@ -57,14 +58,3 @@ def _run_verify(args) -> int:
         return 1
     print(report)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mixtral_jax.convert.command ...`: the `mixtral-jax` CLI (convert and verify live there)."""
-    from mixtral_jax.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,6 +15,8 @@ import os
 from flax import nnx
 
 from .config import MixtralConfig, RuntimeConfig
+from .convert.orbax_io import is_complete
+from .loading import load
 from .model import Mixtral
 
 DEMO_CONFIG = MixtralConfig(vocab_size=32000, dim=112, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=28,
@@ -23,15 +25,13 @@ DEMO_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "demo_model"
 
 
 def has_trained_model() -> bool:
-    from .convert.orbax_io import MARKER_FILE
-    return os.path.isfile(os.path.join(DEMO_CHECKPOINT, MARKER_FILE))
+    return is_complete(DEMO_CHECKPOINT)
 
 
 def default_model(runtime: RuntimeConfig | None = None, seed: int = 0, trained: bool | None = None) -> Mixtral:
     """The trained demo model (`trained=None`: when its checkpoint is present), else random weights."""
     runtime = runtime or RuntimeConfig()
     if trained or (trained is None and has_trained_model()):
-        from .loading import load
         return load(DEMO_CHECKPOINT, mesh=runtime.mesh, dtype=runtime.param_dtype, moe_strategy=runtime.moe_strategy,
                     compute_dtype=runtime.compute_dtype)
     return Mixtral(DEMO_CONFIG, runtime, rngs=nnx.Rngs(seed))

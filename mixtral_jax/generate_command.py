@@ -3,30 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-from .config import ConfigError
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from .config import RuntimeConfig
+from .demo import default_model, has_trained_model
+from .errors import ConfigError
+from .generate import chat, generate
+from .loading import load_checkpoint
+from .sampler import make_strategy
+from .tokenizer import load_tokenizer
 
 
 def _load_model(args):
     """The checkpoint given (a Hugging Face directory or one of our Orbax checkpoints), or the demo model."""
-    from .config import RuntimeConfig
-
     if args.checkpoint is None:
-        from .demo import default_model, has_trained_model
-
         what = "trained on Python's standard library" if has_trained_model() else "random weights: checkpoint absent"
         print(f"using the embedded demo model ({what})", file=sys.stderr)
         return default_model(RuntimeConfig(param_dtype=args.dtype or "float32"))
-    if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        from .convert.hf import load_hf
-
-        return load_hf(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
-    from . import load  # our Orbax checkpoints
-
-    return load(args.checkpoint, mesh=args.mesh, dtype=args.dtype)
+    return load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
 
 
 def _add_common(p: argparse.ArgumentParser):
@@ -49,10 +48,6 @@ def _sampling_kwargs(args):
 
 
 def run_generate(args) -> int:
-    from .generate import generate
-    from .sampler import make_strategy
-    from .tokenizer import load_tokenizer
-
     make_strategy(args.temperature, args.top_k, args.top_p)  # bad flags fail before loading anything
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -84,9 +79,6 @@ _MAX_LINE = 1 << 16
 
 def _read_line_everywhere(prompt: str) -> str | None:
     """Process 0 reads a line (None at end of input) and every process of a multi-host run receives it."""
-    import jax
-    import numpy as np
-
     line = None
     if jax.process_index() == 0:
         try:
@@ -95,8 +87,6 @@ def _read_line_everywhere(prompt: str) -> str | None:
             line = None
     if jax.process_count() == 1:
         return line
-    from jax.experimental import multihost_utils
-
     data = b"" if line is None else line.encode("utf-8")[: _MAX_LINE - 1]
     buf = np.zeros(_MAX_LINE + 1, np.int32)
     buf[0] = -1 if line is None else len(data)
@@ -106,16 +96,10 @@ def _read_line_everywhere(prompt: str) -> str | None:
 
 
 def _is_lead_process() -> bool:
-    import jax
-
     return jax.process_index() == 0
 
 
 def run_chat(args) -> int:
-    from .generate import chat
-    from .sampler import make_strategy
-    from .tokenizer import load_tokenizer
-
     make_strategy(args.temperature, args.top_k, args.top_p)
     tokenizer = load_tokenizer(args.tokenizer)
     model = _load_model(args)

@@ -145,11 +145,11 @@ class MoE(nnx.Module):
         self.capacity_factor = rt.capacity_factor
         self.mesh = rt.mesh
 
-    def __call__(self, x: jax.Array, experts=None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, expert_weights=None) -> tuple[jax.Array, jax.Array]:
         """x (b, t, d) -> (output (b, t, d), router logits (b, t, e)).
 
-        `experts`: this layer's (w1, w3, w2) as per-expert arrays from `Mixtral.expert_views`, read by the
-        `grouped` strategy in place of static slices of the stacked parameters."""
+        `expert_weights`: this layer's (w1, w3, w2) as per-expert arrays from `Mixtral.expert_views`, read
+        by the `grouped` strategy in place of static slices of the stacked parameters."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         dt = x.dtype
@@ -159,7 +159,7 @@ class MoE(nnx.Module):
                                               strategy=self.strategy, capacity_factor=self.capacity_factor)
         else:
             routing = route(flat, self.router[...], self.top_k)
-            out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, views=experts)
+            out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, expert_weights)
             logits = routing.logits
         return out.reshape(b, t, d), logits.reshape(b, t, -1)
 
@@ -173,10 +173,10 @@ class DecoderLayer(nnx.Module):
         self.moe_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
         self.moe = MoE(cfg, rt, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, start=None, experts=None):
+    def __call__(self, x, cos, sin, mask, kv=None, start=None, expert_weights=None):
         attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, start)
         h = x + attn_out
-        moe_out, router_logits = self.moe(self.moe_norm(h), experts)
+        moe_out, router_logits = self.moe(self.moe_norm(h), expert_weights)
         return h + moe_out, router_logits, kv
 
 
@@ -221,24 +221,24 @@ class Mixtral(nnx.Module):
 
     def expert_views(self) -> tuple | None:
         """Per layer, (w1, w3, w2) as tuples of per-expert arrays sharing the parameters' memory, for
-        `extend(..., experts=)`; None where they would not help or would cost a copy (see
+        `extend(..., expert_weights=)`; None where they would not help or would cost a copy (see
         `mixtral_jax.moe.expert_views`). Build them again after the parameters change."""
         if self.runtime.mesh is not None or jnp.dtype(self.runtime.param_dtype) != jnp.dtype(self.runtime.dtype):
             return None
-        if resolve_strategy(self.runtime.moe_strategy, 1, self.config.top_k, self.config.n_experts) != "grouped":
+        if resolve_strategy(self.runtime.moe_strategy) != "grouped":
             return None
         views = tuple(tuple(expert_views(w[...]) for w in (layer.moe.w1, layer.moe.w3, layer.moe.w2))
                       for layer in self.layers)
         return None if any(v is None for layer in views for v in layer) else views
 
-    def _decoder(self, tokens, positions, mask, cache: KVCache | None = None, experts=None):
+    def _decoder(self, tokens, positions, mask, cache: KVCache | None = None, expert_weights=None):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         h = self.embed_tokens(tokens)
         router_logits, ks, vs = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             h, layer_router_logits, kv = layer(h, cos, sin, mask, kv, None if cache is None else cache.length,
-                                               None if experts is None else experts[i])
+                                               None if expert_weights is None else expert_weights[i])
             router_logits.append(layer_router_logits)
             if kv is not None:
                 ks.append(kv[0])
@@ -246,13 +246,13 @@ class Mixtral(nnx.Module):
         return h, jnp.stack(router_logits), (tuple(ks), tuple(vs)) if ks else None
 
     def extend(self, cache: KVCache, tokens: jax.Array, valid: jax.Array | None = None, *,
-               last_only: bool = False, experts=None) -> tuple[jax.Array, KVCache]:
+               last_only: bool = False, expert_weights=None) -> tuple[jax.Array, KVCache]:
         """Feed `tokens` (b, t) through the model after what `cache` holds; returns (logits, new cache).
 
         The cache has one slot per step for every row; `valid` (b, t) marks real tokens (False for left
         padding). Each token's position is the number of real tokens before it in its row. `last_only`
         computes logits for the last position only (all a sampler needs; skips most of the LM head).
-        `experts`: `expert_views()`, passed in as a jit argument (faster on CPU; same numbers).
+        `expert_weights`: `expert_views()`, passed in as a jit argument (faster on CPU; same numbers).
         """
         b, t = tokens.shape
         valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
@@ -261,7 +261,7 @@ class Mixtral(nnx.Module):
         kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.length, axis=1)
         kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.length, axis=1)
         mask = make_mask(positions, kv_pos, kv_valid, self.config.sliding_window)
-        h, _, (k, v) = self._decoder(tokens, positions, mask, cache, experts)
+        h, _, (k, v) = self._decoder(tokens, positions, mask, cache, expert_weights)
         new_cache = KVCache(k=k, v=v, positions=kv_pos, valid=kv_valid, length=cache.length + t,
                             next_position=cache.next_position + valid.sum(-1).astype(jnp.int32))
         return self.logits(h[:, -1:] if last_only else h), new_cache

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import io_callback
+from jax.experimental import io_callback, multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .model import KVCache, Mixtral
@@ -156,13 +156,13 @@ def _emit_to_stream(tokens):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "cache_dtype", "stream"))
-def _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, limit, *, strategy,
+def _generate_jit(graphdef, state, expert_weights, tokens, valid, key, stop_tokens, stop_seqs, limit, *, strategy,
                   max_new, cache_dtype, stream):
     model = nnx.merge(graphdef, state)
     key = jax.random.wrap_key_data(key)
     b, prompt_len = tokens.shape
     cache = KVCache.empty(model.config, b, prompt_len, cache_dtype)
-    logits, cache = model.extend(cache, tokens, valid, last_only=True, experts=experts)
+    logits, cache = model.extend(cache, tokens, valid, last_only=True, expert_weights=expert_weights)
     cache = cache.grow(max_new)
     key, sub = jax.random.split(key)
     first = strategy(logits[:, -1], sub)
@@ -190,7 +190,7 @@ def _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, sto
         _, seq_hit = finished(tok, out, i)
         emit(tok, keep)
         alive = keep & ~seq_hit
-        logits, cache = model.extend(cache, tok[:, None], last_only=True, experts=experts)
+        logits, cache = model.extend(cache, tok[:, None], last_only=True, expert_weights=expert_weights)
         key, sub = jax.random.split(key)
         nxt = strategy(logits[:, -1], sub)
         return i + 1, nxt, out, n_out, alive, cache, key
@@ -219,17 +219,15 @@ def _replicator(mesh):
 def _to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _generate(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, *, strategy, max_new, limit,
+def _generate(graphdef, state, expert_weights, tokens, valid, key, stop_tokens, stop_seqs, *, strategy, max_new, limit,
               cache_dtype, stream):
     _stream_target[0] = stream
     try:
-        result = _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, jnp.int32(limit),
-                               strategy=strategy, max_new=max_new, cache_dtype=jnp.dtype(cache_dtype),
+        result = _generate_jit(graphdef, state, expert_weights, tokens, valid, key, stop_tokens, stop_seqs,
+                               jnp.int32(limit), strategy=strategy, max_new=max_new, cache_dtype=jnp.dtype(cache_dtype),
                                stream=stream is not None)
         if stream is not None:  # dispatch is asynchronous: let every callback run before unhooking it
             jax.block_until_ready(result)

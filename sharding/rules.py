@@ -1,21 +1,22 @@
-"""Logical axis names (carried by every parameter) -> mesh axes: the one table, and what follows from it.
+"""Logical axis names (carried by every parameter and activation) -> mesh axes: the one table.
 
 Mesh axes: `data` (batch; FSDP for weights where it helps), `expert` (which device holds which experts),
-`tensor` (attention heads and the expert hidden dimension). The model only knows logical names;
-changing how Mixtral is laid out on a pod means changing this table, nothing else.
+`tensor` (attention heads and the expert hidden dimension). The model only knows logical names; the
+parameter shardings and the expert-parallel `shard_map` specs both come from this table, so changing how
+Mixtral is laid out on a pod means changing this table, nothing else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "expert", "tensor")
 
 # logical axis -> mesh axis (or None: replicated)
 DEFAULT_RULES: Mapping[str, str | None] = {
+    "batch": "data",
     "vocab": "tensor",
     "embed": None,
     "q_heads": "tensor",
@@ -32,19 +33,23 @@ class ShardingError(ValueError):
     """A mesh or rule that cannot lay out this model."""
 
 
+def mesh_axis(logical: str, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES) -> str | None:
+    """The mesh axis `logical` maps to, or None where the rules replicate it or the mesh lacks that axis."""
+    axis = rules.get(logical)
+    return axis if axis is not None and axis in mesh.shape else None
+
+
 def partition_spec(shape, logical_axes, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES,
                    name: str = "") -> PartitionSpec:
     """The PartitionSpec for one array; a dimension not divisible by its mesh axis is an error."""
     spec = []
     for dim, axis in zip(shape, logical_axes):
-        mesh_axis = rules.get(axis) if axis is not None else None
-        if mesh_axis is not None and mesh_axis not in mesh.shape:
-            mesh_axis = None
-        if mesh_axis is not None and dim % mesh.shape[mesh_axis]:
+        target = mesh_axis(axis, mesh, rules) if axis is not None else None
+        if target is not None and dim % mesh.shape[target]:
             raise ShardingError(
                 f"{name or 'array'}: dimension '{axis}' of size {dim} is not divisible by mesh axis "
-                f"'{mesh_axis}' of size {mesh.shape[mesh_axis]}; change the mesh")
-        spec.append(mesh_axis if mesh_axis is not None and mesh.shape[mesh_axis] > 1 else None)
+                f"'{target}' of size {mesh.shape[target]}; change the mesh")
+        spec.append(target if target is not None and mesh.shape[target] > 1 else None)
     return PartitionSpec(*spec)
 
 
@@ -53,8 +58,3 @@ def param_shardings(specs: Mapping, mesh: Mesh, rules: Mapping[str, str | None] 
     """`{name: NamedSharding}` for `mixtral_jax.param_specs(...)` on `mesh`."""
     return {name: NamedSharding(mesh, partition_spec(s.shape, s.logical_axes, mesh, rules, name))
             for name, s in specs.items()}
-
-
-def single_device_shardings(specs: Mapping, device: jax.Device | None = None) -> dict[str, jax.sharding.Sharding]:
-    device = device or jax.devices()[0]
-    return {name: jax.sharding.SingleDeviceSharding(device) for name in specs}

@@ -77,7 +77,7 @@ def test_expert_views_share_the_parameters_and_change_nothing(pair):
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, CONFIG.vocab_size, (2, 10)), jnp.int32)
     cache = KVCache.empty(CONFIG, 2, 12, jnp.float32)
     plain, _ = model.extend(cache, tokens)
-    viewed, _ = nnx.jit(lambda m, c, t, e: m.extend(c, t, experts=e))(model, cache, tokens, views)
+    viewed, _ = nnx.jit(lambda m, c, t, e: m.extend(c, t, expert_weights=e))(model, cache, tokens, views)
     np.testing.assert_allclose(np.asarray(viewed), np.asarray(plain), atol=1e-5)
 
 

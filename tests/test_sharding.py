@@ -8,8 +8,8 @@ from flax import nnx
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
+from mixtral_jax.placement import shard_model
 from mixtral_jax.sharding import ShardingError, make_mesh, parse_mesh_spec
-from mixtral_jax.sharding.placement import shard_model
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU mesh from conftest.py")
 
