@@ -72,6 +72,7 @@ class TrainConfig:
     z_loss_coef: float = 0.0      # router z-loss (ST-MoE); 0 disables it
     seed: int = 0                 # parameter init and data order
     mesh: str | None = None       # e.g. "data=2,expert=4"; None trains on one device
+    fsdp: bool = False            # on a mesh, also split every weight's model dimension over `data`
     save_every: int = 0           # steps between checkpoints; 0 saves only at the end
     keep_checkpoints: int = 2
 
@@ -169,6 +170,14 @@ class TrainStep:
         return optax.apply_updates(params, updates), opt_state, metrics
 
 
+def batch_sharding(mesh, micro_batch: int):
+    """Batches (grad_accum, micro_batch, seq_len) split over `data` where the micro-batch divides."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    data = mesh.shape.get("data", 1)
+    return NamedSharding(mesh, P(None, "data") if data > 1 and micro_batch % data == 0 else P())
+
+
 _COMPILED: dict = {}  # (graphdef, config, coefficient, shardings) -> jitted TrainStep
 
 
@@ -191,7 +200,8 @@ class Trainer:
         tc.check_model(model.config)
         if tc.mesh is not None:
             from mixtral_jax.sharding.placement import shard_model
-            model = shard_model(model, tc.mesh)
+            from mixtral_jax.sharding.rules import DEFAULT_RULES, FSDP_RULES
+            model = shard_model(model, tc.mesh, rules=FSDP_RULES if tc.fsdp else DEFAULT_RULES)
         self.tc, self.config, self.runtime = tc, model.config, model.runtime
         self.mesh = model.runtime.mesh
         aux_loss_coef = model.config.router_aux_loss_coef if tc.aux_loss_coef is None else tc.aux_loss_coef
@@ -234,14 +244,7 @@ class Trainer:
         return self.step_fn.loss(params, tokens)
 
     def _make_batch_sharding(self):
-        if self.mesh is None:
-            return None
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-        data = self.mesh.shape.get("data", 1)
-        micro = self.tc.batch_size // self.tc.grad_accum
-        spec = P(None, "data") if data > 1 and micro % data == 0 else P()
-        return NamedSharding(self.mesh, spec)
+        return None if self.mesh is None else batch_sharding(self.mesh, self.tc.batch_size // self.tc.grad_accum)
 
     def train_step(self, tokens: np.ndarray) -> dict[str, float]:
         """One optimizer step on tokens (batch_size, seq_len); returns the metrics as floats."""

@@ -11,7 +11,7 @@ from mixtral_jax.config import MixtralConfig, RuntimeConfig
 from mixtral_jax.params import assemble_model, model_arrays, param_specs
 
 from .mesh import make_mesh
-from .rules import ShardingError, param_shardings
+from .rules import DEFAULT_RULES, ShardingError, param_shardings
 
 
 def check_mesh(config: MixtralConfig, mesh: Mesh) -> None:
@@ -35,9 +35,9 @@ def sharded_runtime(config: MixtralConfig, runtime: RuntimeConfig, mesh) -> Runt
     return dataclasses.replace(runtime, mesh=mesh)
 
 
-def shard_model(model, mesh):
+def shard_model(model, mesh, rules=DEFAULT_RULES):
     """A copy of `model` whose parameters live on `mesh` per the rules and whose MoE runs expert-parallel."""
     runtime = sharded_runtime(model.config, model.runtime, mesh)
-    shardings = param_shardings(param_specs(model.config, runtime), runtime.mesh)
+    shardings = param_shardings(param_specs(model.config, runtime), runtime.mesh, rules)
     arrays = model_arrays(model)
     return assemble_model(model.config, runtime, lambda name, spec: jax.device_put(arrays[name], shardings[name]))
