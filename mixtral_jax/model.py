@@ -85,14 +85,16 @@ def attend(q, k, v, mask) -> jax.Array:
 
 
 QUERY_BLOCK = 256
+MAX_QUERY_BLOCKS = 16  # longer prompts get longer blocks: each block is its own code to trace and compile
 
 
 def attend_causal(q, k, v, mask, block: int | None = None) -> jax.Array:
     """`attend` for keys that sit in the same slots as the queries (a prefill into a fresh cache): query
     block i only meets keys up to its own end, since later slots are masked (later positions, or padding).
-    A 1024-token prompt does 10/16 of the score work."""
+    A 1024-token prompt does 10/16 of the score work. At most `MAX_QUERY_BLOCKS` blocks: a 32k prompt in
+    256-query blocks would unroll 128 attentions per layer (over 10 minutes to trace and compile)."""
     t = q.shape[1]
-    block = block or QUERY_BLOCK
+    block = max(block or QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS))
     if t < 2 * block:
         return attend(q, k, v, mask)
     outs = [attend(q[:, i:i + block], k[:, :, :i + block], v[:, :, :i + block], mask[:, i:i + block, :i + block])

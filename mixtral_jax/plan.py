@@ -108,14 +108,18 @@ class Report:
     bytes_accessed: float
     est_step_s: float             # max(flops / peak, bytes / HBM bandwidth): an estimate
     est_bound: str                # "compute" or "memory"
+    xla_error: str | None = None  # XLA refused to compile: more memory than HBM (then only `required_bytes`
+    required_bytes: int = 0       # and the arguments, from their shardings, are known)
 
     @property
     def total_bytes(self) -> int:
+        if self.xla_error:
+            return max(self.required_bytes, self.argument_bytes)
         return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.hbm_bytes
+        return self.xla_error is None and self.total_bytes <= self.hbm_bytes
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -193,10 +197,10 @@ def abstract_cache(config: MixtralConfig, batch: int, size: int, dtype, mesh: Me
                    next_position=_by_rules(mesh, (batch,), jnp.int32, CACHE_ROW_AXES[:1]))
 
 
-def weight_bytes_per_chip(state) -> int:
-    """Bytes of one chip's parameter shards (the largest shard where a layout is uneven)."""
+def bytes_per_chip(tree) -> int:
+    """Bytes of one chip's shards of the `ShapeDtypeStruct`s in `tree` (the largest shard where uneven)."""
     total = 0
-    for leaf in jax.tree.leaves(state):
+    for leaf in (x for x in jax.tree.leaves(tree) if isinstance(x, jax.ShapeDtypeStruct)):
         shard = leaf.sharding.shard_shape(leaf.shape)
         total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
     return total
@@ -204,32 +208,29 @@ def weight_bytes_per_chip(state) -> int:
 
 # ------------------------------------------------------------------------------ lowering
 def _lower(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload):
-    """(lowered, weight bytes per chip) for the function a workload runs."""
+    """(lowered, weight bytes per chip, argument bytes per chip) for the function a workload runs."""
     from . import sampler as sampler_lib
 
     mesh = runtime.mesh
-    rules = FSDP_RULES if workload.fsdp else DEFAULT_RULES
-    graphdef, state = abstract_model(config, runtime, rules)
-    weights = weight_bytes_per_chip(state)
+    graphdef, state = abstract_model(config, runtime, FSDP_RULES if workload.fsdp else DEFAULT_RULES)
     b, n = workload.batch, workload.tokens
     key = _replicated(mesh, (2,), jnp.uint32)  # jax.random.key_data of a threefry key
     if workload.kind == "prefill":
-        lowered = sampler_lib.prefill.lower(
-            graphdef, state, None, _replicated(mesh, (b, n), jnp.int32), _replicated(mesh, (b, n), jnp.bool_), key,
-            strategy=sampler_lib.Greedy(), max_new=sampler_lib.bucket(1), cache_dtype=jnp.dtype(runtime.dtype))
+        fn, static = sampler_lib.prefill, dict(strategy=sampler_lib.Greedy(), max_new=sampler_lib.bucket(1),
+                                               cache_dtype=jnp.dtype(runtime.dtype))
+        args = (graphdef, state, None, _replicated(mesh, (b, n), jnp.int32), _replicated(mesh, (b, n), jnp.bool_), key)
     elif workload.kind == "decode":
-        max_new = n - n // 2  # half prompt, half new tokens: the decode loop's memory depends on the sum only
-        cache = abstract_cache(config, b, n, jnp.dtype(runtime.dtype), mesh)
-        lowered = sampler_lib.decode.lower(
-            graphdef, state, None, _replicated(mesh, (b,), jnp.int32), cache, key,
-            _replicated(mesh, (1,), jnp.int32), _replicated(mesh, (1, 1), jnp.int32), _replicated(mesh, (), jnp.int32),
-            strategy=sampler_lib.Greedy(), max_new=max_new, stream=False)
+        # half prompt, half new tokens: the decode loop's memory depends on their sum only
+        fn, static = sampler_lib.decode, dict(strategy=sampler_lib.Greedy(), max_new=n - n // 2, stream=False)
+        args = (graphdef, state, None, _replicated(mesh, (b,), jnp.int32),
+                abstract_cache(config, b, n, jnp.dtype(runtime.dtype), mesh), key, _replicated(mesh, (1,), jnp.int32),
+                _replicated(mesh, (1, 1), jnp.int32), _replicated(mesh, (), jnp.int32))
     else:
-        lowered = _lower_train_step(config, graphdef, state, workload)
-    return lowered, weights
+        fn, args, static = _train_step(config, graphdef, state, workload)
+    return fn.lower(*args, **static), bytes_per_chip(state), bytes_per_chip(args)
 
 
-def _lower_train_step(config, graphdef, state, workload: Workload):
+def _train_step(config, graphdef, state, workload: Workload):
     from .train import TrainConfig, TrainStep, _compiled, batch_sharding
 
     mesh = jax.tree.leaves(state)[0].sharding.mesh
@@ -255,7 +256,7 @@ def _lower_train_step(config, graphdef, state, workload: Workload):
     batch = jax.ShapeDtypeStruct((workload.accum, micro, workload.tokens), jnp.int32,
                                  sharding=batch_sharding(mesh, micro))
     jitted = _compiled(step, param_sh, jax.tree.map(lambda x: x.sharding, opt_state))
-    return jitted.lower(params, opt_state, batch)
+    return jitted, (params, opt_state, batch), {}
 
 
 # ------------------------------------------------------------------------------ reading XLA
@@ -287,19 +288,31 @@ def _cost(compiled) -> dict:
     return cost or {}
 
 
+_OOM_RE = re.compile(r"required for HLO temporaries \(([\d.]+)G\)")
+
+
 def compile_workload(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload, topology: Topology,
                      mesh_spec: str) -> Report:
     t0 = time.perf_counter()
-    lowered, weights = _lower(config, runtime, workload)
-    compiled = lowered.compile()
+    lowered, weights, arguments = _lower(config, runtime, workload)
+    common = dict(workload=workload, topology=topology.name, mesh=mesh_spec, chips=topology.chips,
+                  hbm_bytes=topology.chip.hbm_bytes, weight_bytes=weights)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses programs that need more than HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        m = _OOM_RE.search(str(e))
+        return Report(**common, argument_bytes=arguments, temp_bytes=0, output_bytes=0, alias_bytes=0,
+                      compile_s=time.perf_counter() - t0, collectives={}, flops=0.0, bytes_accessed=0.0,
+                      est_step_s=0.0, est_bound="-", xla_error=str(e).strip().splitlines()[0],
+                      required_bytes=int(float(m[1]) * GIB) if m else 0)
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = _cost(compiled)
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     compute_s, memory_s = flops / topology.chip.peak_flops, accessed / topology.chip.hbm_bandwidth
-    return Report(workload=workload, topology=topology.name, mesh=mesh_spec, chips=topology.chips,
-                  hbm_bytes=topology.chip.hbm_bytes, weight_bytes=weights,
-                  argument_bytes=int(mem.argument_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+    return Report(**common, argument_bytes=int(mem.argument_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                   output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
                   compile_s=seconds, collectives=collectives(compiled.as_text()), flops=flops,
                   bytes_accessed=accessed, est_step_s=max(compute_s, memory_s),
