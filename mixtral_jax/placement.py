@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from .config import MixtralConfig, RuntimeConfig
 from .model import Mixtral
 from .params import assemble_model, model_arrays, param_specs
-from .sharding import ShardingError, make_mesh, param_shardings
+from .sharding import DEFAULT_RULES, Rule, ShardingError, make_mesh, param_shardings
 
 
 def check_mesh(config: MixtralConfig, mesh: Mesh) -> None:
@@ -38,9 +38,9 @@ def sharded_runtime(config: MixtralConfig, runtime: RuntimeConfig, mesh: Mesh | 
     return dataclasses.replace(runtime, mesh=mesh)
 
 
-def shard_model(model: Mixtral, mesh: Mesh | str | dict) -> Mixtral:
+def shard_model(model: Mixtral, mesh: Mesh | str | dict, rules: Mapping[str, Rule] = DEFAULT_RULES) -> Mixtral:
     """A copy of `model` whose parameters live on `mesh` per the rules and whose MoE runs expert-parallel."""
     runtime = sharded_runtime(model.config, model.runtime, mesh)
-    shardings = param_shardings(param_specs(model.config, runtime), runtime.mesh)
+    shardings = param_shardings(param_specs(model.config, runtime), runtime.mesh, rules)
     arrays = model_arrays(model)
     return assemble_model(model.config, runtime, lambda name, spec: jax.device_put(arrays[name], shardings[name]))

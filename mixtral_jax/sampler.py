@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import io_callback, multihost_utils
+from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .model import KVCache, Mixtral
@@ -155,17 +155,33 @@ def _emit_to_stream(tokens):
         _stream_target[0](np.asarray(tokens))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "cache_dtype", "stream"))
-def _generate_jit(graphdef, state, expert_weights, tokens, valid, key, stop_tokens, stop_seqs, limit, *, strategy,
-                  max_new, cache_dtype, stream):
+@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "cache_dtype"))
+def prefill(graphdef, state, experts, tokens, valid, key, *, strategy, max_new, cache_dtype):
+    """Prompts (b, prompt_len) into a fresh prompt-sized cache, grown by `max_new` slots for decoding.
+
+    Returns (first new tokens (b,), cache, key data). Jitted apart from `decode` so that each compiles
+    (and `mixtral_jax.plan` lowers each) exactly as generation runs it."""
     model = nnx.merge(graphdef, state)
     key = jax.random.wrap_key_data(key)
     b, prompt_len = tokens.shape
-    cache = KVCache.empty(model.config, b, prompt_len, cache_dtype)
-    logits, cache = model.extend(cache, tokens, valid, last_only=True, expert_weights=expert_weights)
-    cache = cache.grow(max_new)
+    cache = KVCache.empty(model.config, b, prompt_len, cache_dtype, mesh=model.runtime.mesh)
+    logits, cache = model.extend(cache, tokens, valid, last_only=True, experts=experts)
+    cache = cache.grow(max_new, mesh=model.runtime.mesh)
     key, sub = jax.random.split(key)
-    first = strategy(logits[:, -1], sub)
+    return strategy(logits[:, -1], sub), cache, jax.random.key_data(key)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "stream"),
+                   donate_argnames=("cache",))
+def decode(graphdef, state, experts, first, cache, key, stop_tokens, stop_seqs, limit, *, strategy, max_new,
+           stream):
+    """The decode loop: one `lax.while_loop` from the prefill's first tokens until every row is done or
+    `limit` tokens are out. Returns (tokens (b, max_new), counts (b,), cache). The cache is donated and
+    returned, so the loop updates the prefill's buffers in place (without an output to alias, XLA would
+    carry a second copy of the whole cache)."""
+    model = nnx.merge(graphdef, state)
+    key = jax.random.wrap_key_data(key)
+    b = first.shape[0]
     out = jnp.full((b, max_new), -1, jnp.int32)
     window = stop_seqs.shape[1]
 
@@ -190,7 +206,7 @@ def _generate_jit(graphdef, state, expert_weights, tokens, valid, key, stop_toke
         _, seq_hit = finished(tok, out, i)
         emit(tok, keep)
         alive = keep & ~seq_hit
-        logits, cache = model.extend(cache, tok[:, None], last_only=True, expert_weights=expert_weights)
+        logits, cache = model.extend(cache, tok[:, None], last_only=True, experts=experts)
         key, sub = jax.random.split(key)
         nxt = strategy(logits[:, -1], sub)
         return i + 1, nxt, out, n_out, alive, cache, key
@@ -200,8 +216,8 @@ def _generate_jit(graphdef, state, expert_weights, tokens, valid, key, stop_toke
         return (i < limit) & jnp.any(alive)
 
     init = (jnp.zeros((), jnp.int32), first, out, jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), cache, key)
-    _, _, out, n_out, _, _, _ = jax.lax.while_loop(cond, body, init)
-    return out, n_out
+    _, _, out, n_out, _, cache, _ = jax.lax.while_loop(cond, body, init)
+    return out, n_out, cache
 
 
 def _replicator(mesh):
@@ -219,16 +235,19 @@ def _replicator(mesh):
 def _to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(x)
+    from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _generate(graphdef, state, expert_weights, tokens, valid, key, stop_tokens, stop_seqs, *, strategy, max_new, limit,
+def _generate(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, *, strategy, max_new, limit,
               cache_dtype, stream):
     _stream_target[0] = stream
     try:
-        result = _generate_jit(graphdef, state, expert_weights, tokens, valid, key, stop_tokens, stop_seqs,
-                               jnp.int32(limit), strategy=strategy, max_new=max_new, cache_dtype=jnp.dtype(cache_dtype),
-                               stream=stream is not None)
+        first, cache, key = prefill(graphdef, state, experts, tokens, valid, key, strategy=strategy, max_new=max_new,
+                                    cache_dtype=jnp.dtype(cache_dtype))
+        result = decode(graphdef, state, experts, first, cache, key, stop_tokens, stop_seqs, jnp.int32(limit),
+                        strategy=strategy, max_new=max_new, stream=stream is not None)[:2]
         if stream is not None:  # dispatch is asynchronous: let every callback run before unhooking it
             jax.block_until_ready(result)
             jax.effects_barrier()

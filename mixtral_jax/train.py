@@ -56,7 +56,7 @@ from .moe import load_balancing_loss
 from .params import param_specs
 from .placement import shard_model
 from .progress import progress
-from .sharding import mesh_axis
+from .sharding import DEFAULT_RULES, FSDP_RULES, Rule, activation_spec
 
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE_FILE = "train.json"
@@ -82,6 +82,7 @@ class TrainConfig:
     z_loss_coef: float = 0.0      # router z-loss (ST-MoE); 0 disables it
     seed: int = 0                 # parameter init and data order
     mesh: str | None = None       # e.g. "data=2,expert=4"; None trains on one device
+    fsdp: bool = False            # on a mesh, also split every weight's model dimension over `data`
     save_every: int = 0           # steps between checkpoints; 0 saves only at the end
     keep_checkpoints: int = 2
 
@@ -212,8 +213,16 @@ class TrainStep:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
-def _run_step(step: TrainStep, params, opt_state, batch):
+def run_step(step: TrainStep, params, opt_state, batch):
+    """One jitted step; equal `TrainStep`s share one compile (the step is a static argument)."""
     return step(params, opt_state, batch)
+
+
+def batch_sharding(mesh, tc: TrainConfig, rules: Mapping[str, Rule] = DEFAULT_RULES) -> NamedSharding:
+    """Batches (grad_accum, micro_batch, seq_len): micro-batches split over the rules' `batch` axes, as far
+    as they divide (`activation_spec`)."""
+    shape = (tc.grad_accum, tc.batch_size // tc.grad_accum, tc.seq_len)
+    return NamedSharding(mesh, activation_spec(shape, (None, "batch", None), mesh, rules))
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -224,7 +233,7 @@ class Trainer:
     def __init__(self, model: Mixtral, tc: TrainConfig):
         tc.check_model(model.config)
         if tc.mesh is not None:
-            model = shard_model(model, tc.mesh)
+            model = shard_model(model, tc.mesh, rules=FSDP_RULES if tc.fsdp else DEFAULT_RULES)
         self.tc, self.config, self.runtime = tc, model.config, model.runtime
         self.mesh = model.runtime.mesh
         aux_loss_coef = model.config.router_aux_loss_coef if tc.aux_loss_coef is None else tc.aux_loss_coef
@@ -266,21 +275,14 @@ class Trainer:
         return self.step_fn.loss(params, tokens)
 
     def _make_batch_sharding(self):
-        """Micro-batches split over the mesh axis the rules give `batch`, where they divide evenly."""
-        if self.mesh is None:
-            return None
-        batch_axis = mesh_axis("batch", self.mesh)
-        data = self.mesh.shape[batch_axis] if batch_axis is not None else 1
-        micro = self.tc.batch_size // self.tc.grad_accum
-        spec = P(None, batch_axis) if data > 1 and micro % data == 0 else P()
-        return NamedSharding(self.mesh, spec)
+        return None if self.mesh is None else batch_sharding(self.mesh, self.tc)
 
     def train_step(self, tokens: np.ndarray) -> dict[str, float]:
         """One optimizer step on tokens (batch_size, seq_len); returns the metrics as floats."""
         tc = self.tc
         batch = np.asarray(tokens, np.int32).reshape(tc.grad_accum, tc.batch_size // tc.grad_accum, -1)
         batch = jax.device_put(batch, self._batch_sharding) if self._batch_sharding is not None else jnp.asarray(batch)
-        self.params, self.opt_state, metrics = _run_step(self.step_fn, self.params, self.opt_state, batch)
+        self.params, self.opt_state, metrics = run_step(self.step_fn, self.params, self.opt_state, batch)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["lr"] = float(self.schedule(self.step))  # the rate this step's update used
         self.step += 1

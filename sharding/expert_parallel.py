@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from mixtral_jax.moe import Routing, assign_buckets, bucket_capacity, route, run_experts
 
-from .rules import DEFAULT_RULES, mesh_axis
+from .rules import DEFAULT_RULES, Rule, ShardingError, mesh_axes
 
 
 def _local_experts(x, local_expert, weight, w1, w3, w2, strategy, capacity_factor):
@@ -37,30 +37,34 @@ def _local_experts(x, local_expert, weight, w1, w3, w2, strategy, capacity_facto
     return run_experts(x, routing, w1, w3, w2, strategy, capacity_factor)
 
 
-def _token_axes(mesh: Mesh, n_tokens: int, batch_axis: str | None, expert_axis: str | None):
-    """The mesh axes the flattened tokens split over, or None if they must stay replicated."""
-    for axes in ((batch_axis, expert_axis), (batch_axis,)):
-        axes = tuple(a for a in axes if a is not None)
-        if axes and n_tokens % math.prod(mesh.shape[a] for a in axes) == 0:
-            return axes
-    return None
+def _token_axes(mesh: Mesh, n_tokens: int, batch_axes: tuple[str, ...]):
+    """The longest prefix of the batch's mesh axes that the flattened tokens split over evenly, or None
+    (replicated), as `rules.activation_spec` lays out the activations around the MoE."""
+    axes = batch_axes
+    while axes and n_tokens % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    return axes or None
 
 
 def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strategy: str = "auto",
-                        capacity_factor: float = 2.0, rules: Mapping[str, str | None] = DEFAULT_RULES
+                        capacity_factor: float = 2.0, rules: Mapping[str, Rule] = DEFAULT_RULES
                         ) -> tuple[jax.Array, jax.Array]:
     """x (t, d) -> (output (t, d), router logits (t, E)), with the experts laid out as `rules` say: the
     `expert` logical axis over its mesh axis, the expert hidden dimension (`mlp`) over its own, tokens
     over `batch` (and the expert axis, where they split evenly)."""
     n_tokens = x.shape[0]
     n_experts = w1.shape[0]
-    expert_axis, hidden_axis = mesh_axis("expert", mesh, rules), mesh_axis("mlp", mesh, rules)
+    expert_axes, hidden_axes = mesh_axes("expert", mesh, rules), mesh_axes("mlp", mesh, rules)
+    if len(expert_axes) > 1:
+        raise ShardingError(f"the rules split experts over several mesh axes {expert_axes}; use one")
+    expert_axis = expert_axes[0] if expert_axes else None
+    hidden = hidden_axes or None  # the expert hidden dimension's mesh axes, summed over with psum
     n_shards = mesh.shape[expert_axis] if expert_axis is not None else 1
     local = n_experts // n_shards
-    token_axes = _token_axes(mesh, n_tokens, mesh_axis("batch", mesh, rules), expert_axis)
+    token_axes = _token_axes(mesh, n_tokens, mesh_axes("batch", mesh, rules))
     tok = P(token_axes, None)
-    w_in, w_out = P(expert_axis, None, hidden_axis), P(expert_axis, hidden_axis, None)
-    summed = tuple(a for a in (expert_axis, hidden_axis) if a is not None)
+    w_in, w_out = P(expert_axis, None, hidden), P(expert_axis, hidden, None)
+    summed = (*expert_axes, *hidden_axes)
     all_axes = tuple(mesh.axis_names)
 
     def replicated_tokens(x, router, w1, w3, w2):
@@ -93,8 +97,8 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
                 spread = jnp.arange(recv_e.shape[0]) % local
                 y = _local_experts(recv, jnp.where(valid, recv_e, spread), valid.astype(jnp.float32),
                                    w1, w3, w2, strategy, capacity_factor)
-                if hidden_axis is not None:
-                    y = jax.lax.psum(y, hidden_axis)
+                if hidden_axes:
+                    y = jax.lax.psum(y, hidden_axes)
                 back = jax.lax.all_to_all(y, expert_axis, 0, 0, tiled=True).reshape(n_shards, capacity, d)
                 picked = buckets.collect(back).reshape(t, top_k, d)
                 return jnp.einsum("tk,tkd->td", routing.weights.astype(picked.dtype), picked)

@@ -27,7 +27,8 @@ LAYERS = [
     ("model", ["mixtral_jax.model", "mixtral_jax.params"]),
     ("convert", ["mixtral_jax.convert", "mixtral_jax.convert.*"]),
     ("loading", ["mixtral_jax.placement", "mixtral_jax.loading", "mixtral_jax.demo"]),
-    ("use", ["mixtral_jax.sampler", "mixtral_jax.generate", "mixtral_jax.train"]),
+    ("use", ["mixtral_jax.sampler", "mixtral_jax.generate", "mixtral_jax.train", "mixtral_jax.topologies",
+             "mixtral_jax.plan"]),
     ("cli", ["mixtral_jax.cli", "mixtral_jax.*_command", "mixtral_jax.convert.command"]),
     ("package", ["mixtral_jax"]),
 ]

@@ -101,6 +101,20 @@ def test_overfits_and_mesh_gives_the_same_numbers():
         np.testing.assert_allclose(np.asarray(mesh.params[name]), np.asarray(single.params[name]), atol=1e-4)
 
 
+def test_fsdp_step_equals_one_device():
+    """FSDP (every weight's model dimension also over data) changes the layout, not the numbers."""
+    tokens = _batch(2)
+    single = Trainer(_model(), TC)
+    fsdp = Trainer(_model(), TrainConfig(**{**TC.to_dict(), "mesh": "data=2,expert=4", "fsdp": True}))
+    w1 = fsdp.params["layers.0.moe.w1"]
+    assert w1.sharding.spec[:2] == ("expert", "data")  # (expert, embed, mlp): embed split over data
+    assert {s.data.shape for s in w1.addressable_shards} == {(SMALL.n_experts // 4, SMALL.dim // 2, SMALL.hidden_dim)}
+    a, b = single.train_step(tokens), fsdp.train_step(tokens)
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+    for name in single.params:
+        np.testing.assert_allclose(np.asarray(fsdp.params[name]), np.asarray(single.params[name]), atol=1e-5)
+
+
 def test_gradient_accumulation_equals_the_whole_batch():
     # the token losses are means over equal micro-batches, so accumulating them is exact; the
     # load-balancing loss is per micro-batch (as transformers computes it), so it is off here
