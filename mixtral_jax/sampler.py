@@ -23,6 +23,7 @@ from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .model import KVCache, Mixtral
+from .penalties import PenaltyValue, make_penalties, penalized, token_counts
 
 _BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -90,17 +91,19 @@ class Sampler:
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                  stop_tokens: Sequence[int] | None = None, stop_sequences: Sequence[Sequence[int]] = (),
-                 stream: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+                 stream: Callable[[np.ndarray], None] | None = None, repetition_penalty: PenaltyValue = 1.0,
+                 presence_penalty: PenaltyValue = 0.0, frequency_penalty: PenaltyValue = 0.0) -> list[list[int]]:
         """Return each prompt's new tokens (stop tokens and stop sequences excluded).
 
         `stream(tokens)` is called once per step with a (batch,) array of the step's tokens (-1 for rows
-        already done).
+        already done). The penalties (see `mixtral_jax.penalties`) are one number or one per prompt.
         """
         config = self.model.config
         strategy = make_strategy(temperature, top_k, top_p)
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts:
             raise SamplingError("no prompts given")
+        penalties = make_penalties(len(prompts), repetition_penalty, presence_penalty, frequency_penalty)
         for i, p in enumerate(prompts):
             if not p:
                 raise SamplingError(f"prompt {i} is empty")
@@ -131,6 +134,7 @@ class Sampler:
         key = jax.random.key_data(jax.random.key(seed))
         out, n_out = _generate(graphdef, state, self.model.expert_views(), put(tokens), put(valid), put(key),
                                put(np.asarray(stops or [-1], np.int32)), put(stop_arr),
+                               None if penalties is None else put(penalties),
                                strategy=strategy, max_new=bucket(max_new_tokens), limit=max_new_tokens,
                                cache_dtype=self.cache_dtype or self.model.runtime.dtype,
                                stream=stream)
@@ -156,7 +160,7 @@ def _emit_to_stream(tokens):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "cache_dtype", "stream"))
-def _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, limit, *, strategy,
+def _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, penalties, limit, *, strategy,
                   max_new, cache_dtype, stream):
     model = nnx.merge(graphdef, state)
     key = jax.random.wrap_key_data(key)
@@ -165,8 +169,9 @@ def _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, sto
     logits, cache = model.extend(cache, tokens, valid, last_only=True, experts=experts)
     cache = cache.grow(max_new)
     key, sub = jax.random.split(key)
-    first = strategy(logits[:, -1], sub)
     out = jnp.full((b, max_new), -1, jnp.int32)
+    prompt_counts = None if penalties is None else token_counts(tokens, valid, logits.shape[-1])
+    first = strategy(penalized(logits[:, -1], prompt_counts, out, penalties), sub)
     window = stop_seqs.shape[1]
 
     def finished(tok, out, i):
@@ -192,7 +197,7 @@ def _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, sto
         alive = keep & ~seq_hit
         logits, cache = model.extend(cache, tok[:, None], last_only=True, experts=experts)
         key, sub = jax.random.split(key)
-        nxt = strategy(logits[:, -1], sub)
+        nxt = strategy(penalized(logits[:, -1], prompt_counts, out, penalties), sub)
         return i + 1, nxt, out, n_out, alive, cache, key
 
     def cond(carry):
@@ -224,11 +229,12 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _generate(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, *, strategy, max_new, limit,
-              cache_dtype, stream):
+def _generate(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, penalties, *, strategy, max_new,
+              limit, cache_dtype, stream):
     _stream_target[0] = stream
     try:
-        result = _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, jnp.int32(limit),
+        result = _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, penalties,
+                               jnp.int32(limit),
                                strategy=strategy, max_new=max_new, cache_dtype=jnp.dtype(cache_dtype),
                                stream=stream is not None)
         if stream is not None:  # dispatch is asynchronous: let every callback run before unhooking it
