@@ -72,7 +72,7 @@ def plan(config: MixtralConfig, name: str, devices: int, hbm_gib: float, mesh: s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--mesh")
     p.add_argument("--devices", type=int)
     p.add_argument("--hbm-gib", type=float)

@@ -9,6 +9,10 @@ import time
 
 from .config import ConfigError
 
+# The demo model's decoding when no flag says otherwise: its greedy text falls into loops, sampled text
+# does not. Checkpoints default to greedy, like the Python API.
+DEMO_DECODING = {"temperature": 0.8, "top_p": 0.95}
+
 
 def _load_model(args):
     """The checkpoint given (a Hugging Face directory or one of our Orbax checkpoints), or the demo model."""
@@ -18,8 +22,10 @@ def _load_model(args):
         from .demo import default_model, has_trained_model
 
         what = "trained on Python's standard library" if has_trained_model() else "random weights: checkpoint absent"
-        print(f"using the embedded demo model ({what})", file=sys.stderr)
-        return default_model(RuntimeConfig(param_dtype=args.dtype or "float32"))
+        print(f"using the embedded demo model ({what}); unless flags say otherwise it samples at temperature "
+              f"{DEMO_DECODING['temperature']}, top-p {DEMO_DECODING['top_p']} (--temperature 0: greedy)",
+              file=sys.stderr)
+        return default_model(RuntimeConfig(param_dtype=args.dtype or "float32", mesh=args.mesh))
     if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         from .convert.hf import load_hf
 
@@ -35,25 +41,43 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--temperature", type=float,
+                   help=f"0 is greedy (default: 0, or {DEMO_DECODING['temperature']} with the demo model)")
     p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-p", type=float,
+                   help=f"nucleus mass (default: none, or {DEMO_DECODING['top_p']} with the demo model)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="transformers' repetition penalty over prompt and output (> 0; default 1: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's presence penalty over prompt and output ([-2, 2]; default 0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's frequency penalty over prompt and output ([-2, 2]; default 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--tokenizer", help="SentencePiece model file (default: Mixtral's v1 tokenizer)")
 
 
 def _sampling_kwargs(args):
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=args.stop)
+    """The decoding flags, checked before anything loads; unset ones take the model's defaults: greedy (the
+    Python API's) for a checkpoint, `DEMO_DECODING` for the demo model, whose greedy text loops."""
+    from .penalties import make_penalties
+    from .sampler import make_strategy
+
+    defaults = DEMO_DECODING if args.checkpoint is None else {}
+    temperature = args.temperature if args.temperature is not None else defaults.get("temperature", 0.0)
+    top_p = args.top_p if args.top_p is not None else defaults.get("top_p")
+    make_strategy(temperature, args.top_k, top_p)
+    make_penalties(1, args.repetition_penalty, args.presence_penalty, args.frequency_penalty)
+    return dict(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=top_p,
+                seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
 
 
 def run_generate(args) -> int:
     from .generate import generate
-    from .sampler import make_strategy
     from .tokenizer import load_tokenizer
 
-    make_strategy(args.temperature, args.top_k, args.top_p)  # bad flags fail before loading anything
+    sampling = _sampling_kwargs(args)  # bad flags fail before loading anything
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:
@@ -68,10 +92,10 @@ def run_generate(args) -> int:
     if len(prompts) == 1:  # stream the single answer as it is produced
         show(prompts[0], end="", flush=True)
         out = generate(model, prompts, tokenizer=tokenizer, on_text=lambda _r, t: show(t, end="", flush=True),
-                       **_sampling_kwargs(args))
+                       **sampling)
         show()
     else:
-        out = generate(model, prompts, tokenizer=tokenizer, **_sampling_kwargs(args))
+        out = generate(model, prompts, tokenizer=tokenizer, **sampling)
         for prompt, text in zip(prompts, out):
             show(f"--- {prompt}\n{prompt}{text}")
     n = sum(len(tokenizer.encode(o, bos=False)) for o in out)
@@ -113,10 +137,9 @@ def _is_lead_process() -> bool:
 
 def run_chat(args) -> int:
     from .generate import chat
-    from .sampler import make_strategy
     from .tokenizer import load_tokenizer
 
-    make_strategy(args.temperature, args.top_k, args.top_p)
+    sampling = _sampling_kwargs(args)
     tokenizer = load_tokenizer(args.tokenizer)
     model = _load_model(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -128,19 +151,20 @@ def run_chat(args) -> int:
         messages.append({"role": "user", "content": line})
         show = print if _is_lead_process() else (lambda *a, **k: None)
         reply = chat(model, messages, tokenizer=tokenizer, on_text=lambda t, show=show: show(t, end="", flush=True),
-                     **_sampling_kwargs(args))
+                     **sampling)
         show()
         messages.append({"role": "assistant", "content": reply.strip() or "..."})
     return 0
 
 
 def register(sub):
-    g = sub.add_parser("generate", help="generate text from prompts")
+    g = sub.add_parser("generate", help="generate text from prompts", allow_abbrev=False)
     g.add_argument("prompt", nargs="*", help="prompt text (several make a batch)")
     g.add_argument("--prompts-file", help="a file with one prompt per line")
     _add_common(g)
     g.set_defaults(run=run_generate)
-    c = sub.add_parser("chat", help="interactive multi-turn chat with the Mixtral-Instruct template")
+    c = sub.add_parser("chat", help="interactive multi-turn chat with the Mixtral-Instruct template",
+                       allow_abbrev=False)
     c.add_argument("--system", help="system prompt")
     _add_common(c)
     c.set_defaults(run=run_chat)

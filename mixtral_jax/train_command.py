@@ -98,7 +98,7 @@ def run_train(args) -> int:
 
 
 def register(subparsers):
-    p = subparsers.add_parser("train", help="train or fine-tune on text / JSONL files",
+    p = subparsers.add_parser("train", allow_abbrev=False, help="train or fine-tune on text / JSONL files",
                               description="Train a Mixtral on plain-text or JSONL ({\"text\": ...}) files.")
     p.add_argument("--data", nargs="+", required=True, help="text or .jsonl files")
     p.add_argument("--out", required=True, help="run directory: checkpoints/ and final/")
