@@ -12,6 +12,16 @@ from .config import ConfigError
 # The demo model's decoding when no flag says otherwise: its greedy text falls into loops, sampled text
 # does not. Checkpoints default to greedy, like the Python API.
 DEMO_DECODING = {"temperature": 0.8, "top_p": 0.95}
+_API_DEFAULTS = {"temperature": 0.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0,
+                 "presence_penalty": 0.0, "frequency_penalty": 0.0}  # `mixtral_jax.generate`'s
+_DECODING_FLAGS = (  # (name, type, help)
+    ("temperature", float, "0 is greedy"),
+    ("top_k", int, "sample from the k likeliest tokens"),
+    ("top_p", float, "sample from the smallest set of tokens holding this probability mass"),
+    ("repetition_penalty", float, "transformers' repetition penalty over prompt and output, > 0; 1 is off"),
+    ("presence_penalty", float, "OpenAI's presence penalty over prompt and output, in [-2, 2]; 0 is off"),
+    ("frequency_penalty", float, "OpenAI's frequency penalty over prompt and output, in [-2, 2]; 0 is off"),
+)
 
 
 def _load_model(args):
@@ -41,36 +51,27 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float,
-                   help=f"0 is greedy (default: 0, or {DEMO_DECODING['temperature']} with the demo model)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float,
-                   help=f"nucleus mass (default: none, or {DEMO_DECODING['top_p']} with the demo model)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="transformers' repetition penalty over prompt and output (> 0; default 1: off)")
-    p.add_argument("--presence-penalty", type=float, default=0.0,
-                   help="OpenAI's presence penalty over prompt and output ([-2, 2]; default 0: off)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0,
-                   help="OpenAI's frequency penalty over prompt and output ([-2, 2]; default 0: off)")
+    for flag, kind, meaning in _DECODING_FLAGS:
+        default = "none" if _API_DEFAULTS[flag] is None else _API_DEFAULTS[flag]
+        demo = f", {DEMO_DECODING[flag]} with the demo model" if flag in DEMO_DECODING else ""
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{meaning} (default: {default}{demo})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--tokenizer", help="SentencePiece model file (default: Mixtral's v1 tokenizer)")
 
 
 def _sampling_kwargs(args):
-    """The decoding flags, checked before anything loads; unset ones take the model's defaults: greedy (the
-    Python API's) for a checkpoint, `DEMO_DECODING` for the demo model, whose greedy text loops."""
+    """The decoding flags, checked before anything loads; unset ones take the model's defaults: the Python
+    API's (greedy, no penalties) for a checkpoint, `DEMO_DECODING` for the demo model, whose greedy text loops."""
     from .penalties import make_penalties
     from .sampler import make_strategy
 
-    defaults = DEMO_DECODING if args.checkpoint is None else {}
-    temperature = args.temperature if args.temperature is not None else defaults.get("temperature", 0.0)
-    top_p = args.top_p if args.top_p is not None else defaults.get("top_p")
-    make_strategy(temperature, args.top_k, top_p)
-    make_penalties(1, args.repetition_penalty, args.presence_penalty, args.frequency_penalty)
-    return dict(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=top_p,
-                seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty,
-                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+    defaults = _API_DEFAULTS | (DEMO_DECODING if args.checkpoint is None else {})
+    chosen = {flag: getattr(args, flag) if getattr(args, flag) is not None else defaults[flag]
+              for flag, _, _ in _DECODING_FLAGS}
+    make_strategy(chosen["temperature"], chosen["top_k"], chosen["top_p"])
+    make_penalties(1, chosen["repetition_penalty"], chosen["presence_penalty"], chosen["frequency_penalty"])
+    return dict(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, **chosen)
 
 
 def run_generate(args) -> int:
