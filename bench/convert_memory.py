@@ -146,7 +146,7 @@ def convert_cmd(src, dst, buffer_mb: int, compression: bool = True) -> list[str]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=6, help="decoder layers (each ~181 MB in bf16)")
     ap.add_argument("--full-width", action="store_true",
                     help="Mixtral-8x7B's own widths (dim 4096, 32 heads, experts of width 14336): 2.8 GB a layer")

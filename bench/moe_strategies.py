@@ -49,7 +49,7 @@ def measure(tokens: int, dim=512, hidden=1792, experts=8, top_k=2, quick=False) 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)

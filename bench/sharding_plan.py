@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from mixtral_jax.plan_command import format_reports, suggestion
     from mixtral_jax.topologies import get_topology
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", help="slices to compile (default: all)")
     p.add_argument("--no-prefill", action="store_true", help=f"leave out the {PREFILL}-token prefill (slow compile)")
     p.add_argument("--json", help="write the reports here")

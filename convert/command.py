@@ -13,7 +13,8 @@ _DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 def register(subparsers: argparse._SubParsersAction):
     p = subparsers.add_parser(
-        "convert", help="convert a Hugging Face or Mistral PyTorch checkpoint into an Orbax checkpoint",
+        "convert", allow_abbrev=False,
+        help="convert a Hugging Face or Mistral PyTorch checkpoint into an Orbax checkpoint",
         description="Convert a Hugging Face (config.json + *.safetensors) or Mistral original (params.json + "
                     "consolidated.*.pth / .pt / .safetensors) checkpoint into a mixtral-jax Orbax checkpoint, "
                     "streaming one group of tensors at a time. bf16 stays bf16 unless --dtype says otherwise.")
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction):
     p.set_defaults(run=_run_convert)
 
     v = subparsers.add_parser(
-        "verify", help="check every tensor of a converted checkpoint against its source",
+        "verify", allow_abbrev=False, help="check every tensor of a converted checkpoint against its source",
         description="Compare every parameter of DST (shape, dtype, exact bits) with SRC read as the converter "
                     "reads it. Exits 1 at the first mismatch, naming it.")
     v.add_argument("src", help="source checkpoint directory")

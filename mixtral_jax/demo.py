@@ -10,6 +10,7 @@ random weights from a fixed seed stands in, and its text is noise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from flax import nnx
@@ -18,6 +19,7 @@ from .config import MixtralConfig, RuntimeConfig
 from .convert.orbax_io import is_complete
 from .loading import load
 from .model import Mixtral
+from .placement import shard_model
 
 DEMO_CONFIG = MixtralConfig(vocab_size=32000, dim=112, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=28,
                             hidden_dim=160, n_experts=8, top_k=2, max_seq_len=2048)
@@ -29,9 +31,12 @@ def has_trained_model() -> bool:
 
 
 def default_model(runtime: RuntimeConfig | None = None, seed: int = 0, trained: bool | None = None) -> Mixtral:
-    """The trained demo model (`trained=None`: when its checkpoint is present), else random weights."""
+    """The trained demo model (`trained=None`: when its checkpoint is present), else random weights; on
+    `runtime.mesh` when it names one (checked as for any checkpoint)."""
     runtime = runtime or RuntimeConfig()
     if trained or (trained is None and has_trained_model()):
         return load(DEMO_CHECKPOINT, mesh=runtime.mesh, dtype=runtime.param_dtype, moe_strategy=runtime.moe_strategy,
                     compute_dtype=runtime.compute_dtype)
-    return Mixtral(DEMO_CONFIG, runtime, rngs=nnx.Rngs(seed))
+    if runtime.mesh is None:
+        return Mixtral(DEMO_CONFIG, runtime, rngs=nnx.Rngs(seed))
+    return shard_model(Mixtral(DEMO_CONFIG, dataclasses.replace(runtime, mesh=None), rngs=nnx.Rngs(seed)), runtime.mesh)

@@ -13,3 +13,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, malformed or does not match the model."""
+
+
+class SamplingError(ValueError):
+    """Bad sampling parameters or prompts: raised before anything compiles."""

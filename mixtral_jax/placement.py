@@ -6,6 +6,7 @@ Above the model in the import graph (it builds models); the rules and meshes it 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 from jax.sharding import Mesh

@@ -31,8 +31,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from . import sampler as sampler_lib
 from .config import MixtralConfig, RuntimeConfig
 from .model import KVCache, Mixtral
-from .placement import check_mesh
 from .moe import resolve_strategy
+from .placement import check_mesh
 from .sharding.mesh import make_mesh, parse_mesh_spec
 from .sharding.rules import (
     CACHE_ROW_AXES,
@@ -217,13 +217,14 @@ def _lower(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload):
     if workload.kind == "prefill":
         fn, static = sampler_lib.prefill, dict(strategy=sampler_lib.Greedy(), max_new=sampler_lib.bucket(1),
                                                cache_dtype=jnp.dtype(runtime.dtype))
-        args = (graphdef, state, None, _replicated(mesh, (b, n), jnp.int32), _replicated(mesh, (b, n), jnp.bool_), key)
+        args = (graphdef, state, None, _replicated(mesh, (b, n), jnp.int32), _replicated(mesh, (b, n), jnp.bool_), key,
+                None)
     elif workload.kind == "decode":
         # half prompt, half new tokens: the decode loop's memory depends on their sum only
-        fn, static = sampler_lib.decode, dict(strategy=sampler_lib.Greedy(), max_new=n - n // 2, stream=False)
+        fn, static = sampler_lib.decode, dict(strategy=sampler_lib.Greedy(), max_new=n - n // 2)
         args = (graphdef, state, None, _replicated(mesh, (b,), jnp.int32),
                 abstract_cache(config, b, n, jnp.dtype(runtime.dtype), mesh), key, _replicated(mesh, (1,), jnp.int32),
-                _replicated(mesh, (1, 1), jnp.int32), _replicated(mesh, (), jnp.int32))
+                _replicated(mesh, (1, 1), jnp.int32), None, None, _replicated(mesh, (), jnp.int32))
     else:
         fn, args, static = _train_step(config, graphdef, state, workload)
     return fn.lower(*args, **static), bytes_per_chip(state), bytes_per_chip(args)

@@ -71,6 +71,10 @@ def run_train(args) -> int:
         model = Mixtral(config, RuntimeConfig(), rngs=nnx.Rngs(tc.seed))
     trainer = Trainer(model, tc)
     del model
+    if args.skip_sequences and not existing:  # e.g. the part of the stream an --init-from model already saw
+        if not 0 <= args.skip_sequences < len(data):
+            raise ConfigError(f"--skip-sequences must be in [0, {len(data)}), got {args.skip_sequences}")
+        trainer.data_position = args.skip_sequences
     if existing:
         trainer.restore(existing[-1])
         say(f"resumed from {existing[-1]} (step {trainer.step})")
@@ -93,12 +97,14 @@ def run_train(args) -> int:
 
 
 def register(subparsers):
-    p = subparsers.add_parser("train", help="train or fine-tune on text / JSONL files",
+    p = subparsers.add_parser("train", allow_abbrev=False, help="train or fine-tune on text / JSONL files",
                               description="Train a Mixtral on plain-text or JSONL ({\"text\": ...}) files.")
     p.add_argument("--data", nargs="+", required=True, help="text or .jsonl files")
     p.add_argument("--out", required=True, help="run directory: checkpoints/ and final/")
     p.add_argument("--config", default="tiny", help="tiny, demo, or a config JSON file (default: tiny)")
     p.add_argument("--init-from", help="start from these weights (HF directory or mixtral-jax checkpoint)")
+    p.add_argument("--skip-sequences", type=int, default=0,
+                   help="start the data stream at this sequence (to continue an --init-from model on unseen data)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--seq-len", type=int, default=256)

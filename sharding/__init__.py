@@ -8,7 +8,19 @@ calls `expert_parallel`), so nothing here imports the model; placing a model's p
 from .distributed import initialize
 from .expert_parallel import moe_expert_parallel
 from .mesh import make_mesh, parse_mesh_spec
-from .rules import DEFAULT_RULES, MESH_AXES, ShardingError, mesh_axis, param_shardings, partition_spec
+from .rules import (
+    DEFAULT_RULES,
+    FSDP_RULES,
+    MESH_AXES,
+    Rule,
+    ShardingError,
+    activation_spec,
+    constrain,
+    mesh_axes,
+    param_shardings,
+    partition_spec,
+)
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "ShardingError", "initialize", "make_mesh", "mesh_axis",
-           "moe_expert_parallel", "param_shardings", "parse_mesh_spec", "partition_spec"]
+__all__ = ["DEFAULT_RULES", "FSDP_RULES", "MESH_AXES", "Rule", "ShardingError", "activation_spec", "constrain",
+           "initialize", "make_mesh", "mesh_axes", "moe_expert_parallel", "param_shardings", "parse_mesh_spec",
+           "partition_spec"]

@@ -139,14 +139,14 @@ def test_kv_cache_is_laid_out_by_the_rules(model, spec, batch, batch_axes, head_
     valid = np.ones_like(tokens, bool)
     key = np.asarray(jax.random.key_data(jax.random.key(0)))
     graphdef, state = nnx.split(sharded)
-    first, cache, _ = prefill(graphdef, state, None, tokens, valid, key, strategy=Greedy(), max_new=16,
-                              cache_dtype=jnp.dtype(jnp.float32))
+    first, cache, _, _ = prefill(graphdef, state, None, tokens, valid, key, None, strategy=Greedy(), max_new=16,
+                                 cache_dtype=jnp.dtype(jnp.float32))
     k = cache.k[0]
     assert {s.data.shape for s in k.addressable_shards} == {(batch // split_b, CONFIG.n_kv_heads // split_h, 32,
                                                              CONFIG.head_dim)}
     # and the sharded cache holds the same keys, and gives the same first tokens, as one device
     ref_graphdef, ref_state = nnx.split(model)
-    ref_first, ref_cache, _ = prefill(ref_graphdef, ref_state, None, tokens, valid, key, strategy=Greedy(), max_new=16,
-                                      cache_dtype=jnp.dtype(jnp.float32))
+    ref_first, ref_cache, _, _ = prefill(ref_graphdef, ref_state, None, tokens, valid, key, None, strategy=Greedy(),
+                                         max_new=16, cache_dtype=jnp.dtype(jnp.float32))
     np.testing.assert_allclose(np.asarray(k), np.asarray(ref_cache.k[0]), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(first), np.asarray(ref_first))

@@ -244,3 +244,21 @@ def test_train_command_end_to_end(tmp_path):
     assert os.path.basename(list_checkpoints(out)[-1]) == "step_00000003"
     info = mixtral_jax.convert.orbax_io.read_info(out / "final")  # the export was replaced by step 3's
     assert "3 steps" in info.metadata["source"]["layout"] and info.dtype == np.dtype(jnp.bfloat16)
+
+
+def test_init_from_with_skip_sequences_continues_on_unseen_data(tmp_path):
+    """bench.train_demo's second stage: start from a model, at a later point of the data stream."""
+    from mixtral_jax.train import read_train_state
+    from mixtral_jax.train_command import run_train
+
+    config = MixtralConfig.tiny(vocab_size=32000, n_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "a.txt").write_text(" ".join(f"word{i} and more words" for i in range(200)))
+    common = ["--data", str(tmp_path / "a.txt"), "--batch", "2", "--seq-len", "16", "--warmup", "0"]
+    assert run_train(_cli_args(tmp_path, *common, "--config", str(tmp_path / "config.json"), "--steps", "1")) == 0
+    second = ["--out", str(tmp_path / "second"), "--init-from", str(tmp_path / "out" / "final"), "--steps", "2"]
+    with pytest.raises(ConfigError, match="--skip-sequences must be in"):
+        run_train(_cli_args(tmp_path, *common, *second, "--skip-sequences", "100000"))
+    assert run_train(_cli_args(tmp_path, *common, *second, "--skip-sequences", "7")) == 0
+    (last,) = list_checkpoints(tmp_path / "second")[-1:]
+    assert read_train_state(last)["data_position"] == 7 + 2 * 2
