@@ -7,13 +7,14 @@ on text), and cancel the engine request when the client goes away. FastAPI and u
 `serve` extra, imported when a server is built, so the rest of the CLI works without them.
 """
 
-from __future__ import annotations
-
+# (no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime, and
+# `Request` is imported inside `create_app`)
 import asyncio
 import contextlib
 import dataclasses
 import json
 import secrets
+import signal
 import time
 import uuid
 from collections.abc import Mapping
@@ -83,6 +84,9 @@ def parse_request(body, *, chat: bool, model_name: str, tokenizer: Tokenizer, en
             raise
         raise BadRequest(str(e), "messages" if chat else "prompt") from None
     room = engine.max_context - len(prompt)
+    if room < 1:
+        raise BadRequest(f"the prompt has {len(prompt)} tokens; this server's context holds {engine.max_context} "
+                         "(prompt and completion together)", "prompt")
     default_max = max(room, 1) if chat else 16
     max_tokens = body.get("max_tokens")
     if chat and max_tokens is None:
@@ -320,4 +324,7 @@ def run_server(app, host: str, port: int, drain_seconds: float) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handlers: stop accepting, then the app's lifespan drains)."""
     import uvicorn
 
+    # uvicorn re-raises the signal that stopped it once it has shut down, under the handler it found: with
+    # this no-op one, a drained server returns and the command exits 0 instead of dying by SIGTERM.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=max(drain_seconds, 1))
