@@ -273,36 +273,34 @@ class Engine:
                     return _Plan(free, admit, request=request)
                 if self._stopping:
                     return _Plan([], None, shutdown=True)
-                self._lock.wait(timeout=0.5)
+                if not self._lock.wait(timeout=0.5) and jax.process_count() > 1:
+                    return _Plan([])  # idle: an empty step keeps the other processes' collectives from timing out
 
     def _broadcast(self, plan: _Plan | None) -> _Plan:
-        """Process 0's plan on every process, as one fixed-size int32 array."""
-        b, n = self.config.max_batch, self.max_context
-        buf = np.zeros(8 + b + n, np.int32)
+        """Process 0's plan on every process, as one fixed-size int32 array: a header (shutdown, number of
+        slots to free, admit?, slot, prompt length, max_tokens, temperature and top_p bits, seed low and
+        high words), the slots to free, the prompt."""
+        b, h = self.config.max_batch, 10
+        buf = np.zeros(h + b + self.max_context, np.int32)
         if plan is not None:
             buf[0], buf[1] = plan.shutdown, len(plan.free)
-            buf[8:8 + len(plan.free)] = plan.free
+            buf[h:h + len(plan.free)] = plan.free
             if plan.admit is not None:
                 slot, prompt, p = plan.admit
-                buf[2:8] = (1, slot, len(prompt), p.max_tokens, np.float32(p.temperature).view(np.int32),
-                            np.float32(p.top_p).view(np.int32))
-                buf[8 + b:8 + b + len(prompt)] = prompt
-                seed = np.array([p.seed & 0x7FFFFFFF], np.int32)
-                buf = np.concatenate([buf, seed])
-            else:
-                buf = np.concatenate([buf, np.zeros(1, np.int32)])
-        else:
-            buf = np.concatenate([buf, np.zeros(1, np.int32)])
+                floats = np.array([p.temperature, p.top_p], np.float32).view(np.int32)
+                seed = np.array([p.seed & 0xFFFFFFFF, (p.seed >> 32) & 0xFFFFFFFF], np.uint32).view(np.int32)
+                buf[2:h] = (1, slot, len(prompt), p.max_tokens, *floats, *seed)
+                buf[h + b:h + b + len(prompt)] = prompt
         buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
         if plan is not None:
             return plan
         admit = None
         if buf[2]:
-            slot, n_prompt, max_tokens = int(buf[3]), int(buf[4]), int(buf[5])
-            params = SamplingParams(max_tokens, float(buf[6:7].view(np.float32)[0]),
-                                    float(buf[7:8].view(np.float32)[0]), int(buf[-1]))
-            admit = (slot, buf[8 + b:8 + b + n_prompt].tolist(), params)
-        return _Plan(buf[8:8 + buf[1]].tolist(), admit, bool(buf[0]))
+            temperature, top_p = buf[6:8].view(np.float32).tolist()
+            lo, hi = buf[8:10].view(np.uint32).tolist()
+            params = SamplingParams(int(buf[5]), temperature, top_p, lo | (hi << 32))
+            admit = (int(buf[3]), buf[h + b:h + b + buf[4]].tolist(), params)
+        return _Plan(buf[h:h + buf[1]].tolist(), admit, bool(buf[0]))
 
     def _apply(self, plan: _Plan) -> None:
         for i in plan.free:

@@ -12,6 +12,7 @@ import mixtral_jax
 from mixtral_jax import MixtralConfig, RuntimeConfig
 from mixtral_jax.engine import Engine, EngineConfig, RequestError, SamplingParams, _sample_rows
 from mixtral_jax.model import Mixtral
+from mixtral_jax.placement import shard_model
 
 CONFIG = MixtralConfig.tiny(max_seq_len=128, eos_id=127)  # an EOS the random model rarely picks
 
@@ -156,3 +157,15 @@ def test_background_thread_serves_and_stops_cleanly():
     assert reasons[0] in (["cancelled"], ["length"])
     with pytest.raises(RequestError, match="shutting down"):
         engine.submit([1, 2], SamplingParams())
+
+
+def test_on_a_sharded_mesh_equals_one_device():
+    """The simulated 8-device CPU mesh (conftest.py): the cache and every input replicated over it, the MoE
+    expert-parallel; greedy answers equal the single-device sampler's."""
+    ids, new = prompts([5, 20, 9], seed=2), [12, 6, 10]
+    solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
+    engine = Engine(shard_model(model(), "expert=4,tensor=2"), EngineConfig(max_batch=2, max_context=48,
+                                                                            prefill_chunk=16))
+    _, outs, _ = submit_all(engine, ids, [SamplingParams(max_tokens=n, stop_tokens=()) for n in new])
+    run(engine)
+    assert outs == solo

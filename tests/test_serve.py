@@ -186,6 +186,48 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
     assert _metric(base, "mixtral_tokens_generated_total") == tokens + 3  # the abandoned stream stopped
 
 
+def test_two_processes_serve_what_one_does(server):
+    """A 2-process run joined by jax.distributed (gloo on 127.0.0.1), the demo model expert-parallel over
+    both: process 0 serves HTTP and broadcasts each step's plan, process 1 runs the same steps; the answers
+    equal the one-process server's, and SIGTERM to process 0 ends both cleanly."""
+    _, _, client = server
+    port, coordinator = _free_port(), _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                   MIXTRAL_JAX_COORDINATOR=f"127.0.0.1:{coordinator}", MIXTRAL_JAX_NUM_PROCESSES="2",
+                   MIXTRAL_JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port),
+                                       "--mesh", "expert=2", "--max-batch", "2", "--max-context", str(MAX_CONTEXT),
+                                       "--prefill-chunk", "16"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            try:
+                if _get(base, "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert all(p.poll() is None for p in procs), [p.communicate(timeout=30)[0][-3000:] for p in procs]
+        two = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+        asks = [dict(prompt="import os\n", max_tokens=8, temperature=0),
+                dict(prompt="def main():", max_tokens=12, temperature=0.9, seed=3),
+                dict(prompt="x = 1", max_tokens=5, temperature=0)]
+        with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+            got = list(pool.map(lambda a: two.completions.create(model=MODEL, **a).choices[0].text, asks,
+                                timeout=300))
+        assert got == [client.completions.create(model=MODEL, **a).choices[0].text for a in asks]
+        procs[0].send_signal(signal.SIGTERM)
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+
+
 def test_sigterm_drains_and_exits_cleanly(server):
     proc, base, client = server
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
