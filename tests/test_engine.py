@@ -2,6 +2,7 @@
 finish and cancel, per-slot sampling is reproducible, and bad requests are refused before queueing."""
 
 import functools
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,8 @@ from flax import nnx
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig, RuntimeConfig
-from mixtral_jax.engine import Engine, EngineConfig, RequestError, SamplingParams, _sample_rows
+from mixtral_jax import engine as engine_module
+from mixtral_jax.engine import Engine, EngineConfig, RequestError, SamplingParams, _sample
 from mixtral_jax.model import Mixtral
 from mixtral_jax.placement import shard_model
 
@@ -47,10 +49,10 @@ def submit_all(engine, ids, params):
 def test_concurrent_greedy_equals_solo_through_chunked_prefill_and_cache_shifts():
     """More requests than slots, prompts longer than a prefill chunk, and a context small enough that the
     shared write column runs out several times (the cache shifts left, and right for a long prompt)."""
-    lengths, new = [5, 40, 12, 3, 27, 9, 33], [30, 12, 25, 40, 8, 31, 20]
+    lengths, new = [5, 40, 12, 3, 44, 9, 35], [30, 20, 25, 32, 18, 31, 20]  # few sampler compiles (buckets)
     ids = prompts(lengths)
     solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
-    engine = Engine(model(), EngineConfig(max_batch=3, max_context=64, prefill_chunk=16))
+    engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16))
     params = [SamplingParams(max_tokens=n, stop_tokens=()) for n in new]
     requests, outs, reasons = submit_all(engine, ids, params)
     shifts = []
@@ -73,7 +75,7 @@ def test_concurrent_greedy_equals_solo_through_chunked_prefill_and_cache_shifts(
 def test_stop_token_and_cancel_free_the_slot_at_once():
     ids = prompts([6, 6])
     engine = Engine(model(), EngineConfig(max_batch=1, max_context=64, prefill_chunk=16))
-    free_run = mixtral_jax.generate(model(), [ids[0]], max_new_tokens=10, stop_tokens=[])[0]
+    free_run = mixtral_jax.generate(model(), [ids[0]], max_new_tokens=20, stop_tokens=[])[0]
     stop = free_run[4]  # the 5th greedy token, used as a stop token: the answer is the 4 before it
     first = free_run.index(stop)
     (r1, r2), outs, reasons = submit_all(engine, ids, [SamplingParams(max_tokens=10, stop_tokens=(stop,)),
@@ -119,7 +121,7 @@ def test_per_row_sampling_rules():
     temperature = jnp.asarray([0.0, 1.0, 5.0, 0.0])
     top_p = jnp.asarray([1.0, 1e-3, 1.0, 0.5])
     top = np.asarray(jnp.argmax(logits, -1))
-    draws = [np.asarray(_sample_rows(logits, temperature, top_p, jnp.asarray([[s, 0, c]] * 4, jnp.uint32)))
+    draws = [np.asarray(_sample(logits, temperature, top_p, jnp.asarray([[s, 0, c]] * 4, jnp.uint32)))
              for s in range(3) for c in range(10)]
     assert all(d[0] == top[0] and d[1] == top[1] and d[3] == top[3] for d in draws)
     assert len({int(d[2]) for d in draws}) > 5  # temperature 5 over 50 tokens: many different draws
@@ -134,14 +136,14 @@ def test_per_row_sampling_rules():
     ([1] * 60, SamplingParams(max_tokens=5), "context of 64"),
 ])
 def test_bad_requests_are_refused_and_nothing_is_queued(prompt, params, message):
-    engine = Engine(model(), EngineConfig(max_batch=2, max_context=64, prefill_chunk=16))
+    engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16))
     with pytest.raises(RequestError, match=message):
         engine.submit(prompt, params)
     assert engine.idle and not engine.waiting
 
 
 def test_background_thread_serves_and_stops_cleanly():
-    engine = Engine(model(), EngineConfig(max_batch=2, max_context=64, prefill_chunk=16))
+    engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16))
     engine.start()
     try:
         (r,), outs, reasons = submit_all(engine, prompts([4]), SamplingParams(max_tokens=5, stop_tokens=()))
@@ -162,10 +164,27 @@ def test_background_thread_serves_and_stops_cleanly():
 def test_on_a_sharded_mesh_equals_one_device():
     """The simulated 8-device CPU mesh (conftest.py): the cache and every input replicated over it, the MoE
     expert-parallel; greedy answers equal the single-device sampler's."""
-    ids, new = prompts([5, 20, 9], seed=2), [12, 6, 10]
+    ids, new = prompts([5, 14, 9], seed=2), [20, 18, 24]
     solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
-    engine = Engine(shard_model(model(), "expert=4,tensor=2"), EngineConfig(max_batch=2, max_context=48,
+    engine = Engine(shard_model(model(), "expert=4,tensor=2"), EngineConfig(max_batch=2, max_context=64,
                                                                             prefill_chunk=16))
     _, outs, _ = submit_all(engine, ids, [SamplingParams(max_tokens=n, stop_tokens=()) for n in new])
     run(engine)
     assert outs == solo
+
+
+def test_plan_broadcast_round_trip(monkeypatch):
+    """What a follower process decodes from process 0's broadcast: every field, a 64-bit seed included (the
+    real two-process path runs in tests/test_serve.py)."""
+    sent = []
+    monkeypatch.setattr(engine_module.multihost_utils, "broadcast_one_to_all",
+                        lambda x: sent.append(np.array(x)) or sent[0])
+    lead = types.SimpleNamespace(config=EngineConfig(max_batch=4, max_context=32), max_context=32)
+    params = SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=(1 << 40) + 12345)
+    plan = engine_module._Plan([1, 3], (2, [5, 6, 7], params))
+    assert Engine._broadcast(lead, plan) is plan
+    got = Engine._broadcast(lead, None)
+    assert got.free == [1, 3] and not got.shutdown
+    slot, prompt, p = got.admit
+    assert (slot, prompt, p.max_tokens, p.seed) == (2, [5, 6, 7], 9, params.seed)
+    assert np.float32(p.temperature) == np.float32(0.7) and np.float32(p.top_p) == np.float32(0.9)
