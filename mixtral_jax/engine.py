@@ -73,7 +73,8 @@ class SamplingParams:
 
 class Request:
     """A submitted request. `on_token(id)` per new token, then `on_finish(reason)` once: "stop" (a stop
-    token), "length" (max_tokens) or "cancelled". Both run on the engine thread: keep them quick."""
+    token), "length" (max_tokens), "cancelled", or "abort" (the engine failed). Both run on the engine
+    thread: keep them quick."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, on_token: Callable[[int], None],
                  on_finish: Callable[[str], None]):
@@ -163,6 +164,7 @@ class Engine:
         self._to_free: list[int] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failed = False
         self.lead = jax.process_index() == 0
 
     # ------------------------------------------------------------------------------ public API
@@ -192,7 +194,7 @@ class Engine:
         request = Request(self.validate(prompt, params), params, on_token, on_finish)
         with self._lock:
             if self._stopping:
-                raise RequestError("the server is shutting down")
+                raise RequestError("the engine has failed" if self.failed else "the server is shutting down")
             self.waiting.append(request)
             self._lock.notify()
         return request
@@ -211,9 +213,21 @@ class Engine:
         self._thread.start()
 
     def run(self) -> None:
-        """The loop every process runs (process 0 plans each step; the others follow its broadcasts)."""
-        while self.step():
-            pass
+        """The loop every process runs (process 0 plans each step; the others follow its broadcasts). If a
+        step fails, every request is finished as "abort" and new ones are refused (a server reports 503)."""
+        try:
+            while self.step():
+                pass
+        except BaseException:
+            with self._lock:
+                self._stopping = self.failed = True
+                pending = list(self.waiting) + [s.request for s in self.slots if s is not None]
+                pending += [self.prefill.request] if self.prefill is not None else []
+                self.waiting.clear()
+            for r in pending:
+                if r is not None:
+                    self._finish(r, "abort")
+            raise
 
     def stop(self, drain_seconds: float = 0.0) -> None:
         """Refuse new requests, let running ones finish for up to `drain_seconds`, cancel the rest, end the loop."""

@@ -278,10 +278,19 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_s
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
         if not req.stream:
+            async def watch():  # a client that hangs up before the answer is complete frees the slot too
+                while not await http.is_disconnected():
+                    await asyncio.sleep(0.25)
+                handle_.cancel()
+
+            watcher = asyncio.create_task(watch())
             parts, reasons = [], []
-            async for piece, reason in pieces():
-                parts.append(piece)
-                reasons.append(reason)
+            try:
+                async for piece, reason in pieces():
+                    parts.append(piece)
+                    reasons.append(reason)
+            finally:
+                watcher.cancel()
             reason = reasons[-1]
             return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
                     "choices": [choice("".join(parts), reason, True)], "usage": usage()}

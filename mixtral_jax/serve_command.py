@@ -46,7 +46,7 @@ def run_serve(args) -> int:
 
 
 def register(sub):
-    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching", allow_abbrev=False)
     s.add_argument("--checkpoint", help="Hugging Face directory or converted Orbax checkpoint "
                                         "(default: the embedded demo model)")
     s.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")

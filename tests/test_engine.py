@@ -188,3 +188,17 @@ def test_plan_broadcast_round_trip(monkeypatch):
     slot, prompt, p = got.admit
     assert (slot, prompt, p.max_tokens, p.seed) == (2, [5, 6, 7], 9, params.seed)
     assert np.float32(p.temperature) == np.float32(0.7) and np.float32(p.top_p) == np.float32(0.9)
+
+
+def test_a_failing_step_aborts_every_request_and_refuses_new_ones(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine_module, "_decode", broken)
+    engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16))
+    _, outs, reasons = submit_all(engine, prompts([4, 6, 5]), SamplingParams(max_tokens=5, stop_tokens=()))
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.run()
+    assert reasons == [["abort"]] * 3 and engine.failed
+    with pytest.raises(RequestError, match="failed"):
+        engine.submit([1, 2], SamplingParams())

@@ -2,6 +2,7 @@
 official `openai` client (and raw HTTP for malformed requests). Every wait is bounded."""
 
 import concurrent.futures
+import http.client
 import json
 import os
 import signal
@@ -184,6 +185,23 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
     answer = client.completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=0)
     assert answer.usage.completion_tokens == 3
     assert _metric(base, "mixtral_tokens_generated_total") == tokens + 3  # the abandoned stream stopped
+
+
+def test_client_hanging_up_before_a_plain_answer_frees_the_slot(server):
+    _, base, _ = server
+    tokens = _metric(base, "mixtral_tokens_generated_total")
+    conn = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=10)
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": MODEL, "prompt": "def f(x):",
+                                                                "max_tokens": 100, "temperature": 0}),
+                 headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 60
+    while _metric(base, "mixtral_tokens_generated_total") < tokens + 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    conn.close()
+    while _metric(base, "mixtral_busy_slots") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(base, "mixtral_busy_slots") == 0
+    assert _metric(base, "mixtral_tokens_generated_total") < tokens + 100
 
 
 def test_two_processes_serve_what_one_does(server):
