@@ -150,7 +150,8 @@ def run_plan(args) -> int:
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "plan", allow_abbrev=False, help="compile for a TPU slice ahead of time: per-chip memory, fit, collectives, step estimate",
+        "plan", allow_abbrev=False,
+        help="compile for a TPU slice ahead of time: per-chip memory, fit, collectives, step estimate",
         description="Compile the sampler's prefill/decode and the training step for a TPU slice on this machine "
                     "(jax[tpu] installed, no TPU needed) and report XLA's per-chip memory, collectives and an "
                     "estimated step time. Without workload flags: prefill 1x4096 and decode 8x8192.")
