@@ -1,6 +1,7 @@
 """What a mesh means for Mixtral: per-device weight memory, MoE all_to_all traffic, and whether it fits.
 
     python -m bench.sharding_plan                          # the table for the standard hardware
+    python -m bench.sharding_plan --model 8x22b            # Mixtral-8x22B on the slices that hold it
     python -m bench.sharding_plan --mesh expert=4,tensor=2 --devices 8 --hbm-gib 80
 
 Everything is computed from the model's own parameter specs and the sharding rules (nothing allocated):
@@ -23,7 +24,13 @@ from mixtral_jax.sharding.rules import DEFAULT_RULES
 
 GIB = 1024**3
 
-# (name, devices, HBM GiB per device, mesh)
+# (name, devices, HBM GiB per device, mesh), per model preset
+HARDWARE_8X22B = [
+    ("8x H100 80GB", 8, 80, "expert=8"),
+    ("TPU v5e-16", 16, 16, "expert=8,tensor=2"),  # bf16 does not fit: int8 weights would (141 GB)
+    ("TPU v5p-32 (16 chips)", 16, 95, "expert=8,tensor=2"),
+    ("TPU v5p-64 (32 chips)", 32, 95, "data=2,expert=8,tensor=2"),
+]
 HARDWARE = [
     ("8x H100 80GB", 8, 80, "expert=8"),
     ("8x H100 80GB", 8, 80, "expert=4,tensor=2"),
@@ -73,6 +80,7 @@ def plan(config: MixtralConfig, name: str, devices: int, hbm_gib: float, mesh: s
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="8x7b", help="preset: 8x7b or 8x22b")
     p.add_argument("--mesh")
     p.add_argument("--devices", type=int)
     p.add_argument("--hbm-gib", type=float)
@@ -81,14 +89,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="sequences in the KV cache (whole mesh)")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    config = MixtralConfig()
-    rows_in = [("custom", args.devices, args.hbm_gib, args.mesh)] if args.mesh else HARDWARE
+    config = MixtralConfig.from_preset(args.model)
+    hardware = HARDWARE_8X22B if config.preset_name() == "8x22b" else HARDWARE
+    rows_in = [("custom", args.devices, args.hbm_gib, args.mesh)] if args.mesh else hardware
     rows = [plan(config, *r, args.tokens, args.context, args.batch) for r in rows_in]
-    print(f"Mixtral-8x7B bf16, {args.tokens} prefill tokens per data group, KV for {args.batch} x {args.context}")
-    print(f"{'hardware':<24}{'mesh':<20}{'weights/dev':>12}{'KV/dev':>9}{'MoE send/layer':>16}"
+    title = f"Mixtral-{config.preset_name()[:-1]}B"
+    print(f"{title} bf16, {args.tokens} prefill tokens per data group, KV for {args.batch} x {args.context}")
+    w = max(20, max(len(r["mesh"]) for r in rows) + 2)
+    print(f"{'hardware':<24}{'mesh':<{w}}{'weights/dev':>12}{'KV/dev':>9}{'MoE send/layer':>16}"
           f"{'free/dev':>10}  fits")
     for r in rows:
-        print(f"{r['hardware']:<24}{r['mesh']:<20}{r['weights_gib']:>9.1f}GiB{r['kv_gib']:>6.1f}GiB"
+        print(f"{r['hardware']:<24}{r['mesh']:<{w}}{r['weights_gib']:>9.1f}GiB{r['kv_gib']:>6.1f}GiB"
               f"{r['moe_send_mib_per_layer']:>13.1f}MiB{r['free_gib']:>7.1f}GiB  {'yes' if r['fits'] else 'NO'}")
     if args.json:
         with open(args.json, "w") as f:

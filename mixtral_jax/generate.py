@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from .model import Mixtral
 from .sampler import Sampler, SamplingError
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, tokenizer_for
+from .tool_calls import assistant_message
 
 
 def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64, *,
@@ -15,7 +17,8 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
              on_text: Callable[[int, str], None] | None = None) -> list[str] | list[list[int]]:
     """Generate a continuation for each prompt.
 
-    Strings are encoded with `tokenizer` (Mixtral's by default, with BOS) and strings come back; lists of
+    Strings are encoded with `tokenizer` (by default the model's own: the one its checkpoint recorded, else
+    v3 for a 32768-token vocabulary and v1 otherwise; with BOS) and strings come back; lists of
     token ids come back as lists of new token ids. `stop` strings end a row (they are left out of the
     answer); EOS always does unless `stop_tokens` says otherwise. `on_text(row, fragment)` streams text.
     """
@@ -23,7 +26,7 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
         raise SamplingError("prompts must be a list of strings or of token-id lists, not one string")
     as_text = bool(prompts) and all(isinstance(p, str) for p in prompts)
     if as_text or stop or on_text is not None:
-        tokenizer = tokenizer or load_tokenizer()
+        tokenizer = tokenizer or tokenizer_for(model)
     ids = [tokenizer.encode(p) for p in prompts] if as_text else [list(p) for p in prompts]
     stop_sequences = [tokenizer.encode(s, bos=False) for s in stop] if stop else []
     decoders = [tokenizer.incremental_decoder() for _ in ids] if on_text is not None else []
@@ -42,12 +45,22 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
     return [tokenizer.decode(o) for o in out] if as_text else out
 
 
-def chat(model: Mixtral, messages: Sequence[Mapping[str, str]], max_new_tokens: int = 256, *,
-         tokenizer: Tokenizer | None = None, **kwargs) -> str:
-    """The assistant's reply to a conversation, encoded with Mixtral-Instruct's v1 chat template."""
-    tokenizer = tokenizer or load_tokenizer()
-    prompt = tokenizer.encode_chat(messages)
+def chat(model: Mixtral, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256, *,
+         tools: Sequence[Mapping[str, Any]] | None = None, tokenizer: Tokenizer | None = None,
+         **kwargs) -> str | dict:
+    """The assistant's reply to a conversation, in the chat template of the model's tokenizer.
+
+    Without `tools`: the reply's text. With `tools` (OpenAI function definitions; a v3 tokenizer, i.e.
+    Mixtral-8x22B): an OpenAI-style assistant message, `{"role": "assistant", "content": ..., "tool_calls":
+    [...]}` when the model calls tools (see `mixtral_jax.tool_calls.assistant_message`), which can be
+    appended to `messages` followed by `{"role": "tool", "tool_call_id": ..., "content": ...}` results.
+    `messages` may hold earlier tool calls and results either way. Other keyword arguments: `generate`'s.
+    """
+    tokenizer = tokenizer or tokenizer_for(model)
+    prompt = tokenizer.encode_chat(messages, tools)
     on_text = kwargs.pop("on_text", None)
     out = generate(model, [prompt], max_new_tokens, tokenizer=tokenizer,
                    on_text=(lambda _row, text: on_text(text)) if on_text else None, **kwargs)
-    return tokenizer.decode(out[0])
+    if tools is None:
+        return tokenizer.decode(out[0])
+    return assistant_message(tokenizer, out[0])

@@ -40,7 +40,8 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--tokenizer", help="SentencePiece model file (default: Mixtral's v1 tokenizer)")
+    p.add_argument("--tokenizer", help="v1, v3 or a SentencePiece model file (default: the checkpoint's own; "
+                                       "by vocabulary: 32768 tokens is v3, else v1)")
 
 
 def _sampling_kwargs(args):
@@ -51,7 +52,7 @@ def _sampling_kwargs(args):
 def run_generate(args) -> int:
     from .generate import generate
     from .sampler import make_strategy
-    from .tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer, tokenizer_for
 
     make_strategy(args.temperature, args.top_k, args.top_p)  # bad flags fail before loading anything
     prompts = list(args.prompt)
@@ -60,8 +61,9 @@ def run_generate(args) -> int:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         raise ConfigError("give at least one prompt (arguments or --prompts-file)")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a bad one fails before loading
     model = _load_model(args)
+    tokenizer = tokenizer or tokenizer_for(model)
     lead = _is_lead_process()  # in a multi-process run every process computes, process 0 prints
     show = (lambda *a, **k: print(*a, **k)) if lead else (lambda *a, **k: None)
     start = time.perf_counter()
@@ -114,11 +116,12 @@ def _is_lead_process() -> bool:
 def run_chat(args) -> int:
     from .generate import chat
     from .sampler import make_strategy
-    from .tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer, tokenizer_for
 
     make_strategy(args.temperature, args.top_k, args.top_p)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = _load_model(args)
+    tokenizer = tokenizer or tokenizer_for(model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: an empty line or Ctrl-D ends the conversation", file=sys.stderr)
     while True:

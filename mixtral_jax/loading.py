@@ -4,7 +4,8 @@
 
 Every parameter is restored by Orbax directly into the sharding `mixtral_jax.sharding.param_shardings`
 gives it on the mesh, so each process reads only the chunks its own devices hold and no device ever
-holds a full copy first. The checkpoint carries its config, so nothing else is needed.
+holds a full copy first. The checkpoint carries its config and the name of its tokenizer, so nothing else
+is needed.
 """
 
 from __future__ import annotations
@@ -47,4 +48,6 @@ def load(path: str | os.PathLike, mesh: Mesh | str | dict | None = None, dtype=N
     abstract = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings[name])
                 for name, spec in specs.items()}
     arrays = orbax_io.restore(info.path, abstract)
-    return assemble_model(info.config, runtime, lambda name, spec: arrays.pop(name))
+    model = assemble_model(info.config, runtime, lambda name, spec: arrays.pop(name))
+    model.tokenizer_name = info.tokenizer  # what `generate`/`chat` encode with (`tokenizer_for`)
+    return model
