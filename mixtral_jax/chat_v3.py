@@ -226,10 +226,10 @@ def _normalize(messages: list[_Message]) -> tuple[str | None, list[_Message]]:
         if role == "user":
             turns.append(_Message("user", _join([m.content for m in run])))
         elif role == "assistant":
-            calls = [(cid, name, _normalize_json(args)) for m in run for cid, name, args in m.tool_calls or []]
+            calls = [(cid, name, args or "{}") for m in run for cid, name, args in m.tool_calls or []]
             turns.append(_Message("assistant", _join([m.content for m in run]), calls or None))
         elif role == "tool":
-            turns += [_Message("tool", _normalize_json(_join([m.content])), call_id=m.call_id) for m in run]
+            turns += [_Message("tool", _join([m.content]) or "{}", call_id=m.call_id) for m in run]
         start = i
     if not turns or turns[0].role != "user":
         turns.insert(0, _Message("user", ""))
@@ -244,17 +244,9 @@ def _join(contents: list[Content]) -> str:
     return _JOIN.join(t for t in texts if t)
 
 
-def _normalize_json(text: str) -> str:
-    """Arguments and tool results: empty means {}, JSON is re-serialized, anything else stays as it is."""
-    if not text:
-        return "{}"
-    try:
-        return json.dumps(json.loads(text), ensure_ascii=False)
-    except json.JSONDecodeError:
-        return text
-
-
 def _parse_json(text: str) -> Any:
+    """Arguments and tool results go into the JSON as values where they are JSON (empty ones are {}), else as
+    strings. (mistral-common also re-serializes them first, which changes nothing once they are parsed.)"""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
