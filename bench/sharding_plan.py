@@ -13,6 +13,7 @@ bucket of `capacity_factor * tokens * k / n` rows to each of the n expert shards
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 
@@ -41,9 +42,14 @@ HARDWARE = [
 ]
 
 
+@functools.cache
+def _specs(config: MixtralConfig, dtype: str):  # tracing 8x22B's 56 layers takes seconds: once per model
+    return param_specs(config, RuntimeConfig(param_dtype=dtype))
+
+
 def weight_bytes_per_device(config: MixtralConfig, sizes: dict[str, int], dtype="bfloat16") -> int:
     total = 0
-    for spec in param_specs(config, RuntimeConfig(param_dtype=dtype)).values():
+    for spec in _specs(config, dtype).values():
         split = 1
         for dim, axis in zip(spec.shape, spec.logical_axes):
             mesh_axis = DEFAULT_RULES.get(axis) if axis else None
