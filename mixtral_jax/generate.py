@@ -26,7 +26,7 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
         raise SamplingError("prompts must be a list of strings or of token-id lists, not one string")
     as_text = bool(prompts) and all(isinstance(p, str) for p in prompts)
     if as_text or stop or on_text is not None:
-        tokenizer = tokenizer or tokenizer_for(model)
+        tokenizer = check_tokenizer(model, tokenizer or tokenizer_for(model))
     ids = [tokenizer.encode(p) for p in prompts] if as_text else [list(p) for p in prompts]
     stop_sequences = [tokenizer.encode(s, bos=False) for s in stop] if stop else []
     decoders = [tokenizer.incremental_decoder() for _ in ids] if on_text is not None else []
@@ -56,7 +56,7 @@ def chat(model: Mixtral, messages: Sequence[Mapping[str, Any]], max_new_tokens: 
     appended to `messages` followed by `{"role": "tool", "tool_call_id": ..., "content": ...}` results.
     `messages` may hold earlier tool calls and results either way. Other keyword arguments: `generate`'s.
     """
-    tokenizer = tokenizer or tokenizer_for(model)
+    tokenizer = check_tokenizer(model, tokenizer or tokenizer_for(model))
     prompt = tokenizer.encode_chat(messages, tools)
     on_text = kwargs.pop("on_text", None)
     out = generate(model, [prompt], max_new_tokens, tokenizer=tokenizer,
@@ -64,3 +64,11 @@ def chat(model: Mixtral, messages: Sequence[Mapping[str, Any]], max_new_tokens: 
     if tools is None:
         return tokenizer.decode(out[0])
     return assistant_message(tokenizer, out[0])
+
+
+def check_tokenizer(model: Mixtral, tokenizer: Tokenizer) -> Tokenizer:
+    """A tokenizer with more tokens than the model was trained for would feed it ids it has no embedding for."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SamplingError(f"the {tokenizer.version} tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                            f"{model.config.vocab_size}: use the model's own tokenizer (v1 for 32000, v3 for 32768)")
+    return tokenizer

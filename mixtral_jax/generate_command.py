@@ -50,7 +50,7 @@ def _sampling_kwargs(args):
 
 
 def run_generate(args) -> int:
-    from .generate import generate
+    from .generate import check_tokenizer, generate
     from .sampler import make_strategy
     from .tokenizer import load_tokenizer, tokenizer_for
 
@@ -63,7 +63,7 @@ def run_generate(args) -> int:
         raise ConfigError("give at least one prompt (arguments or --prompts-file)")
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a bad one fails before loading
     model = _load_model(args)
-    tokenizer = tokenizer or tokenizer_for(model)
+    tokenizer = check_tokenizer(model, tokenizer or tokenizer_for(model))
     lead = _is_lead_process()  # in a multi-process run every process computes, process 0 prints
     show = (lambda *a, **k: print(*a, **k)) if lead else (lambda *a, **k: None)
     start = time.perf_counter()
@@ -114,14 +114,14 @@ def _is_lead_process() -> bool:
 
 
 def run_chat(args) -> int:
-    from .generate import chat
+    from .generate import chat, check_tokenizer
     from .sampler import make_strategy
     from .tokenizer import load_tokenizer, tokenizer_for
 
     make_strategy(args.temperature, args.top_k, args.top_p)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = _load_model(args)
-    tokenizer = tokenizer or tokenizer_for(model)
+    tokenizer = check_tokenizer(model, tokenizer or tokenizer_for(model))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: an empty line or Ctrl-D ends the conversation", file=sys.stderr)
     while True:

@@ -222,3 +222,11 @@ def test_chat_with_tools_needs_a_v3_tokenizer(tok):
     model = successor_model([END_INST, EOS], vocab_size=32000)
     with pytest.raises(ValueError, match="v1 tokenizer"):
         mixtral_jax.chat(model, [{"role": "user", "content": "hi"}], tools=[WEATHER])
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused():
+    model = successor_model([END_INST, EOS], vocab_size=32000)
+    with pytest.raises(mixtral_jax.SamplingError, match="v3 tokenizer has 32768 tokens, the model only 32000"):
+        mixtral_jax.chat(model, [{"role": "user", "content": "hi"}], tokenizer=load_tokenizer("v3"))
+    with pytest.raises(mixtral_jax.SamplingError, match="model's own tokenizer"):
+        mixtral_jax.generate(model, ["hi"], tokenizer=load_tokenizer("v3"))
