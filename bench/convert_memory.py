@@ -134,18 +134,19 @@ def peak_rss(cmd: list[str], env: dict | None = None) -> dict:
 def baseline_cmd() -> list[str]:
     """A process that imports and initialises what a conversion does, and converts nothing."""
     return [sys.executable, "-c",
-            "import mixtral_jax.convert.convert, mixtral_jax.convert.orbax_io as o, orbax.checkpoint.experimental.v1; "
+            "import mixtral_jax.convert.converter, mixtral_jax.convert.orbax_io as o; "
+            "import orbax.checkpoint.experimental.v1; "
             "from mixtral_jax.params import param_specs; from mixtral_jax.config import MixtralConfig; "
             "param_specs(MixtralConfig.tiny())"]
 
 
 def convert_cmd(src, dst, buffer_mb: int, compression: bool = True) -> list[str]:
-    return [sys.executable, "-m", "mixtral_jax.convert.command", "convert", str(src), str(dst), "--no-progress",
+    return [sys.executable, "-m", "mixtral_jax.cli", "convert", str(src), str(dst), "--no-progress",
             "--buffer-mb", str(buffer_mb)] + ([] if compression else ["--no-compression"])
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=6, help="decoder layers (each ~181 MB in bf16)")
     ap.add_argument("--full-width", action="store_true",
                     help="Mixtral-8x7B's own widths (dim 4096, 32 heads, experts of width 14336): 2.8 GB a layer")

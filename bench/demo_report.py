@@ -47,7 +47,7 @@ def kind_of(piece: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--sequences", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     args = p.parse_args(argv)

@@ -49,7 +49,7 @@ def measure(tokens: int, dim=512, hidden=1792, experts=8, top_k=2, quick=False) 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     print(f"{'shape':<14}" + "".join(f"{n:>12}" for n in STRATEGIES) + f"{'auto':>12}{'best/dense':>12}")
     for label, tokens in shapes.items():
         times = measure(tokens, quick=args.quick)
-        auto = resolve_strategy("auto", tokens, 2, 8)
+        auto = resolve_strategy("auto")
         best = min(times, key=times.get)
         results[label] = dict(times_ms={k: v * 1e3 for k, v in times.items()}, auto=auto, best=best,
                               best_vs_dense=times["dense"] / times[best],

@@ -1,115 +1,103 @@
-"""What a mesh means for Mixtral: per-device weight memory, MoE all_to_all traffic, and whether it fits.
+"""What Mixtral (bf16) needs on TPU slices, from XLA's TPU compiler (`mixtral_jax.plan`), not arithmetic.
 
-    python -m bench.sharding_plan                          # the table for the standard hardware
-    python -m bench.sharding_plan --model 8x22b            # Mixtral-8x22B on the slices that hold it
-    python -m bench.sharding_plan --mesh expert=4,tensor=2 --devices 8 --hbm-gib 80
+    python -m bench.sharding_plan                       # the README table (compiles the full model: slow)
+    python -m bench.sharding_plan --json bench/results/sharding_plan.json --only v5e-8
+    python -m bench.sharding_plan --model 8x22b --no-prefill   # Mixtral-8x22B on v5p-32 and v5p-64
 
-Everything is computed from the model's own parameter specs and the sharding rules (nothing allocated):
-weight bytes per device follow `param_shardings`; traffic follows `sharding/expert_parallel.py` (one
-bucket of `capacity_factor * tokens * k / n` rows to each of the n expert shards and back, plus the
-`psum` over `tensor` of the results), for a prefill of `--tokens` tokens per data group.
+Every TPU row compiles the sampler's prefill / decode or the trainer's step ahead of time for the slice on
+this machine (jax[tpu] installed, no TPU) and reads per-chip memory from XLA's memory analysis. The 8x
+H100 rows are arithmetic (weights and KV cache per GPU from the rules; activations not counted), because
+no GPU compiler is installed here; they are labelled so.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
+import time
 
 from mixtral_jax.config import MixtralConfig, RuntimeConfig
-from mixtral_jax.moe import bucket_capacity
 from mixtral_jax.params import param_specs
 from mixtral_jax.sharding.mesh import parse_mesh_spec
 from mixtral_jax.sharding.rules import DEFAULT_RULES
+from mixtral_jax.topologies import GIB, H100
 
-GIB = 1024**3
-
-# (name, devices, HBM GiB per device, mesh), per model preset
-HARDWARE_8X22B = [
-    ("8x H100 80GB", 8, 80, "expert=8"),
-    ("TPU v5e-16", 16, 16, "expert=8,tensor=2"),  # bf16 does not fit: int8 weights would (141 GB)
-    ("TPU v5p-32 (16 chips)", 16, 95, "expert=8,tensor=2"),
-    ("TPU v5p-64 (32 chips)", 32, 95, "data=2,expert=8,tensor=2"),
+DECODE = [(8, 8192), (64, 8192), (8, 32768), (64, 32768)]
+# (slice, mesh, extra workloads)
+TPU_ROWS = [
+    ("v5e-8", "expert=4,tensor=2", ()),
+    ("v4-32", "expert=8,tensor=2", ()),
+    ("v5p-128", "data=8,expert=8", (("train", 64, 4096, True),)),
 ]
-HARDWARE = [
-    ("8x H100 80GB", 8, 80, "expert=8"),
-    ("8x H100 80GB", 8, 80, "expert=4,tensor=2"),
-    ("TPU v5e-8", 8, 16, "expert=8"),
-    ("TPU v5e-8", 8, 16, "expert=4,tensor=2"),
-    ("TPU v4-32 (16 chips)", 16, 32, "data=2,expert=8"),
-    ("TPU v5p-128 (64 chips)", 64, 95, "data=8,expert=8"),
+# Mixtral-8x22B (281 GB in bf16): the v5p slices that hold it (int8 on v5e-16 waits for int8 weights)
+TPU_ROWS_8X22B = [
+    ("v5p-32", "expert=8,tensor=2", ()),
+    ("v5p-64", "data=2,expert=8,tensor=2", ()),
 ]
+H100_MESH = {"8x7b": "expert=4,tensor=2", "8x22b": "expert=8"}
+PREFILL = 32768
 
 
-@functools.cache
-def _specs(config: MixtralConfig, dtype: str):  # tracing 8x22B's 56 layers takes seconds: once per model
-    return param_specs(config, RuntimeConfig(param_dtype=dtype))
-
-
-def weight_bytes_per_device(config: MixtralConfig, sizes: dict[str, int], dtype="bfloat16") -> int:
-    total = 0
-    for spec in _specs(config, dtype).values():
+def h100_arithmetic(config: MixtralConfig, mesh: str, batch: int, context: int) -> dict:
+    """Weights + KV cache per GPU for decode on 8x H100 by the rules (no compiler here: arithmetic)."""
+    sizes = parse_mesh_spec(mesh, 8)
+    weights = 0
+    for spec in param_specs(config, RuntimeConfig(param_dtype="bfloat16")).values():
         split = 1
-        for dim, axis in zip(spec.shape, spec.logical_axes):
-            mesh_axis = DEFAULT_RULES.get(axis) if axis else None
-            if mesh_axis and dim % sizes[mesh_axis] == 0:
-                split *= sizes[mesh_axis]
-        total += math.prod(spec.shape) * spec.dtype.itemsize // split
-    return total
-
-
-def moe_traffic_per_device(config: MixtralConfig, sizes: dict[str, int], tokens: int, dtype_bytes=2,
-                           capacity_factor=2.0) -> int:
-    """Bytes one device sends per MoE layer for `tokens` tokens in its data group (there and back)."""
-    n, t = sizes["expert"], sizes["tensor"]
-    local_tokens = max(1, tokens // n)
-    capacity = bucket_capacity(local_tokens * config.top_k, 1, n, capacity_factor)
-    bucket = capacity * config.dim * dtype_bytes
-    all_to_all = 2 * (n - 1) * bucket                      # to the other expert shards, and back
-    psum = 2 * (t - 1) / t * n * bucket if t > 1 else 0    # ring all-reduce of the results over tensor
-    return int(all_to_all + psum)
-
-
-def plan(config: MixtralConfig, name: str, devices: int, hbm_gib: float, mesh: str, tokens: int,
-         context: int, batch: int) -> dict:
-    sizes = parse_mesh_spec(mesh, devices)
-    weights = weight_bytes_per_device(config, sizes)
-    kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2  # bf16 k and v
-    kv_split = sizes["tensor"] if config.n_kv_heads % sizes["tensor"] == 0 else 1
-    kv = kv_per_token * batch * context // (sizes["data"] * sizes["expert"] * kv_split)
-    free = hbm_gib * GIB - weights - kv
-    return dict(hardware=name, mesh=mesh, weights_gib=weights / GIB, kv_gib=kv / GIB,
-                moe_send_mib_per_layer=moe_traffic_per_device(config, sizes, tokens) / 2**20,
-                free_gib=free / GIB, fits=free > 0.1 * hbm_gib * GIB)
+        for axis in spec.logical_axes:
+            rule = DEFAULT_RULES.get(axis) if axis else None
+            split *= math.prod(sizes[a] for a in ((rule,) if isinstance(rule, str) else rule or ()))
+        weights += math.prod(spec.shape) * spec.dtype.itemsize // split
+    groups = sizes["data"] * sizes["expert"]
+    seqs = batch // groups if batch % groups == 0 else batch // sizes["data"] if batch % sizes["data"] == 0 else batch
+    kv = 2 * config.n_layers * 2 * seqs * (config.n_kv_heads // sizes["tensor"]) * context * config.head_dim
+    return dict(workload=f"decode {batch}x{context}", weights=weights, kv=kv, total=weights + kv,
+                fits=weights + kv <= H100.hbm_bytes)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="8x7b", help="preset: 8x7b or 8x22b")
-    p.add_argument("--mesh")
-    p.add_argument("--devices", type=int)
-    p.add_argument("--hbm-gib", type=float)
-    p.add_argument("--tokens", type=int, default=4096, help="prefill tokens per data group and step")
-    p.add_argument("--context", type=int, default=8192, help="KV cache length per sequence")
-    p.add_argument("--batch", type=int, default=8, help="sequences in the KV cache (whole mesh)")
-    p.add_argument("--json")
+    from mixtral_jax import plan as plan_lib
+    from mixtral_jax.plan_command import format_reports, suggestion
+    from mixtral_jax.topologies import get_topology
+
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="8x7b", choices=sorted(H100_MESH), help="preset (default: 8x7b)")
+    p.add_argument("--decode", nargs="*", help="decode workloads BATCHxCONTEXT (default: 8x8192 64x8192 "
+                                               "8x32768 64x32768)")
+    p.add_argument("--only", nargs="*", help="slices to compile (default: all)")
+    p.add_argument("--no-prefill", action="store_true", help=f"leave out the {PREFILL}-token prefill (slow compile)")
+    p.add_argument("--json", help="write the reports here")
     args = p.parse_args(argv)
     config = MixtralConfig.from_preset(args.model)
-    hardware = HARDWARE_8X22B if config.preset_name() == "8x22b" else HARDWARE
-    rows_in = [("custom", args.devices, args.hbm_gib, args.mesh)] if args.mesh else hardware
-    rows = [plan(config, *r, args.tokens, args.context, args.batch) for r in rows_in]
-    title = f"Mixtral-{config.preset_name()[:-1]}B"
-    print(f"{title} bf16, {args.tokens} prefill tokens per data group, KV for {args.batch} x {args.context}")
-    w = max(20, max(len(r["mesh"]) for r in rows) + 2)
-    print(f"{'hardware':<24}{'mesh':<{w}}{'weights/dev':>12}{'KV/dev':>9}{'MoE send/layer':>16}"
-          f"{'free/dev':>10}  fits")
-    for r in rows:
-        print(f"{r['hardware']:<24}{r['mesh']:<{w}}{r['weights_gib']:>9.1f}GiB{r['kv_gib']:>6.1f}GiB"
-              f"{r['moe_send_mib_per_layer']:>13.1f}MiB{r['free_gib']:>7.1f}GiB  {'yes' if r['fits'] else 'NO'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    decode = [tuple(int(n) for n in d.split("x")) for d in args.decode] if args.decode else DECODE
+    rows, start = [], time.perf_counter()
+    for name, mesh, extra in TPU_ROWS_8X22B if args.model == "8x22b" else TPU_ROWS:
+        if args.only and name not in args.only:
+            continue
+        jobs = [plan_lib.decode(b, c) for b, c in decode] + [plan_lib.train(b, s, fsdp=f) for _, b, s, f in extra]
+        if not args.no_prefill:
+            jobs.append(plan_lib.prefill(1, PREFILL))
+        topology = get_topology(name)
+        reports = []
+        for job in jobs:  # one at a time, printed as they finish
+            reports += plan_lib.plan(config, topology, mesh, [job])
+            r = reports[-1]
+            print(f"{name:<8} {mesh:<20} {job.label:<26} total {r.total_bytes / GIB:6.2f} GiB of "
+                  f"{r.hbm_bytes / GIB:.2f}  {'fits' if r.fits else 'does NOT fit: ' + suggestion(r)}  "
+                  f"({r.compile_s:.0f}s)", flush=True)
+            rows.append(r.to_dict())
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
+        print(format_reports(config, topology, reports), flush=True)
+    h100_mesh = H100_MESH[args.model]
+    print(f"\n8x NVIDIA H100 80GB, {h100_mesh} -- ARITHMETIC (weights + KV cache only, no compiler):")
+    for b, c in decode:
+        h = h100_arithmetic(config, h100_mesh, b, c)
+        print(f"  {h['workload']:<20} weights {h['weights'] / GIB:5.2f} GiB + KV {h['kv'] / GIB:5.2f} GiB = "
+              f"{h['total'] / GIB:5.2f} GiB of {H100.hbm_bytes / GIB:.1f}  {'fits' if h['fits'] else 'does NOT fit'}")
+    print(f"[{time.perf_counter() - start:.0f}s]")
     return 0
 
 

@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)

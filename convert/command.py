@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .converter import convert
+from .verify import VerificationError, verify
+
 _DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 def register(subparsers: argparse._SubParsersAction):
     p = subparsers.add_parser(
-        "convert", help="convert a Hugging Face or Mistral PyTorch checkpoint into an Orbax checkpoint",
+        "convert", allow_abbrev=False,
+        help="convert a Hugging Face or Mistral PyTorch checkpoint into an Orbax checkpoint",
         description="Convert a Hugging Face (config.json + *.safetensors) or Mistral original (params.json + "
                     "consolidated.*.pth / .pt / .safetensors) checkpoint into a mixtral-jax Orbax checkpoint, "
                     "streaming one group of tensors at a time. bf16 stays bf16 unless --dtype says otherwise.")
@@ -29,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction):
     p.set_defaults(run=_run_convert)
 
     v = subparsers.add_parser(
-        "verify", help="check every tensor of a converted checkpoint against its source",
+        "verify", allow_abbrev=False, help="check every tensor of a converted checkpoint against its source",
         description="Compare every parameter of DST (shape, dtype, exact bits) with SRC read as the converter "
                     "reads it. Exits 1 at the first mismatch, naming it.")
     v.add_argument("src", help="source checkpoint directory")
@@ -40,7 +44,6 @@ def register(subparsers: argparse._SubParsersAction):
 
 
 def _run_convert(args) -> int:
-    from .convert import convert
     report = convert(args.src, args.dst, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
                      show_progress=not args.no_progress, tokenizer=args.tokenizer,
                      buffer_bytes=max(args.buffer_mb, 1) << 20, compress=not args.no_compression)
@@ -49,7 +52,6 @@ def _run_convert(args) -> int:
 
 
 def _run_verify(args) -> int:
-    from .verify import VerificationError, verify
     try:
         report = verify(args.src, args.dst, format=args.format, show_progress=not args.no_progress)
     except VerificationError as e:
@@ -57,14 +59,3 @@ def _run_verify(args) -> int:
         return 1
     print(report)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mixtral_jax.convert.command ...`: the `mixtral-jax` CLI (convert and verify live there)."""
-    from mixtral_jax.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

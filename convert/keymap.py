@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import numpy as np
 
 from mixtral_jax.config import MixtralConfig
-
-from .safetensors_file import CheckpointError
+from mixtral_jax.errors import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,26 +105,63 @@ class TensorSource(Protocol):
 
     def keys(self) -> Iterable[str]: ...
     def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> np.dtype: ...
     def get(self, key: str) -> np.ndarray: ...
+    def location(self, key: str) -> tuple[str, int, np.dtype, tuple[int, ...]] | None: ...
+    def release(self) -> None: ...
+
+
+class TensorFile(Protocol):
+    """One file of a checkpoint: `SafetensorsFile`, or a PyTorch file in `convert.mistral`."""
+
+    path: str
+
+    def keys(self) -> Iterable[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> np.dtype: ...
+    def get(self, key: str) -> np.ndarray: ...
+    def location(self, key: str) -> tuple[str, int, np.dtype, tuple[int, ...]] | None: ...
+    def release(self) -> None: ...
 
 
 class FileIndexedTensors:
-    """A `TensorSource` over several files: subclasses fill `self._where` with key -> the file holding it
-    (an object with `shape(key)`, `dtype(key)` and `get(key)`)."""
+    """A `TensorSource` over several files, each key held by exactly one of them."""
 
-    _where: dict
+    def __init__(self, files: Iterable[TensorFile]):
+        self.files = list(files)
+        self._file_of: dict[str, TensorFile] = {}
+        for f in self.files:
+            for key in f.keys():
+                if key in self._file_of:
+                    raise CheckpointError(f"tensor {key!r} appears in both {self._file_of[key].path} and {f.path}")
+                self._file_of[key] = f
 
-    def keys(self):
-        return list(self._where)
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def file_of(self, key: str) -> TensorFile:
+        return self._file_of[key]
 
     def shape(self, key):
-        return self._where[key].shape(key)
+        return self._file_of[key].shape(key)
 
     def dtype(self, key):
-        return self._where[key].dtype(key)
+        return self._file_of[key].dtype(key)
 
     def get(self, key):
-        return self._where[key].get(key)
+        return self._file_of[key].get(key)
+
+    def location(self, key):
+        """(path, offset, dtype, shape) where `key` lies uncompressed in a plain file, else None."""
+        return self._file_of[key].location(key)
+
+    def release(self):
+        """Drop the memory-mapped pages read so far (they count as resident until then)."""
+        for f in self.files:
+            f.release()
 
 
 def plan(source: TensorSource, rules: list[Rule], config: MixtralConfig,
@@ -166,14 +202,6 @@ def assemble(source: TensorSource, parts: list[tuple[str, Placement]], shape, dt
     for key, p in parts:
         out[p.index] = p.transform(source.get(key))
     return out
-
-
-def iter_params(source: TensorSource, rules: list[Rule], config: MixtralConfig,
-                specs: Mapping[str, object], dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield `(name, array)` in model order, one parameter at a time (bounded memory)."""
-    by_target = plan(source, rules, config, specs)
-    for name, spec in specs.items():
-        yield name, assemble(source, by_target[name], spec.shape, dtype or spec.dtype)
 
 
 # ------------------------------------------------------------------------------------ Mistral originals

@@ -18,9 +18,7 @@ int16 view: numpy has no bf16 of its own), never widened.
 
 from __future__ import annotations
 
-import ctypes
 import glob
-import mmap
 import os
 import re
 
@@ -28,9 +26,11 @@ import ml_dtypes
 import numpy as np
 
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.errors import CheckpointError
 
 from .keymap import FileIndexedTensors
-from .safetensors_file import CheckpointError, SafetensorsFile
+from .pages import drop_range
+from .safetensors_file import SafetensorsFile
 
 LAYOUT_RELEASE = "per-expert keys (release layout)"
 LAYOUT_TORRENT = "stacked experts (pre-release torrent layout)"
@@ -96,13 +96,16 @@ class _TorchFile:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
 
+    def location(self, key):
+        return None  # inside a zip archive: read through the mapping
+
     def release(self):
         """Drop the pages read so far from this process; the mapping stays, so nothing is reloaded."""
         if self._tensors is None:
             return
         for t in self._tensors.values():
             storage = t.untyped_storage()
-            _madvise_dontneed(storage.data_ptr(), storage.nbytes())
+            drop_range(storage.data_ptr(), storage.nbytes())
 
 
 def _numpy_dtype(torch_dtype, path, key) -> np.dtype:
@@ -113,51 +116,6 @@ def _numpy_dtype(torch_dtype, path, key) -> np.dtype:
     if torch_dtype not in table:
         raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {torch_dtype}")
     return np.dtype(table[torch_dtype])
-
-
-class _SafetensorsFile(SafetensorsFile):
-    def release(self):
-        drop_mapped_pages(self)
-
-
-# ---------------------------------------------------------------------------- resident memory of maps
-# Pages of a memory-mapped file count in a process's resident memory once touched, until unmapped. A
-# converter reading 93 GB through maps would look (and, under a cgroup limit, be charged) as if it held
-# them all. MADV_DONTNEED on a clean read-only mapping only drops them from this process (the page
-# cache keeps them; touching them again reads them back), so it is safe even while views exist.
-_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
-_PAGE = mmap.PAGESIZE
-
-
-def _madvise_dontneed(address: int, length: int):
-    if _MADV_DONTNEED is None or length <= 0:
-        return
-    start = -(-address // _PAGE) * _PAGE          # whole pages inside [address, address + length)
-    end = (address + length) // _PAGE * _PAGE
-    if end > start:
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
-
-
-_LIBC = None
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return _LIBC
-
-
-def drop_mapped_pages(st: SafetensorsFile):
-    """Drop a `SafetensorsFile`'s resident mapped pages (its mapping is a read-only `np.memmap`)."""
-    mapped = getattr(st, "_mmap", None)
-    raw = getattr(mapped, "_mmap", None)  # the np.memmap's underlying mmap.mmap
-    if raw is not None and _MADV_DONTNEED is not None:
-        try:
-            raw.madvise(_MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass
 
 
 class MistralCheckpoint(FileIndexedTensors):
@@ -172,19 +130,14 @@ class MistralCheckpoint(FileIndexedTensors):
         pt = _numbered(glob.glob(os.path.join(self.path, "consolidated*.pth")) +
                        glob.glob(os.path.join(self.path, "consolidated*.pt")))
         if st:  # prefer safetensors where both exist: no pickle at all
-            self.files = [_SafetensorsFile(p) for p in st]
+            files = [SafetensorsFile(p) for p in st]
         elif pt:
             _check_numbering(pt)
-            self.files = [_TorchFile(p) for p in pt]
+            files = [_TorchFile(p) for p in pt]
         else:
             raise CheckpointError(f"no consolidated*.pth, consolidated*.pt or consolidated*.safetensors in {self.path}")
-        self._where = {}
-        for f in self.files:
-            for key in f.keys():
-                if key in self._where:
-                    raise CheckpointError(f"tensor {key!r} appears in both {self._where[key].path} and {f.path}")
-                self._where[key] = f
-        stacked = any(re.fullmatch(r"layers\.\d+\.block_sparse_moe\.w[123]", k) for k in self._where)
+        super().__init__(files)
+        stacked = any(re.fullmatch(r"layers\.\d+\.block_sparse_moe\.w[123]", k) for k in self.keys())
         self.layout = LAYOUT_TORRENT if stacked else LAYOUT_RELEASE
         self.release()
 
@@ -192,11 +145,6 @@ class MistralCheckpoint(FileIndexedTensors):
         names = [os.path.basename(f.path) for f in self.files]
         files = names[0] if len(names) == 1 else f"{len(names)} files {names[0]} ... {names[-1]}"
         return f"Mistral original, {self.layout}, {files}"
-
-    def release(self):
-        """Unmap the files (memory-mapped pages count as resident until then); reopened on demand."""
-        for f in self.files:
-            f.release()
 
 
 def _check_numbering(paths: list[str]):

@@ -35,17 +35,22 @@ Reading any Orbax checkpoint of this layout needs nothing but Orbax: `ocp.load(D
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
+import ml_dtypes
 import numpy as np
+from etils import epath
 
-from mixtral_jax.config import ConfigError, MixtralConfig
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.errors import CheckpointError, ConfigError
+from mixtral_jax.version import __version__
 
-from .safetensors_file import CheckpointError
+from .atomic import atomic_directory, fsync_dir, write_durably
 
 METADATA_FILE = "mixtral_jax.json"
 MARKER_FILE = "MIXTRAL_JAX_COMPLETE"
@@ -182,30 +187,87 @@ class StreamingWriter:
 def write_metadata(path: str, metadata: dict):
     """`mixtral_jax.json`, then the completion marker holding its hash; both fsynced."""
     text = json.dumps(metadata, indent=1, sort_keys=False) + "\n"
-    _write_durably(os.path.join(path, METADATA_FILE), text)
+    write_durably(os.path.join(path, METADATA_FILE), text)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    _write_durably(os.path.join(path, MARKER_FILE), json.dumps({"metadata_sha256": digest}) + "\n")
-    _fsync_dir(path)
+    write_durably(os.path.join(path, MARKER_FILE), json.dumps({"metadata_sha256": digest}) + "\n")
+    fsync_dir(path)
 
 
-def _write_durably(path: str, text: str):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+# ------------------------------------------------------------------------------ the one writer
+def default_tokenizer(config: MixtralConfig) -> str | None:
+    """The mistral-common tokenizer a Mixtral of this vocabulary was trained with (None: unknown)."""
+    known = {32000: "mistral-common:tokenizer.model.v1", 32768: "mistral-common:tokenizer.model.v3"}
+    return known.get(config.vocab_size)
 
 
-def _fsync_dir(path: str):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def checkpoint_metadata(config: MixtralConfig, specs: Mapping[str, Any], dtypes: Mapping[str, np.dtype], *,
+                        source: Mapping[str, Any], tokenizer: str | None = None) -> dict:
+    """`mixtral_jax.json` for parameters `specs` (`param_specs`) stored in `dtypes`: the one schema that
+    converted, exported and trained checkpoints share. `tokenizer` None: `default_tokenizer(config)`.
+    The default load dtype is the one most of the bytes have."""
+    nbytes = {name: int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(dtypes[name]).itemsize
+              for name, spec in specs.items()}
+    by_dtype: dict = {}
+    for name in specs:
+        by_dtype[np.dtype(dtypes[name])] = by_dtype.get(np.dtype(dtypes[name]), 0) + nbytes[name]
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "tokenizer": tokenizer if tokenizer is not None else default_tokenizer(config),
+        "dtype": max(by_dtype, key=by_dtype.get).name,
+        "params": {n: {"shape": list(s.shape), "dtype": np.dtype(dtypes[n]).name, "logical_axes": list(s.logical_axes)}
+                   for n, s in specs.items()},
+        "source": dict(source),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "converted_with": f"mixtral-jax {__version__}",
+    }
+
+
+class PendingTensor(NamedTuple):
+    """One parameter to write, built only when its turn comes (so memory holds one group at a time)."""
+
+    name: str
+    logical_axes: tuple[str | None, ...]
+    nbytes: int
+    build: Callable[[], np.ndarray]
+
+
+def is_complete(path) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), MARKER_FILE))
+
+
+def may_replace(path) -> bool:
+    """Only an empty directory or a (possibly incomplete) mixtral-jax checkpoint may be overwritten."""
+    path = os.fspath(path)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return False
+    return not os.listdir(path) or is_checkpoint(path)
+
+
+def write_checkpoint(dst, metadata: dict, tensors: Iterable[PendingTensor], *, overwrite: bool = False,
+                     buffer_bytes: int = 64 << 20, compress: bool = True, overlap: bool = True,
+                     on_written: Callable[[PendingTensor], None] | None = None, what: str = "write") -> None:
+    """Write a complete checkpoint at `dst`, atomically (see `convert.atomic`): the tensors stream through
+    a `StreamingWriter` (a group in flight while the next is built), then the metadata and the marker;
+    `dst` appears only once `read_info` accepts the result."""
+    with atomic_directory(dst, overwrite=overwrite, is_complete=is_complete, check=read_info, what=what) as tmp:
+        writer = StreamingWriter(tmp, custom_metadata=metadata, buffer_bytes=buffer_bytes, compress=compress,
+                                 overlap=overlap)
+        try:
+            for tensor in tensors:
+                if writer.would_overflow(tensor.nbytes):
+                    writer.flush()
+                writer.add(tensor.name, tensor.build(), tensor.logical_axes)
+                if on_written is not None:
+                    on_written(tensor)
+            writer.finish(metadata)
+        except BaseException:
+            try:
+                writer.wait()  # never delete files under a write still in flight
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
 
 
 # -------------------------------------------------------------------------------------------- reading
@@ -229,8 +291,6 @@ def read_info(path) -> CheckpointInfo:
 
     `path` may be local or anything `etils.epath` opens (e.g. `gs://...` where its backend is installed).
     """
-    from etils import epath
-
     path = os.fspath(path)
     root = epath.Path(path)
     if not root.is_dir():
@@ -271,7 +331,6 @@ def read_info(path) -> CheckpointInfo:
 
 
 def _dtype(name: str):
-    import ml_dtypes
     return {"bfloat16": ml_dtypes.bfloat16}.get(name, name)
 
 

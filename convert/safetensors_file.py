@@ -15,10 +15,9 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from mixtral_jax.errors import CheckpointError
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, malformed or does not match the model."""
-
+from .pages import drop_mapping
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -79,6 +78,11 @@ class SafetensorsFile:
     def dtype(self, key: str) -> np.dtype:
         return self._entries[key][0]
 
+    def location(self, key: str) -> tuple[str, int, np.dtype, tuple[int, ...]]:
+        """(path, byte offset in the file, dtype, shape) of `key`: enough to read it with one `readinto`."""
+        dtype, shape, begin = self._entries[key]
+        return self.path, self._data_start + begin, dtype, shape
+
     def get(self, key: str) -> np.ndarray:
         """The tensor as a read-only view of the mapped file (no copy until it is transformed)."""
         dtype, shape, begin = self._entries[key]
@@ -87,6 +91,11 @@ class SafetensorsFile:
         count = int(np.prod(shape, dtype=np.int64))
         start = self._data_start + begin
         return self._mmap[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+    def release(self):
+        """Drop the mapped pages read so far from this process (the mapping stays; nothing is reloaded)."""
+        if self._mmap is not None:
+            drop_mapping(self._mmap._mmap)  # the np.memmap's underlying mmap.mmap
 
     def close(self):
         self._mmap = None

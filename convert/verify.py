@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 
+from mixtral_jax.errors import CheckpointError
 from mixtral_jax.progress import progress
 
 from . import orbax_io
-from .convert import make_plan, open_source
-from .safetensors_file import CheckpointError
+from .converter import make_plan, open_source
 
 
 class VerificationError(CheckpointError):

@@ -5,23 +5,23 @@
     logits = model(tokens)  # (batch, seq, vocab) float32
 """
 
-from .config import ConfigError, MixtralConfig, RuntimeConfig
-from .convert.hf import load_hf
-from .convert.safetensors_file import CheckpointError
+from .config import MixtralConfig, RuntimeConfig
 from .data import PackedDataset
+from .errors import CheckpointError, ConfigError
 from .generate import chat, generate
-from .loading import load
+from .loading import load, load_checkpoint, load_hf
 from .model import Mixtral
 from .moe import load_balancing_loss
 from .params import ParamSpec, assemble_model, model_arrays, param_specs
+from .placement import shard_model
 from .sampler import Sampler, SamplingError
 from .tokenizer import load_tokenizer
 from .train import TrainConfig, Trainer, loss_terms
+from .version import __version__
 
 __all__ = [
     "CheckpointError", "ConfigError", "Mixtral", "PackedDataset", "TrainConfig", "Trainer", "loss_terms",
     "MixtralConfig", "ParamSpec", "RuntimeConfig",
-    "Sampler", "SamplingError", "assemble_model", "chat", "generate", "load", "load_balancing_loss", "load_hf",
-    "load_tokenizer", "model_arrays", "param_specs",
+    "Sampler", "SamplingError", "__version__", "assemble_model", "chat", "generate", "load", "load_balancing_loss",
+    "load_checkpoint", "load_hf", "load_tokenizer", "model_arrays", "param_specs", "shard_model",
 ]
-__version__ = "0.1.0"

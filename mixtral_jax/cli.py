@@ -6,13 +6,16 @@ import argparse
 import importlib
 import sys
 
+from .sharding.distributed import initialize
+
 # module -> it defines `register(subparsers)`, which adds its subcommands with `set_defaults(run=fn)`
-_COMMAND_MODULES = ("mixtral_jax.generate_command", "mixtral_jax.convert.command", "mixtral_jax.train_command")
+_COMMAND_MODULES = ("mixtral_jax.generate_command", "mixtral_jax.convert.command", "mixtral_jax.train_command",
+                    "mixtral_jax.plan_command", "mixtral_jax.info_command")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixtral-jax",
-                                     description="Mixtral in JAX: convert, verify, generate, chat, train.")
+    parser = argparse.ArgumentParser(prog="mixtral-jax", allow_abbrev=False,
+                                     description="Mixtral in JAX: convert, verify, info, generate, chat, train, plan.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -22,8 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from mixtral_jax.sharding.distributed import initialize
-
         initialize()  # joins the other processes when launch/ (or a TPU pod / SLURM) started several
         return args.run(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # our errors are one line each

@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a Mixtral model."""
+from .errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +59,6 @@ class MixtralConfig:
                 raise ConfigError(f"{name} ({getattr(self, name)}) is outside the vocabulary of {self.vocab_size}")
 
     # ----------------------------------------------------------------------------------------- sizes
-    @property
-    def q_per_kv(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
     def param_count(self) -> int:
         d, n_layers, e, f, v = self.dim, self.n_layers, self.n_experts, self.hidden_dim, self.vocab_size
         attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
@@ -78,10 +73,6 @@ class MixtralConfig:
         return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + d
 
     # ----------------------------------------------------------------------------- constructors
-    @classmethod
-    def mixtral_8x7b(cls) -> MixtralConfig:
-        return cls()
-
     @classmethod
     def mixtral_8x22b(cls) -> MixtralConfig:
         return cls.from_preset("8x22b")
@@ -117,7 +108,7 @@ class MixtralConfig:
         Reads both shapes of the rope setting: the hub's top-level `rope_theta` and transformers 5's
         `rope_parameters: {"rope_theta": ...}`.
         """
-        raw = _read_json(source, "config.json")
+        raw = read_json(source, "config.json")
         model_type = raw.get("model_type", "mixtral")
         if model_type not in ("mixtral", "mistral"):
             raise ConfigError(f"config.json describes a {model_type!r} model, not Mixtral")
@@ -151,7 +142,7 @@ class MixtralConfig:
     @classmethod
     def from_mistral(cls, source: str | os.PathLike | Mapping[str, Any]) -> MixtralConfig:
         """From Mistral's original `params.json`; a missing `rope_theta` means 1e6 as in mistral-inference."""
-        raw = _read_json(source, "params.json")
+        raw = read_json(source, "params.json")
         need = ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size")
         missing = [k for k in need if k not in raw]
         if missing:
@@ -233,7 +224,8 @@ class RuntimeConfig:
     always float32. `moe_strategy='auto'` picks the fastest exact strategy for the backend and shape
     (see `mixtral_jax.moe.resolve_strategy`). `capacity_factor` sizes the buckets of the 'capacity'
     strategy, which falls back to an exact path whenever a bucket would overflow. `mesh` (a
-    `jax.sharding.Mesh` or a spec string such as "expert=4,tensor=2") runs the MoE expert-parallel
+    `jax.sharding.Mesh`, e.g. from `mixtral_jax.sharding.make_mesh("expert=4,tensor=2")`, checked against
+    the model by `mixtral_jax.placement.sharded_runtime`) runs the MoE expert-parallel
     (`mixtral_jax.sharding.expert_parallel`); None runs it on one device.
     """
 
@@ -244,10 +236,9 @@ class RuntimeConfig:
     mesh: Any = None
 
     def __post_init__(self):
-        if self.mesh is not None:
-            from mixtral_jax.sharding import make_mesh
-
-            object.__setattr__(self, "mesh", make_mesh(self.mesh))
+        if self.mesh is not None and not isinstance(self.mesh, Mesh):
+            raise ConfigError(f"RuntimeConfig.mesh must be a jax.sharding.Mesh or None, got {self.mesh!r}; "
+                              f"build one with mixtral_jax.sharding.make_mesh(spec)")
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
         if self.compute_dtype is not None:
             object.__setattr__(self, "compute_dtype", as_dtype(self.compute_dtype))
@@ -261,7 +252,9 @@ class RuntimeConfig:
         return self.compute_dtype if self.compute_dtype is not None else self.param_dtype
 
 
-def _read_json(source, filename: str) -> dict:
+def read_json(source: str | os.PathLike | Mapping[str, Any], filename: str) -> dict:
+    """A JSON object from a file, or from `filename` inside a directory (a mapping passes through);
+    every failure is one `ConfigError` line naming the file."""
     if isinstance(source, Mapping):
         return dict(source)
     path = os.fspath(source)

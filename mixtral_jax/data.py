@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .tokenizer import load_tokenizer
+
 
 class DataError(ValueError):
     """Training data that cannot be read or is too small to train on."""
@@ -89,7 +91,6 @@ class PackedDataset:
             if not os.path.isfile(os.fspath(p)):
                 raise DataError(f"data file not found: {os.fspath(p)}")
         if tokenizer is None:
-            from .tokenizer import load_tokenizer
             tokenizer = load_tokenizer()
         docs = [d for p in paths for d in read_documents(p)]
         tokens = tokenize_documents(docs, tokenizer)

@@ -10,12 +10,16 @@ random weights from a fixed seed stands in, and its text is noise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from flax import nnx
 
 from .config import MixtralConfig, RuntimeConfig
+from .convert.orbax_io import is_complete
+from .loading import load
 from .model import Mixtral
+from .placement import shard_model
 
 DEMO_CONFIG = MixtralConfig(vocab_size=32000, dim=112, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=28,
                             hidden_dim=160, n_experts=8, top_k=2, max_seq_len=2048)
@@ -23,15 +27,16 @@ DEMO_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "demo_model"
 
 
 def has_trained_model() -> bool:
-    from .convert.orbax_io import MARKER_FILE
-    return os.path.isfile(os.path.join(DEMO_CHECKPOINT, MARKER_FILE))
+    return is_complete(DEMO_CHECKPOINT)
 
 
 def default_model(runtime: RuntimeConfig | None = None, seed: int = 0, trained: bool | None = None) -> Mixtral:
-    """The trained demo model (`trained=None`: when its checkpoint is present), else random weights."""
+    """The trained demo model (`trained=None`: when its checkpoint is present), else random weights; on
+    `runtime.mesh` when it names one (checked as for any checkpoint)."""
     runtime = runtime or RuntimeConfig()
     if trained or (trained is None and has_trained_model()):
-        from .loading import load
         return load(DEMO_CHECKPOINT, mesh=runtime.mesh, dtype=runtime.param_dtype, moe_strategy=runtime.moe_strategy,
                     compute_dtype=runtime.compute_dtype)
-    return Mixtral(DEMO_CONFIG, runtime, rngs=nnx.Rngs(seed))
+    if runtime.mesh is None:
+        return Mixtral(DEMO_CONFIG, runtime, rngs=nnx.Rngs(seed))
+    return shard_model(Mixtral(DEMO_CONFIG, dataclasses.replace(runtime, mesh=None), rngs=nnx.Rngs(seed)), runtime.mesh)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .model import Mixtral
+from .penalties import PenaltyValue
 from .sampler import Sampler, SamplingError
 from .tokenizer import Tokenizer, tokenizer_for
 from .tool_calls import assistant_message
@@ -14,13 +15,17 @@ from .tool_calls import assistant_message
 def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              tokenizer: Tokenizer | None = None, stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
-             on_text: Callable[[int, str], None] | None = None) -> list[str] | list[list[int]]:
+             on_text: Callable[[int, str], None] | None = None, repetition_penalty: PenaltyValue = 1.0,
+             presence_penalty: PenaltyValue = 0.0,
+             frequency_penalty: PenaltyValue = 0.0) -> list[str] | list[list[int]]:
     """Generate a continuation for each prompt.
 
     Strings are encoded with `tokenizer` (by default the model's own: the one its checkpoint recorded, else
     v3 for a 32768-token vocabulary and v1 otherwise; with BOS) and strings come back; lists of
     token ids come back as lists of new token ids. `stop` strings end a row (they are left out of the
     answer); EOS always does unless `stop_tokens` says otherwise. `on_text(row, fragment)` streams text.
+    Greedy by default. The penalties (`mixtral_jax.penalties`: transformers' repetition penalty, OpenAI's
+    presence and frequency penalties) count the prompt's tokens and the generated ones, per row.
     """
     if isinstance(prompts, str):
         raise SamplingError("prompts must be a list of strings or of token-id lists, not one string")
@@ -38,7 +43,8 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
 
     out = Sampler(model)(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                           stop_tokens=stop_tokens, stop_sequences=stop_sequences,
-                          stream=stream if on_text is not None else None)
+                          stream=stream if on_text is not None else None, repetition_penalty=repetition_penalty,
+                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     for row, decoder in enumerate(decoders):  # text held back for an unfinished character at the end
         if fragment := decoder.flush():
             on_text(row, fragment)

@@ -3,30 +3,48 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-from .config import ConfigError
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from .config import RuntimeConfig
+from .demo import default_model, has_trained_model
+from .errors import ConfigError
+from .generate import chat, check_tokenizer, generate
+from .loading import load_checkpoint
+from .penalties import make_penalties
+from .sampler import make_strategy
+from .sharding import make_mesh
+from .tokenizer import load_tokenizer, tokenizer_for
+
+# The demo model's decoding when no flag says otherwise: its greedy text falls into loops, sampled text
+# does not. Checkpoints default to greedy, like the Python API.
+DEMO_DECODING = {"temperature": 0.8, "top_p": 0.95}
+_API_DEFAULTS = {"temperature": 0.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0,
+                 "presence_penalty": 0.0, "frequency_penalty": 0.0}  # `mixtral_jax.generate`'s
+_DECODING_FLAGS = (  # (name, type, help)
+    ("temperature", float, "0 is greedy"),
+    ("top_k", int, "sample from the k likeliest tokens"),
+    ("top_p", float, "sample from the smallest set of tokens holding this probability mass"),
+    ("repetition_penalty", float, "transformers' repetition penalty over prompt and output, > 0; 1 is off"),
+    ("presence_penalty", float, "OpenAI's presence penalty over prompt and output, in [-2, 2]; 0 is off"),
+    ("frequency_penalty", float, "OpenAI's frequency penalty over prompt and output, in [-2, 2]; 0 is off"),
+)
 
 
 def _load_model(args):
     """The checkpoint given (a Hugging Face directory or one of our Orbax checkpoints), or the demo model."""
-    from .config import RuntimeConfig
-
     if args.checkpoint is None:
-        from .demo import default_model, has_trained_model
-
         what = "trained on Python's standard library" if has_trained_model() else "random weights: checkpoint absent"
-        print(f"using the embedded demo model ({what})", file=sys.stderr)
-        return default_model(RuntimeConfig(param_dtype=args.dtype or "float32"))
-    if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        from .convert.hf import load_hf
-
-        return load_hf(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
-    from . import load  # our Orbax checkpoints
-
-    return load(args.checkpoint, mesh=args.mesh, dtype=args.dtype)
+        print(f"using the embedded demo model ({what}); unless flags say otherwise it samples at temperature "
+              f"{DEMO_DECODING['temperature']}, top-p {DEMO_DECODING['top_p']} (--temperature 0: greedy)",
+              file=sys.stderr)
+        mesh = make_mesh(args.mesh) if args.mesh else None
+        return default_model(RuntimeConfig(param_dtype=args.dtype or "float32", mesh=mesh))
+    return load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
 
 
 def _add_common(p: argparse.ArgumentParser):
@@ -35,9 +53,10 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    for flag, kind, meaning in _DECODING_FLAGS:
+        default = "none" if _API_DEFAULTS[flag] is None else _API_DEFAULTS[flag]
+        demo = f", {DEMO_DECODING[flag]} with the demo model" if flag in DEMO_DECODING else ""
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{meaning} (default: {default}{demo})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--tokenizer", help="v1, v3 or a SentencePiece model file (default: the checkpoint's own; "
@@ -45,16 +64,18 @@ def _add_common(p: argparse.ArgumentParser):
 
 
 def _sampling_kwargs(args):
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=args.stop)
+    """The decoding flags, checked before anything loads; unset ones take the model's defaults: the Python
+    API's (greedy, no penalties) for a checkpoint, `DEMO_DECODING` for the demo model, whose greedy text loops."""
+    defaults = _API_DEFAULTS | (DEMO_DECODING if args.checkpoint is None else {})
+    chosen = {flag: getattr(args, flag) if getattr(args, flag) is not None else defaults[flag]
+              for flag, _, _ in _DECODING_FLAGS}
+    make_strategy(chosen["temperature"], chosen["top_k"], chosen["top_p"])
+    make_penalties(1, chosen["repetition_penalty"], chosen["presence_penalty"], chosen["frequency_penalty"])
+    return dict(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, **chosen)
 
 
 def run_generate(args) -> int:
-    from .generate import check_tokenizer, generate
-    from .sampler import make_strategy
-    from .tokenizer import load_tokenizer, tokenizer_for
-
-    make_strategy(args.temperature, args.top_k, args.top_p)  # bad flags fail before loading anything
+    sampling = _sampling_kwargs(args)  # bad flags fail before loading anything
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:
@@ -70,10 +91,10 @@ def run_generate(args) -> int:
     if len(prompts) == 1:  # stream the single answer as it is produced
         show(prompts[0], end="", flush=True)
         out = generate(model, prompts, tokenizer=tokenizer, on_text=lambda _r, t: show(t, end="", flush=True),
-                       **_sampling_kwargs(args))
+                       **sampling)
         show()
     else:
-        out = generate(model, prompts, tokenizer=tokenizer, **_sampling_kwargs(args))
+        out = generate(model, prompts, tokenizer=tokenizer, **sampling)
         for prompt, text in zip(prompts, out):
             show(f"--- {prompt}\n{prompt}{text}")
     n = sum(len(tokenizer.encode(o, bos=False)) for o in out)
@@ -86,9 +107,6 @@ _MAX_LINE = 1 << 16
 
 def _read_line_everywhere(prompt: str) -> str | None:
     """Process 0 reads a line (None at end of input) and every process of a multi-host run receives it."""
-    import jax
-    import numpy as np
-
     line = None
     if jax.process_index() == 0:
         try:
@@ -97,8 +115,6 @@ def _read_line_everywhere(prompt: str) -> str | None:
             line = None
     if jax.process_count() == 1:
         return line
-    from jax.experimental import multihost_utils
-
     data = b"" if line is None else line.encode("utf-8")[: _MAX_LINE - 1]
     buf = np.zeros(_MAX_LINE + 1, np.int32)
     buf[0] = -1 if line is None else len(data)
@@ -108,17 +124,11 @@ def _read_line_everywhere(prompt: str) -> str | None:
 
 
 def _is_lead_process() -> bool:
-    import jax
-
     return jax.process_index() == 0
 
 
 def run_chat(args) -> int:
-    from .generate import chat, check_tokenizer
-    from .sampler import make_strategy
-    from .tokenizer import load_tokenizer, tokenizer_for
-
-    make_strategy(args.temperature, args.top_k, args.top_p)
+    sampling = _sampling_kwargs(args)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = _load_model(args)
     tokenizer = check_tokenizer(model, tokenizer or tokenizer_for(model))
@@ -131,19 +141,20 @@ def run_chat(args) -> int:
         messages.append({"role": "user", "content": line})
         show = print if _is_lead_process() else (lambda *a, **k: None)
         reply = chat(model, messages, tokenizer=tokenizer, on_text=lambda t, show=show: show(t, end="", flush=True),
-                     **_sampling_kwargs(args))
+                     **sampling)
         show()
         messages.append({"role": "assistant", "content": reply.strip() or "..."})
     return 0
 
 
 def register(sub):
-    g = sub.add_parser("generate", help="generate text from prompts")
+    g = sub.add_parser("generate", help="generate text from prompts", allow_abbrev=False)
     g.add_argument("prompt", nargs="*", help="prompt text (several make a batch)")
     g.add_argument("--prompts-file", help="a file with one prompt per line")
     _add_common(g)
     g.set_defaults(run=run_generate)
-    c = sub.add_parser("chat", help="interactive multi-turn chat with the Mixtral-Instruct template")
+    c = sub.add_parser("chat", help="interactive multi-turn chat with the Mixtral-Instruct template",
+                       allow_abbrev=False)
     c.add_argument("--system", help="system prompt")
     _add_common(c)
     c.set_defaults(run=run_chat)

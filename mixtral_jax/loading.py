@@ -1,11 +1,12 @@
-"""`mixtral_jax.load`: a converted checkpoint straight into a (sharded) `Mixtral`.
+"""Checkpoints into a (sharded) `Mixtral`: `load` (ours), `load_hf` (Hugging Face), `load_checkpoint` (either).
 
     model = mixtral_jax.load("mixtral-8x7b-orbax", mesh="expert=4,tensor=2")
+    model = mixtral_jax.load_hf("Mixtral-8x7B-v0.1/", dtype="bfloat16")
 
-Every parameter is restored by Orbax directly into the sharding `mixtral_jax.sharding.param_shardings`
-gives it on the mesh, so each process reads only the chunks its own devices hold and no device ever
-holds a full copy first. The checkpoint carries its config and the name of its tokenizer, so nothing else
-is needed.
+Every parameter goes straight into the sharding `mixtral_jax.sharding.param_shardings` gives it on the
+mesh: Orbax restores only the chunks a process's own devices hold, and the Hugging Face reader reads, from
+the memory-mapped files, only the experts they hold. No device ever holds a full copy first. Our checkpoints
+carry their config and the name of their tokenizer, which `load` hands to the model (`tokenizer_name`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,18 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from .config import RuntimeConfig, as_dtype
+from .convert import orbax_io
+from .convert.hf import HFCheckpoint
+from .convert.keymap import HF_RULES, assemble, plan
 from .model import Mixtral
 from .params import assemble_model, param_specs
+from .placement import sharded_runtime
+from .progress import progress
+from .sharding import param_shardings
 
 
 def load(path: str | os.PathLike, mesh: Mesh | str | dict | None = None, dtype=None, moe_strategy: str = "auto",
@@ -29,10 +37,6 @@ def load(path: str | os.PathLike, mesh: Mesh | str | dict | None = None, dtype=N
     bf16 stays bf16; anything else is cast while reading). `compute_dtype`: the matmul dtype (default:
     `dtype`). `moe_strategy`: see `RuntimeConfig`.
     """
-    from mixtral_jax.convert import orbax_io
-    from mixtral_jax.sharding import param_shardings
-    from mixtral_jax.sharding.placement import sharded_runtime
-
     info = orbax_io.read_info(path)
     runtime = RuntimeConfig(param_dtype=as_dtype(dtype) if dtype is not None else info.dtype,
                             compute_dtype=compute_dtype, moe_strategy=moe_strategy)
@@ -51,3 +55,60 @@ def load(path: str | os.PathLike, mesh: Mesh | str | dict | None = None, dtype=N
     model = assemble_model(info.config, runtime, lambda name, spec: arrays.pop(name))
     model.tokenizer_name = info.tokenizer  # what `generate`/`chat` encode with (`tokenizer_for`)
     return model
+
+
+def load_hf(path: str | os.PathLike, dtype=None, *, compute_dtype=None, moe_strategy: str = "auto",
+            mesh: Mesh | str | dict | None = None, show_progress: bool = True) -> Mixtral:
+    """Build a `Mixtral` from a Hugging Face checkpoint, one tensor at a time.
+
+    `dtype` is the parameter dtype (default: the checkpoint's own, so bf16 stays bf16);
+    `compute_dtype` the matmul dtype (default: `dtype`). With `mesh` (a Mesh or a spec such as
+    "expert=4,tensor=2") each parameter is placed as the sharding rules say and each process reads,
+    from the memory-mapped files, only the slices its own devices hold.
+    """
+    ckpt = HFCheckpoint(path)
+    param_dtype = as_dtype(dtype) if dtype is not None else ckpt.floating_dtype()
+    runtime = RuntimeConfig(param_dtype=param_dtype, compute_dtype=compute_dtype, moe_strategy=moe_strategy)
+    if mesh is not None:
+        runtime = sharded_runtime(ckpt.config, runtime, mesh)
+    specs = param_specs(ckpt.config, runtime)
+    shardings = param_shardings(specs, runtime.mesh) if mesh is not None else None
+    by_target = plan(ckpt, HF_RULES, ckpt.config, specs)
+    bar = progress(total=len(specs), description="loading", unit="tensors", enabled=show_progress)
+
+    def get_array(name, spec):
+        parts = by_target[name]
+        if shardings is None:
+            array = jax.device_put(assemble(ckpt, parts, spec.shape, spec.dtype))
+        elif len(parts) > 1:  # per-expert tensors: read only the experts this process's devices hold
+            array = jax.make_array_from_callback(
+                spec.shape, shardings[name], lambda idx: _slice_experts(ckpt, parts, spec, idx))
+        else:
+            full = assemble(ckpt, parts, spec.shape, spec.dtype)
+            array = jax.make_array_from_callback(spec.shape, shardings[name], lambda idx: full[idx])
+        bar.advance()
+        return array
+
+    with bar:
+        return assemble_model(ckpt.config, runtime, get_array)
+
+
+def _slice_experts(ckpt, parts, spec, idx):
+    """The block `idx` of a stacked expert parameter, reading only the experts it covers."""
+    experts = range(*idx[0].indices(spec.shape[0]))
+    rest = tuple(idx[1:])
+    by_expert = {p.index[0]: (key, p) for key, p in parts}
+    return np.stack([np.asarray(by_expert[e][1].transform(ckpt.get(by_expert[e][0])))[rest].astype(spec.dtype)
+                     for e in experts])
+
+
+def is_hf_checkpoint(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), "config.json"))
+
+
+def load_checkpoint(path: str | os.PathLike, *, dtype=None, mesh: Mesh | str | dict | None = None,
+                    moe_strategy: str = "auto") -> Mixtral:
+    """A Hugging Face directory (it has `config.json`) with `load_hf`, else one of ours with `load`."""
+    if is_hf_checkpoint(path):
+        return load_hf(path, dtype=dtype, mesh=mesh, moe_strategy=moe_strategy)
+    return load(path, mesh=mesh, dtype=dtype, moe_strategy=moe_strategy)

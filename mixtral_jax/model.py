@@ -21,6 +21,7 @@ from flax import nnx
 from .config import MixtralConfig, RuntimeConfig
 from .moe import expert_views, resolve_strategy, route, run_experts
 from .sharding.expert_parallel import moe_expert_parallel
+from .sharding.rules import ACTIVATION_AXES, CACHE_ROW_AXES, KV_CACHE_AXES, constrain
 
 _INIT_STD = 0.02  # transformers' initializer_range
 
@@ -84,14 +85,16 @@ def attend(q, k, v, mask) -> jax.Array:
 
 
 QUERY_BLOCK = 256
+MAX_QUERY_BLOCKS = 16  # longer prompts get longer blocks: each block is its own code to trace and compile
 
 
 def attend_causal(q, k, v, mask, block: int | None = None) -> jax.Array:
     """`attend` for keys that sit in the same slots as the queries (a prefill into a fresh cache): query
     block i only meets keys up to its own end, since later slots are masked (later positions, or padding).
-    A 1024-token prompt does 10/16 of the score work."""
+    A 1024-token prompt does 10/16 of the score work. At most `MAX_QUERY_BLOCKS` blocks: a 32k prompt in
+    256-query blocks would unroll 128 attentions per layer (over 10 minutes to trace and compile)."""
     t = q.shape[1]
-    block = block or QUERY_BLOCK
+    block = max(block or QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS))
     if t < 2 * block:
         return attend(q, k, v, mask)
     outs = [attend(q[:, i:i + block], k[:, :, :i + block], v[:, :, :i + block], mask[:, i:i + block, :i + block])
@@ -107,6 +110,7 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (cfg.dim, cfg.n_kv_heads, cfg.head_dim), pd, ("embed", "kv_heads", "head_dim"))
         self.wo = _param(rngs, (cfg.n_heads, cfg.head_dim, cfg.dim), pd, ("q_heads", "head_dim", "embed"))
         self.cfg = cfg
+        self.mesh = rt.mesh
 
     def project_qkv(self, x, cos, sin):
         """q (b, t, h, x); k, v in the cache layout (b, k, t, x)."""
@@ -127,6 +131,7 @@ class Attention(nnx.Module):
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=2)
+            k, v = (constrain(a, KV_CACHE_AXES, self.mesh) for a in (k, v))
             kv = (k, v)
         attention = attend_causal if fresh else attend
         return self.project_out(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)), kv
@@ -145,11 +150,11 @@ class MoE(nnx.Module):
         self.capacity_factor = rt.capacity_factor
         self.mesh = rt.mesh
 
-    def __call__(self, x: jax.Array, experts=None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, expert_weights=None) -> tuple[jax.Array, jax.Array]:
         """x (b, t, d) -> (output (b, t, d), router logits (b, t, e)).
 
-        `experts`: this layer's (w1, w3, w2) as per-expert arrays from `Mixtral.expert_views`, read by the
-        `grouped` strategy in place of static slices of the stacked parameters."""
+        `expert_weights`: this layer's (w1, w3, w2) as per-expert arrays from `Mixtral.expert_views`, read
+        by the `grouped` strategy in place of static slices of the stacked parameters."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         dt = x.dtype
@@ -159,7 +164,7 @@ class MoE(nnx.Module):
                                               strategy=self.strategy, capacity_factor=self.capacity_factor)
         else:
             routing = route(flat, self.router[...], self.top_k)
-            out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, views=experts)
+            out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, expert_weights)
             logits = routing.logits
         return out.reshape(b, t, d), logits.reshape(b, t, -1)
 
@@ -173,10 +178,10 @@ class DecoderLayer(nnx.Module):
         self.moe_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
         self.moe = MoE(cfg, rt, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, start=None, experts=None):
+    def __call__(self, x, cos, sin, mask, kv=None, start=None, expert_weights=None):
         attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, start)
         h = x + attn_out
-        moe_out, router_logits = self.moe(self.moe_norm(h), experts)
+        moe_out, router_logits = self.moe(self.moe_norm(h), expert_weights)
         return h + moe_out, router_logits, kv
 
 
@@ -221,24 +226,26 @@ class Mixtral(nnx.Module):
 
     def expert_views(self) -> tuple | None:
         """Per layer, (w1, w3, w2) as tuples of per-expert arrays sharing the parameters' memory, for
-        `extend(..., experts=)`; None where they would not help or would cost a copy (see
+        `extend(..., expert_weights=)`; None where they would not help or would cost a copy (see
         `mixtral_jax.moe.expert_views`). Build them again after the parameters change."""
         if self.runtime.mesh is not None or jnp.dtype(self.runtime.param_dtype) != jnp.dtype(self.runtime.dtype):
             return None
-        if resolve_strategy(self.runtime.moe_strategy, 1, self.config.top_k, self.config.n_experts) != "grouped":
+        if resolve_strategy(self.runtime.moe_strategy) != "grouped":
             return None
         views = tuple(tuple(expert_views(w[...]) for w in (layer.moe.w1, layer.moe.w3, layer.moe.w2))
                       for layer in self.layers)
         return None if any(v is None for layer in views for v in layer) else views
 
-    def _decoder(self, tokens, positions, mask, cache: KVCache | None = None, experts=None):
+    def _decoder(self, tokens, positions, mask, cache: KVCache | None = None, expert_weights=None):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
-        h = self.embed_tokens(tokens)
+        mesh = self.runtime.mesh
+        h = constrain(self.embed_tokens(tokens), ACTIVATION_AXES, mesh)  # sequences split over data x expert
         router_logits, ks, vs = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             h, layer_router_logits, kv = layer(h, cos, sin, mask, kv, None if cache is None else cache.length,
-                                               None if experts is None else experts[i])
+                                               None if expert_weights is None else expert_weights[i])
+            h = constrain(h, ACTIVATION_AXES, mesh)
             router_logits.append(layer_router_logits)
             if kv is not None:
                 ks.append(kv[0])
@@ -246,13 +253,13 @@ class Mixtral(nnx.Module):
         return h, jnp.stack(router_logits), (tuple(ks), tuple(vs)) if ks else None
 
     def extend(self, cache: KVCache, tokens: jax.Array, valid: jax.Array | None = None, *,
-               last_only: bool = False, experts=None) -> tuple[jax.Array, KVCache]:
+               last_only: bool = False, expert_weights=None) -> tuple[jax.Array, KVCache]:
         """Feed `tokens` (b, t) through the model after what `cache` holds; returns (logits, new cache).
 
         The cache has one slot per step for every row; `valid` (b, t) marks real tokens (False for left
         padding). Each token's position is the number of real tokens before it in its row. `last_only`
         computes logits for the last position only (all a sampler needs; skips most of the LM head).
-        `experts`: `expert_views()`, passed in as a jit argument (faster on CPU; same numbers).
+        `expert_weights`: `expert_views()`, passed in as a jit argument (faster on CPU; same numbers).
         """
         b, t = tokens.shape
         valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
@@ -261,9 +268,10 @@ class Mixtral(nnx.Module):
         kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.length, axis=1)
         kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.length, axis=1)
         mask = make_mask(positions, kv_pos, kv_valid, self.config.sliding_window)
-        h, _, (k, v) = self._decoder(tokens, positions, mask, cache, experts)
+        h, _, (k, v) = self._decoder(tokens, positions, mask, cache, expert_weights)
         new_cache = KVCache(k=k, v=v, positions=kv_pos, valid=kv_valid, length=cache.length + t,
-                            next_position=cache.next_position + valid.sum(-1).astype(jnp.int32))
+                            next_position=cache.next_position + valid.sum(-1).astype(jnp.int32)
+                            ).laid_out(self.runtime.mesh)
         return self.logits(h[:, -1:] if last_only else h), new_cache
 
 
@@ -273,7 +281,8 @@ class KVCache:
     """Preallocated keys/values for every layer, one slot per step; rows may hold different amounts of
     padding. k, v: one (b, kv_heads, s, head_dim) array per layer (separate arrays update in place; a
     stacked one would be sliced and restacked every step); positions, valid: (b, s); length: slots
-    used; next_position (b,): the position the row's next token will have."""
+    used; next_position (b,): the position the row's next token will have. On a mesh, k and v are laid out
+    by the sharding rules (`KV_CACHE_AXES`: sequences over data x expert, KV heads over tensor)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -283,22 +292,32 @@ class KVCache:
     next_position: jax.Array
 
     @classmethod
-    def empty(cls, config: MixtralConfig, batch: int, size: int, dtype=jnp.bfloat16) -> KVCache:
+    def empty(cls, config: MixtralConfig, batch: int, size: int, dtype=jnp.bfloat16, mesh=None) -> KVCache:
         shape = (batch, config.n_kv_heads, size, config.head_dim)
         per_layer = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
         return cls(k=per_layer(), v=per_layer(),
                    positions=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
-                   length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch,), jnp.int32))
+                   length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch,), jnp.int32)).laid_out(mesh)
+
+    def laid_out(self, mesh) -> KVCache:
+        """This cache pinned to the rules' layout on `mesh` (inside jit; unchanged without a mesh)."""
+        if mesh is None:
+            return self
+        kv = lambda arrays: tuple(constrain(a, KV_CACHE_AXES, mesh) for a in arrays)  # noqa: E731
+        return KVCache(k=kv(self.k), v=kv(self.v), positions=constrain(self.positions, CACHE_ROW_AXES, mesh),
+                       valid=constrain(self.valid, CACHE_ROW_AXES, mesh), length=self.length,
+                       next_position=constrain(self.next_position, CACHE_ROW_AXES[:1], mesh))
 
     @property
     def size(self) -> int:
         return self.k[0].shape[2]
 
-    def grow(self, extra: int) -> KVCache:
+    def grow(self, extra: int, mesh=None) -> KVCache:
         """The same contents with `extra` empty slots after them (prefill a prompt-sized cache, then grow
         it for decoding: the prefill's attention then skips the slots it cannot see)."""
         def pad(a, axis):
             return jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])
+
         return KVCache(k=tuple(pad(a, 2) for a in self.k), v=tuple(pad(a, 2) for a in self.v),
                        positions=pad(self.positions, 1), valid=pad(self.valid, 1), length=self.length,
-                       next_position=self.next_position)
+                       next_position=self.next_position).laid_out(mesh)

@@ -31,16 +31,16 @@ import numpy as np
 
 
 class Routing(NamedTuple):
-    logits: jax.Array   # (t, e) float32, the router's raw output (for the aux loss)
-    weights: jax.Array  # (t, k) float32, softmax over the top-k logits
-    experts: jax.Array  # (t, k) int32
+    logits: jax.Array      # (t, e) float32, the router's raw output (for the aux loss)
+    weights: jax.Array     # (t, k) float32, softmax over the top-k logits
+    expert_ids: jax.Array  # (t, k) int32, the chosen experts
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
     """Top-k routing in float32. Softmax over the k chosen logits equals HF's softmax-all, top-k, renormalise."""
     logits = jnp.einsum("td,de->te", x.astype(jnp.float32), router.astype(jnp.float32))
-    top_logits, experts = jax.lax.top_k(logits, top_k)
-    return Routing(logits, jax.nn.softmax(top_logits, axis=-1), experts.astype(jnp.int32))
+    top_logits, expert_ids = jax.lax.top_k(logits, top_k)
+    return Routing(logits, jax.nn.softmax(top_logits, axis=-1), expert_ids.astype(jnp.int32))
 
 
 def _swiglu(x, w1, w3, w2, spec_in: str, spec_w: str, spec_h: str, spec_w2: str, spec_out: str):
@@ -52,13 +52,13 @@ def _swiglu(x, w1, w3, w2, spec_in: str, spec_w: str, spec_h: str, spec_w2: str,
 def moe_dense(x, routing: Routing, w1, w3, w2) -> jax.Array:
     y = _swiglu(x, w1, w3, w2, "td", "edf", "etf", "efd", "etd")  # (e, t, d)
     n_experts = w1.shape[0]
-    combine = jnp.einsum("tk,tke->te", routing.weights, jax.nn.one_hot(routing.experts, n_experts))  # (t, e)
+    combine = jnp.einsum("tk,tke->te", routing.weights, jax.nn.one_hot(routing.expert_ids, n_experts))  # (t, e)
     return jnp.einsum("te,etd->td", combine.astype(y.dtype), y)
 
 
 def moe_ragged(x, routing: Routing, w1, w3, w2) -> jax.Array:
-    t, k = routing.experts.shape
-    flat_experts = routing.experts.reshape(-1)                            # (t*k,)
+    t, k = routing.expert_ids.shape
+    flat_experts = routing.expert_ids.reshape(-1)                            # (t*k,)
     order = jnp.argsort(flat_experts, stable=True)                         # copies grouped by expert
     token_of = order // k
     group_sizes = jnp.bincount(flat_experts, length=w1.shape[0]).astype(jnp.int32)
@@ -74,35 +74,58 @@ def bucket_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) ->
     return max(1, min(n_tokens, math.ceil(factor * n_tokens * top_k / n_experts)))
 
 
+class Buckets(NamedTuple):
+    """Items (token copies) placed into fixed-size buckets: the capacity strategy's experts and the
+    expert-parallel path's destination devices are both this."""
+
+    bucket: jax.Array  # (c,) int32: which bucket each item goes to
+    slot: jax.Array    # (c,) int32: its place in that bucket (arrival order)
+    load: jax.Array    # (n,) int32: items per bucket; a bucket of capacity C overflows when load > C
+
+    def overflows(self, capacity: int) -> jax.Array:
+        return jnp.max(self.load) > capacity
+
+    def dispatch(self, values: jax.Array, capacity: int, fill=0) -> jax.Array:
+        """values (c, ...) -> (n, capacity, ...); items past a full bucket are dropped (check `overflows`)."""
+        out = jnp.full((self.load.shape[0], capacity, *values.shape[1:]), fill, values.dtype)
+        return out.at[self.bucket, self.slot].set(values, mode="drop")
+
+    def collect(self, buckets: jax.Array) -> jax.Array:
+        """(n, capacity, ...) -> (c, ...): each item's result, from where `dispatch` put it."""
+        return buckets[self.bucket, self.slot]
+
+
+def assign_buckets(bucket: jax.Array, n_buckets: int) -> Buckets:
+    """Place items (c,) with bucket ids into `n_buckets` buckets, each item after the earlier ones."""
+    onehot = jax.nn.one_hot(bucket, n_buckets, dtype=jnp.int32)  # (c, n)
+    slot = ((jnp.cumsum(onehot, axis=0) - 1) * onehot).sum(-1)
+    return Buckets(bucket.astype(jnp.int32), slot.astype(jnp.int32), onehot.sum(0))
+
+
 def moe_capacity(x, routing: Routing, w1, w3, w2, capacity_factor: float = 2.0) -> jax.Array:
-    t, k = routing.experts.shape
+    t, k = routing.expert_ids.shape
     n_experts = w1.shape[0]
     capacity = bucket_capacity(t, k, n_experts, capacity_factor)
-    onehot = jax.nn.one_hot(routing.experts.reshape(-1), n_experts, dtype=jnp.int32)  # (t*k, e)
-    slot = (jnp.cumsum(onehot, axis=0) - 1) * onehot                                   # position in its bucket
-    slot = slot.sum(-1).reshape(t, k)
-    overflow = jnp.max(onehot.sum(0)) > capacity
+    buckets = assign_buckets(routing.expert_ids.reshape(-1), n_experts)
+    token_of = jnp.arange(t * k) // k
 
-    def buckets(x):
-        token_ids = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k))
-        dispatched = jnp.zeros((n_experts, capacity, x.shape[-1]), x.dtype)
-        dispatched = dispatched.at[routing.experts, slot].set(x[token_ids], mode="drop")
-        y = _swiglu(dispatched, w1, w3, w2, "ecd", "edf", "ecf", "efd", "ecd")  # (e, c, d)
-        picked = y[routing.experts, slot]                                          # (t, k, d)
+    def in_buckets(x):
+        y = _swiglu(buckets.dispatch(x[token_of], capacity), w1, w3, w2, "ecd", "edf", "ecf", "efd", "ecd")
+        picked = buckets.collect(y).reshape(t, k, -1)                              # (t, k, d)
         return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), picked)
 
     if capacity >= t:  # buckets hold every token: cannot overflow
-        return buckets(x)
-    return jax.lax.cond(overflow, lambda x: moe_dense(x, routing, w1, w3, w2), buckets, x)
+        return in_buckets(x)
+    return jax.lax.cond(buckets.overflows(capacity), lambda x: moe_dense(x, routing, w1, w3, w2), in_buckets, x)
 
 
 def moe_gather(x, routing: Routing, w1, w3, w2) -> jax.Array:
-    y = _swiglu(x, w1[routing.experts], w3[routing.experts], w2[routing.experts],
+    y = _swiglu(x, w1[routing.expert_ids], w3[routing.expert_ids], w2[routing.expert_ids],
                 "td", "tkdf", "tkf", "tkfd", "tkd")
     return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), y)
 
 
-def group_sizes(n_tokens: int, top_k: int, n_experts: int) -> tuple[int, ...]:
+def bucket_sizes(n_tokens: int, top_k: int, n_experts: int) -> tuple[int, ...]:
     """The static bucket sizes of `grouped`, ending with `n_tokens` (an expert never gets more: top-k
     picks distinct experts). Each size is one more branch to compile; XLA:CPU multiplies a single row
     ~2x faster than a few (a matrix-vector product against a small-M matmul), so decode-sized inputs get
@@ -118,13 +141,13 @@ def group_sizes(n_tokens: int, top_k: int, n_experts: int) -> tuple[int, ...]:
     return tuple(sorted(ladder | {n_tokens}))
 
 
-def moe_grouped(x, routing: Routing, w1, w3, w2, views=None) -> jax.Array:
-    """`views`: optional (w1, w3, w2) as per-expert arrays (see `expert_views`); the decode form reads them
-    in place of static slices of the stacked weights."""
-    t, k = routing.experts.shape
+def moe_grouped(x, routing: Routing, w1, w3, w2, expert_weights=None) -> jax.Array:
+    """`expert_weights`: optional (w1, w3, w2) as tuples of per-expert arrays (see `expert_views`); the
+    decode form reads them in place of static slices of the stacked weights."""
+    t, k = routing.expert_ids.shape
     n_experts = w1.shape[0]
-    sizes = group_sizes(t, k, n_experts)
-    flat_experts = routing.experts.reshape(-1)
+    sizes = bucket_sizes(t, k, n_experts)
+    flat_experts = routing.expert_ids.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)                      # copies grouped by expert
     counts = jnp.bincount(flat_experts, length=n_experts).astype(jnp.int32)
     starts = jnp.cumsum(counts) - counts
@@ -152,8 +175,8 @@ def moe_grouped(x, routing: Routing, w1, w3, w2, views=None) -> jax.Array:
                               out, starts[e], counts[e])
 
     if sizes[0] == 1:  # decode-sized: unrolled, so `w[e]` is a static slice (or a view) read in place
-        if views is not None:
-            w1, w3, w2 = views
+        if expert_weights is not None:
+            w1, w3, w2 = expert_weights
         for e in range(n_experts):
             out = one_expert(e, out)
     else:  # prefill-sized: one loop body instead of one per expert (compiles ~8x less; the
@@ -189,8 +212,8 @@ STRATEGIES: dict[str, Callable] = {
 }
 
 
-def resolve_strategy(strategy: str, n_tokens: int, top_k: int, n_experts: int, backend: str | None = None) -> str:
-    """Turn 'auto' into a concrete strategy for this backend and (static) token count.
+def resolve_strategy(strategy: str, backend: str | None = None) -> str:
+    """Turn 'auto' into a concrete strategy for this backend (default: JAX's default backend).
 
     Chosen by `python -m bench.moe_strategies` (figures in the README): on CPU `grouped` is fastest from
     one decode token to a 1024-token prefill; on GPU and TPU `ragged_dot` is a grouped kernel that
@@ -203,22 +226,21 @@ def resolve_strategy(strategy: str, n_tokens: int, top_k: int, n_experts: int, b
 
 
 def run_experts(x, routing: Routing, w1, w3, w2, strategy: str = "auto", capacity_factor: float = 2.0,
-                views=None):
-    """Apply the experts to `x` (t, d) with the chosen strategy; `views` (see `expert_views`) serve
-    `grouped` and are ignored by the others."""
-    t, k = routing.experts.shape
-    strategy = resolve_strategy(strategy, t, k, w1.shape[0])
+                expert_weights=None):
+    """Apply the experts to `x` (t, d) with the chosen strategy; `expert_weights` (see `expert_views`)
+    serve `grouped` and are ignored by the others."""
+    strategy = resolve_strategy(strategy)
     # Eagerly, jit: `lax.switch` would otherwise compile its branches on every call. Under an outer jit,
     # call straight through: a nested jit boundary costs the decode step ~20% on XLA:CPU.
     run = _run_experts if isinstance(x, jax.core.Tracer) else _run_experts_jit
-    return run(x, routing, w1, w3, w2, strategy, capacity_factor, views)
+    return run(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weights)
 
 
-def _run_experts(x, routing, w1, w3, w2, strategy, capacity_factor, views):
+def _run_experts(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weights):
     if strategy == "capacity":
         return moe_capacity(x, routing, w1, w3, w2, capacity_factor)
     if strategy == "grouped":
-        return moe_grouped(x, routing, w1, w3, w2, views)
+        return moe_grouped(x, routing, w1, w3, w2, expert_weights)
     return STRATEGIES[strategy](x, routing, w1, w3, w2)
 
 

@@ -2,8 +2,12 @@
 
 Prompts are left-padded to a bucket length (so a handful of shapes compile, not one per prompt) and every
 row writes its next token into the same cache slot; each row's positions count only its real tokens, so
-padding changes nothing. The loop stops when every row is done or `max_new_tokens` is reached. Streaming
-sends each step's tokens to the host with `jax.experimental.io_callback` from inside the loop.
+padding changes nothing. The loop stops when every row is done or `max_new_tokens` is reached.
+
+`prefill` and `decode` are jitted apart, exactly as `mixtral_jax.plan` compiles them for a TPU slice.
+Streaming (`Sampler.stream`, a generator) runs the same decode step one jitted call at a time and yields
+each step's tokens: no callback state lives anywhere, so concurrent generations in one process (a
+server's threads) never see each other's tokens.
 
 Sampling strategies are tiny frozen classes with one method `(logits, key) -> tokens`.
 """
@@ -13,22 +17,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import io_callback
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from .errors import SamplingError
 from .model import KVCache, Mixtral
+from .penalties import PenaltyValue, apply_penalties, make_penalties, penalized, token_counts
 
 _BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-
-
-class SamplingError(ValueError):
-    """Bad sampling parameters or prompts: raised before anything compiles."""
 
 
 # --------------------------------------------------------------------------------- strategies
@@ -90,17 +93,44 @@ class Sampler:
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                  stop_tokens: Sequence[int] | None = None, stop_sequences: Sequence[Sequence[int]] = (),
-                 stream: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+                 stream: Callable[[np.ndarray], None] | None = None, repetition_penalty: PenaltyValue = 1.0,
+                 presence_penalty: PenaltyValue = 0.0, frequency_penalty: PenaltyValue = 0.0) -> list[list[int]]:
         """Return each prompt's new tokens (stop tokens and stop sequences excluded).
 
         `stream(tokens)` is called once per step with a (batch,) array of the step's tokens (-1 for rows
-        already done).
+        already done). The penalties (see `mixtral_jax.penalties`) are one number or one per prompt.
         """
+        request = self._request(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
+                                stop_sequences, repetition_penalty, presence_penalty, frequency_penalty)
+        if stream is None:
+            out, n_out = self._run(request)
+        else:
+            steps = self._steps(request)
+            for tokens in steps:
+                stream(tokens)
+            out, n_out = steps.result
+        return request.answers(out, n_out)
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> Iterator[np.ndarray]:
+        """Generate step by step: yields each step's (batch,) tokens (-1 for rows already done); the same
+        tokens `__call__` returns, whose keyword arguments it takes (except `stream`)."""
+        request = self._request(prompts, max_new_tokens, kwargs.pop("temperature", 0.0), kwargs.pop("top_k", None),
+                                kwargs.pop("top_p", None), kwargs.pop("seed", 0), kwargs.pop("stop_tokens", None),
+                                kwargs.pop("stop_sequences", ()), kwargs.pop("repetition_penalty", 1.0),
+                                kwargs.pop("presence_penalty", 0.0), kwargs.pop("frequency_penalty", 0.0))
+        if kwargs:
+            raise SamplingError(f"unknown argument(s) to Sampler.stream: {', '.join(sorted(kwargs))}")
+        yield from self._steps(request)
+
+    # ---- one request: checked, padded, on the model's devices
+    def _request(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, stop_sequences,
+                 repetition_penalty, presence_penalty, frequency_penalty) -> _Request:
         config = self.model.config
         strategy = make_strategy(temperature, top_k, top_p)
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts:
             raise SamplingError("no prompts given")
+        penalties = make_penalties(len(prompts), repetition_penalty, presence_penalty, frequency_penalty)
         for i, p in enumerate(prompts):
             if not p:
                 raise SamplingError(f"prompt {i} is empty")
@@ -126,19 +156,49 @@ class Sampler:
         stop_arr = np.full((max(len(seqs), 1), max((len(s) for s in seqs), default=1)), -1, np.int32)
         for i, s in enumerate(seqs):
             stop_arr[i, stop_arr.shape[1] - len(s):] = s
-        graphdef, state = nnx.split(self.model)
         put = _replicator(self.model.runtime.mesh)
         key = jax.random.key_data(jax.random.key(seed))
-        out, n_out = _generate(graphdef, state, self.model.expert_views(), put(tokens), put(valid), put(key),
-                               put(np.asarray(stops or [-1], np.int32)), put(stop_arr),
-                               strategy=strategy, max_new=bucket(max_new_tokens), limit=max_new_tokens,
-                               cache_dtype=self.cache_dtype or self.model.runtime.dtype,
-                               stream=stream)
-        out, n_out = _to_host(out), _to_host(n_out)
+        return _Request(put(tokens), put(valid), put(key), put(np.asarray(stops or [-1], np.int32)), put(stop_arr),
+                        None if penalties is None else put(penalties), strategy, bucket(max_new_tokens),
+                        max_new_tokens, seqs)
+
+    def _prefill(self, r: _Request):
+        graphdef, state = nnx.split(self.model)
+        weights = self.model.expert_views()
+        first, cache, key, prompt_counts = prefill(
+            graphdef, state, weights, r.tokens, r.valid, r.key, r.penalties, strategy=r.strategy, max_new=r.max_new,
+            cache_dtype=jnp.dtype(self.cache_dtype or self.model.runtime.dtype))
+        return graphdef, state, weights, first, cache, key, prompt_counts
+
+    def _run(self, r: _Request):
+        graphdef, state, weights, first, cache, key, prompt_counts = self._prefill(r)
+        out, n_out, _ = decode(graphdef, state, weights, first, cache, key, r.stop_tokens, r.stop_seqs, prompt_counts,
+                               r.penalties, jnp.int32(r.limit), strategy=r.strategy, max_new=r.max_new)
+        return _to_host(out), _to_host(n_out)
+
+    def _steps(self, r: _Request) -> _Steps:
+        return _Steps(self, r)
+
+
+class _Request(NamedTuple):
+    """A checked request on the model's devices."""
+
+    tokens: jax.Array          # (b, prompt_len) left-padded
+    valid: jax.Array           # (b, prompt_len)
+    key: jax.Array             # key data
+    stop_tokens: jax.Array     # (n,)
+    stop_seqs: jax.Array       # (m, window), left-padded with -1
+    penalties: jax.Array | None  # (3, b) or None
+    strategy: Callable
+    max_new: int               # the output buffer: a bucket >= limit
+    limit: int                 # max_new_tokens
+    seqs: list                 # the stop sequences, to cut from the answers
+
+    def answers(self, out: np.ndarray, n_out: np.ndarray) -> list[list[int]]:
         results = []
         for row, n in zip(out, n_out):
             seq = row[:n].tolist()
-            for s in seqs:  # the matched stop sequence is not part of the answer
+            for s in self.seqs:  # the matched stop sequence is not part of the answer
                 if len(seq) >= len(s) and seq[-len(s):] == s:
                     seq = seq[:-len(s)]
                     break
@@ -146,27 +206,66 @@ class Sampler:
         return results
 
 
-_stream_target: list[Callable | None] = [None]  # the current call's stream callback (a static jit arg would
-                                               # recompile for every new callable)
+class _Steps:
+    """Iterate a request's decode steps (one jitted `decode_step` each); `result` holds (out, n_out) at the end."""
+
+    def __init__(self, sampler: Sampler, r: _Request):
+        self._sampler, self._r, self.result = sampler, r, None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        r = self._r
+        graphdef, state, weights, first, cache, key, prompt_counts = self._sampler._prefill(r)
+        carry = start_decoding(first, cache, key, max_new=r.max_new)
+        limit = jnp.int32(r.limit)
+        running = True
+        while running:
+            carry, emitted, more = decode_step(graphdef, state, weights, carry, r.stop_tokens, r.stop_seqs,
+                                               prompt_counts, r.penalties, limit, strategy=r.strategy)
+            yield _to_host(emitted)
+            running = bool(_to_host(more))
+        self.result = (_to_host(carry.out), _to_host(carry.n_out))
 
 
-def _emit_to_stream(tokens):
-    if _stream_target[0] is not None:
-        _stream_target[0](np.asarray(tokens))
+# ------------------------------------------------------------------------------- jitted pieces
+@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "cache_dtype"))
+def prefill(graphdef, state, expert_weights, tokens, valid, key, penalties, *, strategy, max_new, cache_dtype):
+    """Prompts (b, prompt_len) into a fresh prompt-sized cache, grown by `max_new` slots for decoding.
 
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "cache_dtype", "stream"))
-def _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, limit, *, strategy,
-                  max_new, cache_dtype, stream):
+    Returns (first new tokens (b,), cache, key data, the prompts' token counts (for the penalties; None
+    without them)). Jitted apart from `decode` so that each compiles (and `mixtral_jax.plan` lowers each)
+    exactly as generation runs it."""
     model = nnx.merge(graphdef, state)
     key = jax.random.wrap_key_data(key)
     b, prompt_len = tokens.shape
-    cache = KVCache.empty(model.config, b, prompt_len, cache_dtype)
-    logits, cache = model.extend(cache, tokens, valid, last_only=True, experts=experts)
-    cache = cache.grow(max_new)
+    cache = KVCache.empty(model.config, b, prompt_len, cache_dtype, mesh=model.runtime.mesh)
+    logits, cache = model.extend(cache, tokens, valid, last_only=True, expert_weights=expert_weights)
+    cache = cache.grow(max_new, mesh=model.runtime.mesh)
     key, sub = jax.random.split(key)
-    first = strategy(logits[:, -1], sub)
-    out = jnp.full((b, max_new), -1, jnp.int32)
+    prompt_counts = None if penalties is None else token_counts(tokens, valid, logits.shape[-1])
+    first = strategy(apply_penalties(logits[:, -1], prompt_counts, penalties), sub)
+    return first, cache, jax.random.key_data(key), prompt_counts
+
+
+class DecodeState(NamedTuple):
+    step: jax.Array        # () tokens emitted so far (the loop counter)
+    token: jax.Array       # (b,) the token chosen last, not yet written
+    out: jax.Array         # (b, max_new) tokens written, -1 after a row ends
+    n_out: jax.Array       # (b,) tokens each row keeps
+    alive: jax.Array       # (b,) rows still generating
+    cache: KVCache
+    key: jax.Array         # key data
+
+
+def _start(first, cache, key, max_new: int) -> DecodeState:
+    b = first.shape[0]
+    return DecodeState(jnp.zeros((), jnp.int32), first, jnp.full((b, max_new), -1, jnp.int32),
+                       jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), cache, key)
+
+
+def _step(model: Mixtral, expert_weights, s: DecodeState, stop_tokens, stop_seqs, prompt_counts, penalties,
+          strategy) -> tuple[DecodeState, jax.Array]:
+    """Write the last token (or end its row), feed it through the model, choose the next one. Returns the
+    new state and this step's emitted tokens (-1 for rows already done)."""
     window = stop_seqs.shape[1]
 
     def finished(tok, out, i):
@@ -177,31 +276,53 @@ def _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, sto
                           & jnp.any(stop_seqs[None] != -1, -1), -1)
         return done, seq_hit
 
-    def emit(tok, alive):
-        if stream:
-            io_callback(_emit_to_stream, None, jnp.where(alive, tok, -1), ordered=True)
+    i, tok = s.step, s.token
+    is_stop, _ = finished(tok, s.out, i)
+    keep = s.alive & ~is_stop
+    emitted = jnp.where(keep, tok, -1)
+    out = s.out.at[:, i].set(emitted)
+    n_out = s.n_out + keep.astype(jnp.int32)
+    _, seq_hit = finished(tok, out, i)
+    alive = keep & ~seq_hit
+    logits, cache = model.extend(s.cache, tok[:, None], last_only=True, expert_weights=expert_weights)
+    key, sub = jax.random.split(jax.random.wrap_key_data(s.key))
+    nxt = strategy(penalized(logits[:, -1], prompt_counts, out, penalties), sub)
+    return DecodeState(i + 1, nxt, out, n_out, alive, cache, jax.random.key_data(key)), emitted
 
-    def body(carry):
-        i, tok, out, n_out, alive, cache, key = carry
-        is_stop, _ = finished(tok, out, i)
-        keep = alive & ~is_stop
-        out = out.at[:, i].set(jnp.where(keep, tok, -1))
-        n_out = n_out + keep.astype(jnp.int32)
-        _, seq_hit = finished(tok, out, i)
-        emit(tok, keep)
-        alive = keep & ~seq_hit
-        logits, cache = model.extend(cache, tok[:, None], last_only=True, experts=experts)
-        key, sub = jax.random.split(key)
-        nxt = strategy(logits[:, -1], sub)
-        return i + 1, nxt, out, n_out, alive, cache, key
 
-    def cond(carry):
-        i, _, _, _, alive, _, _ = carry
-        return (i < limit) & jnp.any(alive)
+def _running(s: DecodeState, limit) -> jax.Array:
+    return (s.step < limit) & jnp.any(s.alive)
 
-    init = (jnp.zeros((), jnp.int32), first, out, jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), cache, key)
-    _, _, out, n_out, _, _, _ = jax.lax.while_loop(cond, body, init)
-    return out, n_out
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new"), donate_argnames=("cache",))
+def decode(graphdef, state, expert_weights, first, cache, key, stop_tokens, stop_seqs, prompt_counts, penalties,
+           limit, *, strategy, max_new):
+    """The decode loop: one `lax.while_loop` from the prefill's first tokens until every row is done or
+    `limit` tokens are out. Returns (tokens (b, max_new), counts (b,), cache). The cache is donated and
+    returned, so the loop updates the prefill's buffers in place (without an output to alias, XLA would
+    carry a second copy of the whole cache)."""
+    model = nnx.merge(graphdef, state)
+
+    def body(s):
+        return _step(model, expert_weights, s, stop_tokens, stop_seqs, prompt_counts, penalties, strategy)[0]
+
+    final = jax.lax.while_loop(lambda s: _running(s, limit), body, _start(first, cache, key, max_new))
+    return final.out, final.n_out, final.cache
+
+
+@functools.partial(jax.jit, static_argnames=("max_new",), donate_argnames=("cache",))
+def start_decoding(first, cache, key, *, max_new) -> DecodeState:
+    """The decode loop's initial state, for stepping it one `decode_step` at a time."""
+    return _start(first, cache, key, max_new)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "strategy"), donate_argnames=("s",))
+def decode_step(graphdef, state, expert_weights, s: DecodeState, stop_tokens, stop_seqs, prompt_counts, penalties,
+                limit, *, strategy) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """One iteration of `decode`'s loop body: (new state, emitted tokens (b,), whether to go on)."""
+    model = nnx.merge(graphdef, state)
+    s, emitted = _step(model, expert_weights, s, stop_tokens, stop_seqs, prompt_counts, penalties, strategy)
+    return s, emitted, _running(s, limit)
 
 
 def _replicator(mesh):
@@ -217,23 +338,9 @@ def _replicator(mesh):
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host: directly, from a local replica, or gathered from every process."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _generate(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, *, strategy, max_new, limit,
-              cache_dtype, stream):
-    _stream_target[0] = stream
-    try:
-        result = _generate_jit(graphdef, state, experts, tokens, valid, key, stop_tokens, stop_seqs, jnp.int32(limit),
-                               strategy=strategy, max_new=max_new, cache_dtype=jnp.dtype(cache_dtype),
-                               stream=stream is not None)
-        if stream is not None:  # dispatch is asynchronous: let every callback run before unhooking it
-            jax.block_until_ready(result)
-            jax.effects_barrier()
-        return result
-    finally:
-        _stream_target[0] = None

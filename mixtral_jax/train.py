@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -42,11 +43,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from .config import ConfigError, MixtralConfig
+from .config import MixtralConfig, as_dtype
+from .convert import orbax_io
+from .convert.atomic import atomic_directory, write_durably
 from .data import PackedDataset
+from .errors import ConfigError
 from .model import Mixtral
 from .moe import load_balancing_loss
+from .params import param_specs
+from .placement import shard_model
+from .progress import progress
+from .sharding import DEFAULT_RULES, FSDP_RULES, Rule, activation_spec
 
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE_FILE = "train.json"
@@ -72,6 +82,7 @@ class TrainConfig:
     z_loss_coef: float = 0.0      # router z-loss (ST-MoE); 0 disables it
     seed: int = 0                 # parameter init and data order
     mesh: str | None = None       # e.g. "data=2,expert=4"; None trains on one device
+    fsdp: bool = False            # on a mesh, also split every weight's model dimension over `data`
     save_every: int = 0           # steps between checkpoints; 0 saves only at the end
     keep_checkpoints: int = 2
 
@@ -126,23 +137,50 @@ def make_schedule(tc: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    decay_mask = lambda params: {k: v.ndim >= 2 for k, v in params.items()}  # noqa: E731 - no decay on norms
+    def decay_mask(params):  # no weight decay on the 1-D norm scales
+        return {k: v.ndim >= 2 for k, v in params.items()}
+
     adamw = optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
                         mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw) if tc.clip_norm > 0 else adamw
 
 
 # ------------------------------------------------------------------------------------------------ step
+@dataclasses.dataclass(frozen=True, eq=False)
 class TrainStep:
     """The pure pieces of a step: parameters (flat dict) -> model, loss, and one optimizer update.
 
-    Holds no arrays (the variables are abstract templates that carry only metadata), so a compiled step
-    can be shared by every trainer of the same model, config and shardings without keeping any alive."""
+    Holds no arrays (the variables are abstract templates that carry only metadata). Two steps that
+    compute the same thing are equal (same model structure, training config up to checkpointing, loss
+    coefficient and shardings), so `jax.jit` (`_run_step`, with the step static) compiles once for
+    every trainer of the same model, config and shardings."""
 
-    def __init__(self, graphdef, templates, tc: TrainConfig, aux_loss_coef: float):
-        self.graphdef, self.templates, self.tc, self.aux_loss_coef = graphdef, templates, tc, aux_loss_coef
-        self.optimizer = make_optimizer(tc)
-        self.schedule = make_schedule(tc)
+    graphdef: Any
+    templates: tuple                 # (path, name, abstract variable) per parameter
+    tc: TrainConfig
+    aux_loss_coef: float
+    param_shardings: tuple = ()      # ((name, sharding), ...): where the step's outputs live
+    opt_shardings: Any = None        # the optimizer state's shardings (a pytree), or None
+
+    @functools.cached_property
+    def optimizer(self) -> optax.GradientTransformation:
+        return make_optimizer(self.tc)
+
+    @functools.cached_property
+    def schedule(self) -> optax.Schedule:
+        return make_schedule(self.tc)
+
+    def _key(self):
+        # what does not change the computation (checkpoint cadence, the mesh spec string) is not part of it
+        tc = dataclasses.replace(self.tc, save_every=0, keep_checkpoints=1, mesh=None)
+        return (self.graphdef, tc, self.aux_loss_coef, self.param_shardings,
+                tuple(jax.tree.leaves(self.opt_shardings)), jax.tree.structure(self.opt_shardings))
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, TrainStep) and self._key() == other._key()
 
     def model(self, params: Mapping[str, jax.Array]) -> Mixtral:
         state = nnx.from_flat_state([(path, var.replace(params[name])) for path, name, var in self.templates])
@@ -166,20 +204,25 @@ class TrainStep:
         metrics = {k: v / n for k, v in metrics.items()}
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        params = optax.apply_updates(params, updates)
+        if self.param_shardings:  # outputs stay where the inputs were (the next step then reuses this compile)
+            params = jax.lax.with_sharding_constraint(params, dict(self.param_shardings))
+        if self.opt_shardings is not None:
+            opt_state = jax.lax.with_sharding_constraint(opt_state, self.opt_shardings)
+        return params, opt_state, metrics
 
 
-_COMPILED: dict = {}  # (graphdef, config, coefficient, shardings) -> jitted TrainStep
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
+def run_step(step: TrainStep, params, opt_state, batch):
+    """One jitted step; equal `TrainStep`s share one compile (the step is a static argument)."""
+    return step(params, opt_state, batch)
 
 
-def _compiled(step: TrainStep, param_shardings, opt_shardings):
-    # what does not change the computation (checkpoint cadence, the mesh spec string) is not part of the key
-    tc = dataclasses.replace(step.tc, save_every=0, keep_checkpoints=1, mesh=None)
-    key = (step.graphdef, tc, step.aux_loss_coef, tuple(param_shardings.items()),
-           tuple(jax.tree.leaves(opt_shardings)), jax.tree.structure(opt_shardings))
-    if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
-    return _COMPILED[key]
+def batch_sharding(mesh, tc: TrainConfig, rules: Mapping[str, Rule] = DEFAULT_RULES) -> NamedSharding:
+    """Batches (grad_accum, micro_batch, seq_len): micro-batches split over the rules' `batch` axes, as far
+    as they divide (`activation_spec`)."""
+    shape = (tc.grad_accum, tc.batch_size // tc.grad_accum, tc.seq_len)
+    return NamedSharding(mesh, activation_spec(shape, (None, "batch", None), mesh, rules))
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -190,8 +233,7 @@ class Trainer:
     def __init__(self, model: Mixtral, tc: TrainConfig):
         tc.check_model(model.config)
         if tc.mesh is not None:
-            from mixtral_jax.sharding.placement import shard_model
-            model = shard_model(model, tc.mesh)
+            model = shard_model(model, tc.mesh, rules=FSDP_RULES if tc.fsdp else DEFAULT_RULES)
         self.tc, self.config, self.runtime = tc, model.config, model.runtime
         self.mesh = model.runtime.mesh
         aux_loss_coef = model.config.router_aux_loss_coef if tc.aux_loss_coef is None else tc.aux_loss_coef
@@ -200,15 +242,13 @@ class Trainer:
             raise ValueError("the model holds non-parameter state; training expects parameters only")
         flat = nnx.to_flat_state(state)
         self.params: dict[str, jax.Array] = {".".join(map(str, path)): var.get_value() for path, var in flat}
-        templates = [(path, ".".join(map(str, path)),
-                      var.replace(jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype)))
-                     for path, var in flat]
-        self.step_fn = TrainStep(graphdef, templates, tc, aux_loss_coef)
-        self.optimizer, self.schedule = self.step_fn.optimizer, self.step_fn.schedule
+        templates = tuple((path, ".".join(map(str, path)),
+                           var.replace(jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype)))
+                          for path, var in flat)
+        step_fn = TrainStep(graphdef, templates, tc, aux_loss_coef)
+        self.optimizer, self.schedule = step_fn.optimizer, step_fn.schedule
         self.opt_state = jax.jit(self.optimizer.init)(self.params)
         if self.mesh is not None:  # the step counters come out on one device: replicate them over the mesh
-            from jax.sharding import NamedSharding
-            from jax.sharding import PartitionSpec as P
             replicated = NamedSharding(self.mesh, P())
             self.opt_state = jax.tree.map(
                 lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), self.opt_state)
@@ -218,8 +258,9 @@ class Trainer:
         self.step = 0
         self.data_position = 0  # stream items (sequences) consumed
         self._batch_sharding = self._make_batch_sharding()
-        self._step_fn = _compiled(self.step_fn, {k: v.sharding for k, v in self.params.items()},
-                                  jax.tree.map(lambda x: x.sharding, self.opt_state))
+        self.step_fn = dataclasses.replace(
+            step_fn, param_shardings=tuple((k, v.sharding) for k, v in self.params.items()),
+            opt_shardings=jax.tree.map(lambda x: x.sharding, self.opt_state))
 
     @property
     def aux_loss_coef(self) -> float:
@@ -234,21 +275,14 @@ class Trainer:
         return self.step_fn.loss(params, tokens)
 
     def _make_batch_sharding(self):
-        if self.mesh is None:
-            return None
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-        data = self.mesh.shape.get("data", 1)
-        micro = self.tc.batch_size // self.tc.grad_accum
-        spec = P(None, "data") if data > 1 and micro % data == 0 else P()
-        return NamedSharding(self.mesh, spec)
+        return None if self.mesh is None else batch_sharding(self.mesh, self.tc)
 
     def train_step(self, tokens: np.ndarray) -> dict[str, float]:
         """One optimizer step on tokens (batch_size, seq_len); returns the metrics as floats."""
         tc = self.tc
         batch = np.asarray(tokens, np.int32).reshape(tc.grad_accum, tc.batch_size // tc.grad_accum, -1)
         batch = jax.device_put(batch, self._batch_sharding) if self._batch_sharding is not None else jnp.asarray(batch)
-        self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, batch)
+        self.params, self.opt_state, metrics = run_step(self.step_fn, self.params, self.opt_state, batch)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["lr"] = float(self.schedule(self.step))  # the rate this step's update used
         self.step += 1
@@ -260,8 +294,6 @@ class Trainer:
             on_step: Callable[[int, dict], None] | None = None, show_progress: bool = False) -> list[dict]:
         """Train from `self.step` to `tc.steps` (or `stop_at`), saving to `out_dir` every `save_every`
         steps and at the end. Returns the metrics of every step run here."""
-        from .progress import progress
-
         tc = self.tc
         if data.seq_len != tc.seq_len:
             raise ConfigError(f"the data is packed into {data.seq_len}-token sequences, the config says {tc.seq_len}")
@@ -286,34 +318,27 @@ class Trainer:
 
     # ---- training checkpoints
     def _tree(self) -> dict:
-        from .convert.orbax_io import nest
         leaves = jax.tree.leaves(self.opt_state)
-        return {"params": nest(self.params), "opt": {str(i): x for i, x in enumerate(leaves)}}
+        return {"params": orbax_io.nest(self.params), "opt": {str(i): x for i, x in enumerate(leaves)}}
 
     def save(self, out_dir: str) -> str:
         """Write `out_dir/checkpoints/step_NNNNNNNN` (atomically) and drop all but the newest few."""
-        import orbax.checkpoint as ocp
+        import orbax.checkpoint as ocp  # slow to import: only where a training checkpoint is written
 
-        root = os.path.join(os.path.abspath(out_dir), CHECKPOINT_DIR)
-        os.makedirs(root, exist_ok=True)
-        final = os.path.join(root, f"step_{self.step:08d}")
+        final = os.path.join(os.path.abspath(out_dir), CHECKPOINT_DIR, f"step_{self.step:08d}")
         if os.path.exists(final):
             return final
-        tmp = os.path.join(root, f".step_{self.step:08d}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, "state"), self._tree())
-            ckptr.wait_until_finished()
         meta = {"step": self.step, "data_position": self.data_position, "train_config": self.tc.to_dict(),
                 "model_config": self.config.to_dict(),
                 "param_dtype": np.dtype(self.runtime.param_dtype).name,
                 "saved": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-        with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, final)
+        with atomic_directory(final, is_complete=_is_train_checkpoint, check=read_train_state,
+                              what="checkpoint save") as tmp:
+            os.makedirs(tmp)
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(os.path.join(tmp, "state"), self._tree())
+                ckptr.wait_until_finished()
+            write_durably(os.path.join(tmp, TRAIN_STATE_FILE), json.dumps(meta, indent=1))
         for old in list_checkpoints(out_dir)[: -self.tc.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -323,8 +348,6 @@ class Trainer:
         (`step_NNNNNNNN`), straight into this trainer's shardings."""
         import orbax.checkpoint as ocp
 
-        from .convert.orbax_io import flatten
-
         meta = read_train_state(path)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._tree())
         with ocp.StandardCheckpointer() as ckptr:
@@ -333,7 +356,7 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - Orbax raises many types; ours is one line
                 raise ValueError(f"{path}: cannot restore the training state (was it written for this model "
                                  f"and optimizer?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        self.params = flatten(tree["params"])
+        self.params = orbax_io.flatten(tree["params"])
         treedef = jax.tree.structure(self.opt_state)
         self.opt_state = jax.tree.unflatten(treedef, [tree["opt"][str(i)] for i in range(treedef.num_leaves)])
         self.step, self.data_position = int(meta["step"]), int(meta["data_position"])
@@ -346,52 +369,35 @@ class Trainer:
         return True
 
     # ---- export
-    def export(self, path: str, dtype=None, *, overwrite: bool = False,
-               tokenizer: str | None = "mistral-common:tokenizer.model.v1") -> str:
-        """The trained parameters as a mixtral-jax checkpoint (the converter's format, optionally cast to
-        `dtype`, e.g. "bfloat16"): `mixtral_jax.load(path)` reads it. `overwrite` replaces an earlier
-        export (and nothing else) only once the new one is complete."""
-        from .config import as_dtype
-        from .convert import orbax_io
-        from .params import param_specs
-
+    def export(self, path: str, dtype=None, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
+        """The trained parameters as a mixtral-jax checkpoint (the converter's format and writer, optionally
+        cast to `dtype`, e.g. "bfloat16"): `mixtral_jax.load(path)` reads it. `overwrite` replaces an
+        earlier export (and nothing else) only once the new one is complete. `tokenizer` None: the one
+        matching the vocabulary, as the converter records."""
         path = os.path.abspath(path)
-        if os.path.lexists(path) and not (overwrite and orbax_io.is_checkpoint(path)):
+        if os.path.lexists(path) and not (overwrite and orbax_io.may_replace(path)):
             raise FileExistsError(f"export destination {path} already exists")
         specs = param_specs(self.config, self.runtime)
-        cast = as_dtype(dtype) if dtype is not None else None
-        arrays = {name: np.asarray(jax.device_get(self.params[name] if cast is None
-                                                  else self.params[name].astype(cast)))
-                  for name in specs}
-        metadata = {
-            "format": orbax_io.FORMAT_NAME, "format_version": orbax_io.FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "tokenizer": tokenizer if self.config.vocab_size == 32000 else None,
-            "dtype": np.dtype(cast if cast is not None else self.runtime.param_dtype).name,
-            "params": {n: {"shape": list(s.shape), "dtype": arrays[n].dtype.name, "logical_axes": list(s.logical_axes)}
-                       for n, s in specs.items()},
-            "source": {"path": None, "format": "mixtral-jax train", "layout": f"trained for {self.step} steps",
-                       "cast_to": np.dtype(cast).name if cast is not None else None,
-                       "train_config": self.tc.to_dict()},
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        }
-        parent, name = os.path.split(path)
-        os.makedirs(parent, exist_ok=True)
-        workspace = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
-        shutil.rmtree(workspace, ignore_errors=True)
-        os.makedirs(workspace)
-        try:
-            tmp = os.path.join(workspace, "checkpoint")  # not a hidden name: Orbax's partial save globs
-            writer = orbax_io.StreamingWriter(tmp, custom_metadata=metadata, overlap=False)
-            for n, s in specs.items():
-                writer.add(n, arrays[n], s.logical_axes)
-            writer.finish(metadata)
-            if os.path.lexists(path):  # an earlier export (checked above): swap, then drop it
-                os.rename(path, os.path.join(workspace, "old"))
-            os.rename(tmp, path)
-        finally:
-            shutil.rmtree(workspace, ignore_errors=True)
+        dtype = as_dtype(dtype) if dtype is not None else np.dtype(self.runtime.param_dtype)
+        metadata = orbax_io.checkpoint_metadata(
+            self.config, specs, dict.fromkeys(specs, dtype), tokenizer=tokenizer,
+            source={"path": None, "format": "mixtral-jax train", "layout": f"trained for {self.step} steps",
+                    "cast_to": np.dtype(dtype).name if dtype != self.runtime.param_dtype else None,
+                    "train_config": self.tc.to_dict()})
+
+        def host_array(name):
+            return np.asarray(jax.device_get(self.params[name].astype(dtype)))
+
+        pending = [orbax_io.PendingTensor(name, spec.logical_axes,
+                                          int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(dtype).itemsize,
+                                          functools.partial(host_array, name))
+                   for name, spec in specs.items()]
+        orbax_io.write_checkpoint(path, metadata, pending, overwrite=overwrite, overlap=False, what="export")
         return path
+
+
+def _is_train_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, TRAIN_STATE_FILE))
 
 
 def list_checkpoints(out_dir: str) -> list[str]:

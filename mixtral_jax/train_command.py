@@ -9,11 +9,18 @@ converter's format: `mixtral-jax generate --checkpoint OUT/final`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from .config import ConfigError, MixtralConfig, _read_json
+from flax import nnx
+
+from .config import MixtralConfig, RuntimeConfig, read_json
+from .data import PackedDataset
+from .demo import DEMO_CONFIG
+from .errors import ConfigError
+from .loading import load_checkpoint
+from .model import Mixtral
+from .train import TrainConfig, Trainer, list_checkpoints, read_train_state
 
 
 def model_config(spec: str) -> MixtralConfig:
@@ -22,17 +29,14 @@ def model_config(spec: str) -> MixtralConfig:
     if spec == "tiny":
         return MixtralConfig.tiny(vocab_size=32000, max_seq_len=2048)
     if spec == "demo":
-        from .demo import DEMO_CONFIG
         return DEMO_CONFIG
     if not (os.path.isdir(spec) or os.path.isfile(spec)):
         raise ConfigError(f"--config must be tiny, demo or a JSON config file; {spec} is none of these")
-    raw = _read_json(spec, "config.json")
+    raw = read_json(spec, "config.json")
     return MixtralConfig.from_hf(raw) if "hidden_size" in raw else MixtralConfig.from_dict(raw)
 
 
-def train_config(args):
-    from .train import TrainConfig
-
+def train_config(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
                        warmup_steps=args.warmup if args.warmup is not None else min(args.steps // 10, 100),
                        grad_accum=args.grad_accum, z_loss_coef=args.z_loss, seed=args.seed, mesh=args.mesh,
@@ -40,13 +44,6 @@ def train_config(args):
 
 
 def run_train(args) -> int:
-    from flax import nnx
-
-    from .config import RuntimeConfig
-    from .data import PackedDataset
-    from .model import Mixtral
-    from .train import Trainer, list_checkpoints, read_train_state
-
     tc = train_config(args)
     for p in args.data:  # fail on a missing file before anything slow
         if not os.path.isfile(p):
@@ -67,15 +64,17 @@ def run_train(args) -> int:
     data = PackedDataset.from_files(args.data, tc.seq_len, seed=tc.seed)
     say(f"{len(data)} sequences of {tc.seq_len} tokens ({len(data) * tc.seq_len:,} tokens)")
     if args.init_from and not existing:
-        from .generate_command import _load_model
-        load_args = argparse.Namespace(checkpoint=args.init_from, dtype="float32", mesh=None)  # Trainer shards it
-        model = _load_model(load_args)
+        model = load_checkpoint(args.init_from, dtype="float32")  # on one device: the Trainer shards it
         config = model.config
         tc.check_model(config)
     else:
         model = Mixtral(config, RuntimeConfig(), rngs=nnx.Rngs(tc.seed))
     trainer = Trainer(model, tc)
     del model
+    if args.skip_sequences and not existing:  # e.g. the part of the stream an --init-from model already saw
+        if not 0 <= args.skip_sequences < len(data):
+            raise ConfigError(f"--skip-sequences must be in [0, {len(data)}), got {args.skip_sequences}")
+        trainer.data_position = args.skip_sequences
     if existing:
         trainer.restore(existing[-1])
         say(f"resumed from {existing[-1]} (step {trainer.step})")
@@ -98,12 +97,14 @@ def run_train(args) -> int:
 
 
 def register(subparsers):
-    p = subparsers.add_parser("train", help="train or fine-tune on text / JSONL files",
+    p = subparsers.add_parser("train", allow_abbrev=False, help="train or fine-tune on text / JSONL files",
                               description="Train a Mixtral on plain-text or JSONL ({\"text\": ...}) files.")
     p.add_argument("--data", nargs="+", required=True, help="text or .jsonl files")
     p.add_argument("--out", required=True, help="run directory: checkpoints/ and final/")
     p.add_argument("--config", default="tiny", help="tiny, demo, or a config JSON file (default: tiny)")
     p.add_argument("--init-from", help="start from these weights (HF directory or mixtral-jax checkpoint)")
+    p.add_argument("--skip-sequences", type=int, default=0,
+                   help="start the data stream at this sequence (to continue an --init-from model on unseen data)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--seq-len", type=int, default=256)

@@ -11,19 +11,24 @@ When the tokens do not split evenly over the devices (a decode step with batch 1
 tokens stay replicated over `expert`: each device runs its local experts on the tokens routed to them
 and a `psum` over `expert` adds the results. Same numbers, no all_to_all.
 
+The mesh axes come from the rules table (`sharding/rules.py`): none is named here.
+
 Letters: c token copies (tokens x k), n expert shards, r received rows, e local experts, d, f as usual.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from mixtral_jax.moe import Routing, bucket_capacity, route, run_experts
+from mixtral_jax.moe import Routing, assign_buckets, bucket_capacity, route, run_experts
+
+from .rules import DEFAULT_RULES, Rule, ShardingError, mesh_axes
 
 
 def _local_experts(x, local_expert, weight, w1, w3, w2, strategy, capacity_factor):
@@ -32,71 +37,81 @@ def _local_experts(x, local_expert, weight, w1, w3, w2, strategy, capacity_facto
     return run_experts(x, routing, w1, w3, w2, strategy, capacity_factor)
 
 
-def _token_axes(mesh: Mesh, n_tokens: int):
-    """The mesh axes the flattened tokens split over, or None if they must stay replicated."""
-    for axes in (("data", "expert"), ("data",)):
-        if n_tokens % math.prod(mesh.shape[a] for a in axes) == 0:
-            return axes
-    return None
+def _token_axes(mesh: Mesh, n_tokens: int, batch_axes: tuple[str, ...]):
+    """The longest prefix of the batch's mesh axes that the flattened tokens split over evenly, or None
+    (replicated), as `rules.activation_spec` lays out the activations around the MoE."""
+    axes = batch_axes
+    while axes and n_tokens % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    return axes or None
 
 
 def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strategy: str = "auto",
-                        capacity_factor: float = 2.0) -> tuple[jax.Array, jax.Array]:
-    """x (t, d) -> (output (t, d), router logits (t, E)) with experts sharded over `mesh`'s `expert` axis."""
+                        capacity_factor: float = 2.0, rules: Mapping[str, Rule] = DEFAULT_RULES
+                        ) -> tuple[jax.Array, jax.Array]:
+    """x (t, d) -> (output (t, d), router logits (t, E)), with the experts laid out as `rules` say: the
+    `expert` logical axis over its mesh axis, the expert hidden dimension (`mlp`) over its own, tokens
+    over `batch` (and the expert axis, where they split evenly)."""
     n_tokens = x.shape[0]
     n_experts = w1.shape[0]
-    n_shards = mesh.shape["expert"]
+    expert_axes, hidden_axes = mesh_axes("expert", mesh, rules), mesh_axes("mlp", mesh, rules)
+    if len(expert_axes) > 1:
+        raise ShardingError(f"the rules split experts over several mesh axes {expert_axes}; use one")
+    expert_axis = expert_axes[0] if expert_axes else None
+    hidden = hidden_axes or None  # the expert hidden dimension's mesh axes, summed over with psum
+    n_shards = mesh.shape[expert_axis] if expert_axis is not None else 1
     local = n_experts // n_shards
-    token_axes = _token_axes(mesh, n_tokens)
+    token_axes = _token_axes(mesh, n_tokens, mesh_axes("batch", mesh, rules))
     tok = P(token_axes, None)
-    w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
+    w_in, w_out = P(expert_axis, None, hidden), P(expert_axis, hidden, None)
+    summed = (*expert_axes, *hidden_axes)
     all_axes = tuple(mesh.axis_names)
 
     def replicated_tokens(x, router, w1, w3, w2):
         routing = route(x, router, top_k)
-        shard = jax.lax.axis_index("expert")
-        mine = routing.experts // local == shard                                   # (t, k)
+        shard = jax.lax.axis_index(expert_axis) if expert_axis is not None else 0
+        mine = routing.expert_ids // local == shard                                # (t, k)
         # rows for copies that are not ours get weight 0 (and a spread-out expert, to keep buckets even)
-        local_expert = jnp.where(mine, routing.experts % local, jnp.arange(mine.size).reshape(mine.shape) % local)
+        spread = jnp.arange(mine.size).reshape(mine.shape) % local
+        local_expert = jnp.where(mine, routing.expert_ids % local, spread)
         ys = _local_experts(jnp.repeat(x, top_k, axis=0), local_expert.reshape(-1),
                             jnp.where(mine, routing.weights, 0.0).reshape(-1), w1, w3, w2, strategy,
                             capacity_factor)
         y = ys.reshape(x.shape[0], top_k, -1).sum(1)
-        return jax.lax.psum(y, ("expert", "tensor")), routing.logits
+        return (jax.lax.psum(y, summed) if summed else y), routing.logits
 
     def all_to_all(x, router, w1, w3, w2):
         routing = route(x, router, top_k)
         t, d = x.shape
         copies = t * top_k
-        dest = routing.experts.reshape(-1) // local                                 # (c,) expert shard
-        onehot = jax.nn.one_hot(dest, n_shards, dtype=jnp.int32)
-        slot = ((jnp.cumsum(onehot, axis=0) - 1) * onehot).sum(-1)                  # place in its bucket
+        buckets = assign_buckets(routing.expert_ids.reshape(-1) // local, n_shards)  # bucket = expert shard
         token_of = jnp.arange(copies) // top_k
 
         def exchange(capacity):
             def run(x):
-                send = jnp.zeros((n_shards, capacity, d), x.dtype).at[dest, slot].set(x[token_of], mode="drop")
-                send_e = jnp.full((n_shards, capacity), -1, jnp.int32).at[dest, slot].set(
-                    routing.experts.reshape(-1) % local, mode="drop")
-                recv = jax.lax.all_to_all(send.reshape(-1, d), "expert", 0, 0, tiled=True)      # (r, d)
-                recv_e = jax.lax.all_to_all(send_e.reshape(-1), "expert", 0, 0, tiled=True)    # (r,)
+                send = buckets.dispatch(x[token_of], capacity)                                     # (n, C, d)
+                send_e = buckets.dispatch(routing.expert_ids.reshape(-1) % local, capacity, fill=-1)  # (n, C)
+                recv = jax.lax.all_to_all(send.reshape(-1, d), expert_axis, 0, 0, tiled=True)    # (r, d)
+                recv_e = jax.lax.all_to_all(send_e.reshape(-1), expert_axis, 0, 0, tiled=True)   # (r,)
                 valid = recv_e >= 0
                 spread = jnp.arange(recv_e.shape[0]) % local
                 y = _local_experts(recv, jnp.where(valid, recv_e, spread), valid.astype(jnp.float32),
                                    w1, w3, w2, strategy, capacity_factor)
-                y = jax.lax.psum(y, "tensor")
-                back = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True).reshape(n_shards, capacity, d)
-                picked = back[dest, slot].reshape(t, top_k, d)
+                if hidden_axes:
+                    y = jax.lax.psum(y, hidden_axes)
+                back = jax.lax.all_to_all(y, expert_axis, 0, 0, tiled=True).reshape(n_shards, capacity, d)
+                picked = buckets.collect(back).reshape(t, top_k, d)
                 return jnp.einsum("tk,tkd->td", routing.weights.astype(picked.dtype), picked)
             return run
 
         capacity = bucket_capacity(copies, 1, n_shards, capacity_factor)
         if capacity >= copies:
             return exchange(copies)(x), routing.logits
-        overflow = jax.lax.pmax(jnp.max(onehot.sum(0)) > capacity, all_axes)
+        overflow = jax.lax.pmax(buckets.overflows(capacity), all_axes)
         return jax.lax.cond(overflow, exchange(copies), exchange(capacity), x), routing.logits
 
-    body = all_to_all if token_axes == ("data", "expert") else replicated_tokens
+    splits_over_experts = expert_axis is not None and token_axes is not None and expert_axis in token_axes
+    body = all_to_all if splits_over_experts else replicated_tokens
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, P(None, None), w_in, w_in, w_out), out_specs=(tok, tok),
                        check_vma=False)
     return fn(x, router, w1, w3, w2)

@@ -27,12 +27,11 @@ from hf_reference import hf_logits, hf_model, save_hf
 from mistral_reference import save_mistral
 
 from mixtral_jax import MixtralConfig
+from mixtral_jax.cli import main as command_main
 from mixtral_jax.config import ConfigError
-from mixtral_jax.convert import orbax_io
-from mixtral_jax.convert.command import main as command_main
-from mixtral_jax.convert.convert import convert
-from mixtral_jax.convert.safetensors_file import CheckpointError
+from mixtral_jax.convert import convert, orbax_io
 from mixtral_jax.convert.verify import VerificationError, verify
+from mixtral_jax.errors import CheckpointError
 from mixtral_jax.loading import load
 from mixtral_jax.params import model_arrays
 
@@ -146,7 +145,7 @@ def test_checkpoint_layout_metadata_and_tokenizer(sources, tmp_path):
 
 
 def test_default_tokenizer_follows_the_vocabulary():
-    from mixtral_jax.convert.convert import default_tokenizer
+    from mixtral_jax.convert.orbax_io import default_tokenizer
     assert default_tokenizer(MixtralConfig()) == "mistral-common:tokenizer.model.v1"
     assert default_tokenizer(MixtralConfig.mixtral_8x22b()) == "mistral-common:tokenizer.model.v3"
 
@@ -235,7 +234,7 @@ def test_exception_midway_leaves_nothing_and_rerun_succeeds(sources, monkeypatch
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from mixtral_jax.convert import orbax_io
-    from mixtral_jax.convert.convert import convert
+    from mixtral_jax.convert import convert
     real_flush, count = orbax_io.StreamingWriter.flush, [0]
     def flush(self):
         real_flush(self)
@@ -499,7 +498,7 @@ def test_a_run_killed_between_its_two_renames_gets_the_old_checkpoint_back(sourc
 @pytest.mark.parametrize("shape,axes", [((300, 200), (1, 0)), ((3, 130, 257), (0, 2, 1)), ((129, 4, 33), (2, 1, 0)),
                                         ((5, 7), (0, 1))])
 def test_tiled_copy_equals_plain_assignment(shape, axes):
-    from mixtral_jax.convert.convert import tiled_copy
+    from mixtral_jax.convert.converter import tiled_copy
     src = np.random.default_rng(0).standard_normal(shape).astype(np.float32).transpose(axes)
     out = np.empty(src.shape, ml_dtypes.bfloat16)
     tiled_copy(out, src, block=64)

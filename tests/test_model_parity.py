@@ -117,7 +117,7 @@ def test_router_and_aux_loss_match_transformers(pair):
         ref_logits, ref_w, ref_idx = hf.model.layers[layer].mlp.gate(x)
         ours = mixtral_jax.moe.route(x.numpy(), np.asarray(model.layers[layer].moe.router[...]), config.top_k)
         np.testing.assert_allclose(np.asarray(ours.logits), ref_logits.detach().numpy(), atol=1e-5)
-        np.testing.assert_array_equal(np.asarray(ours.experts), ref_idx.numpy())
+        np.testing.assert_array_equal(np.asarray(ours.expert_ids), ref_idx.numpy())
         np.testing.assert_allclose(np.asarray(ours.weights), ref_w.detach().numpy(), atol=1e-6)
     # the aux loss, with HF's attention mask and without
     np.testing.assert_allclose(float(mixtral_jax.load_balancing_loss(flat, config.top_k, mask.reshape(-1))),

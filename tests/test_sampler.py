@@ -1,5 +1,7 @@
 """KV-cached decoding against the full forward pass, greedy generation against transformers, sampling laws."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,7 +79,7 @@ def test_expert_views_share_the_parameters_and_change_nothing(pair):
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, CONFIG.vocab_size, (2, 10)), jnp.int32)
     cache = KVCache.empty(CONFIG, 2, 12, jnp.float32)
     plain, _ = model.extend(cache, tokens)
-    viewed, _ = nnx.jit(lambda m, c, t, e: m.extend(c, t, experts=e))(model, cache, tokens, views)
+    viewed, _ = nnx.jit(lambda m, c, t, e: m.extend(c, t, expert_weights=e))(model, cache, tokens, views)
     np.testing.assert_allclose(np.asarray(viewed), np.asarray(plain), atol=1e-5)
 
 
@@ -115,6 +117,50 @@ def test_streaming_delivers_the_same_tokens(pair):
     streamed = np.stack(steps, axis=1)
     for row, o in enumerate(out):
         assert streamed[row][streamed[row] >= 0].tolist() == o
+
+
+def test_streamed_steps_equal_the_compiled_loop_when_sampling_with_penalties(pair):
+    """`stream` runs the decode step one jitted call at a time; `__call__` without it runs the same step
+    inside one `lax.while_loop`: the same tokens, random draws and penalties included."""
+    _, model = pair
+    kwargs = dict(temperature=1.1, top_p=0.9, seed=5, stop_tokens=[], presence_penalty=0.5, repetition_penalty=1.3)
+    prompts = [[3, 4, 5, 6], [7]]
+    sampler = Sampler(model)
+    steps = list(sampler.stream(prompts, 12, **kwargs))
+    looped = sampler(prompts, 12, **kwargs)
+    streamed = np.stack(steps, axis=1)
+    assert [r[r >= 0].tolist() for r in streamed] == looped
+
+
+def test_concurrent_streams_in_threads_each_get_their_own_tokens(pair):
+    """No module state: two generations streaming at once in one process never see each other's tokens."""
+    _, model = pair
+    sampler = Sampler(model)
+    jobs = {"a": [[5, 6, 7]], "b": [[9], [10, 11]]}
+    solo = {name: sampler(p, 10, stop_tokens=[]) for name, p in jobs.items()}
+    got, errors = {name: [] for name in jobs}, []
+    barrier = threading.Barrier(len(jobs))
+
+    def run(name):
+        try:
+            barrier.wait(timeout=60)
+            out = sampler(jobs[name], 10, stop_tokens=[], stream=lambda t, name=name: got[name].append(t.copy()))
+            got[name].append(out)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for name, steps in got.items():
+        *tokens, out = steps
+        assert out == solo[name]
+        streamed = np.stack(tokens, axis=1)
+        assert streamed.shape[0] == len(jobs[name])
+        assert [r[r >= 0].tolist() for r in streamed] == solo[name]
 
 
 def test_seed_repeats_and_temperature_zero_is_greedy(pair):

@@ -8,8 +8,8 @@ from flax import nnx
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
+from mixtral_jax.placement import shard_model
 from mixtral_jax.sharding import ShardingError, make_mesh, parse_mesh_spec
-from mixtral_jax.sharding.placement import shard_model
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU mesh from conftest.py")
 
@@ -119,3 +119,34 @@ def test_sampler_on_a_sharded_mesh_equals_one_device(model, spec):
     assert [row[row >= 0].tolist() for row in streamed] == ref
     sampled = dict(temperature=0.9, top_p=0.8, seed=5, stop_tokens=[])
     assert Sampler(shard_model(model, spec))(prompts, 12, **sampled) == Sampler(model)(prompts, 12, **sampled)
+
+
+@pytest.mark.parametrize("spec,batch,batch_axes,head_axes,split_b,split_h", [
+    ("expert=4,tensor=2", 8, "expert", "tensor", 4, 2),          # sequences over expert, KV heads over tensor
+    ("data=2,expert=4", 8, ("data", "expert"), None, 8, 1),      # a decode batch spreads over the whole mesh
+    ("data=2,expert=4", 2, "data", None, 2, 1),                  # 2 sequences: split over data only
+    ("expert=8", 1, None, None, 1, 1),                           # batch 1 stays replicated
+])
+def test_kv_cache_is_laid_out_by_the_rules(model, spec, batch, batch_axes, head_axes, split_b, split_h):
+    from mixtral_jax.sampler import Greedy, prefill
+    from mixtral_jax.sharding.rules import KV_CACHE_AXES, activation_spec
+
+    mesh = make_mesh(spec)
+    assert activation_spec((batch, CONFIG.n_kv_heads, 32, CONFIG.head_dim), KV_CACHE_AXES, mesh) == \
+        jax.sharding.PartitionSpec(batch_axes, head_axes, None, None)
+    sharded = shard_model(model, spec)
+    tokens = np.random.default_rng(2).integers(1, CONFIG.vocab_size, (batch, 16)).astype(np.int32)
+    valid = np.ones_like(tokens, bool)
+    key = np.asarray(jax.random.key_data(jax.random.key(0)))
+    graphdef, state = nnx.split(sharded)
+    first, cache, _, _ = prefill(graphdef, state, None, tokens, valid, key, None, strategy=Greedy(), max_new=16,
+                                 cache_dtype=jnp.dtype(jnp.float32))
+    k = cache.k[0]
+    assert {s.data.shape for s in k.addressable_shards} == {(batch // split_b, CONFIG.n_kv_heads // split_h, 32,
+                                                             CONFIG.head_dim)}
+    # and the sharded cache holds the same keys, and gives the same first tokens, as one device
+    ref_graphdef, ref_state = nnx.split(model)
+    ref_first, ref_cache, _, _ = prefill(ref_graphdef, ref_state, None, tokens, valid, key, None, strategy=Greedy(),
+                                         max_new=16, cache_dtype=jnp.dtype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(k), np.asarray(ref_cache.k[0]), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(ref_first))

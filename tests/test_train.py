@@ -101,6 +101,20 @@ def test_overfits_and_mesh_gives_the_same_numbers():
         np.testing.assert_allclose(np.asarray(mesh.params[name]), np.asarray(single.params[name]), atol=1e-4)
 
 
+def test_fsdp_step_equals_one_device():
+    """FSDP (every weight's model dimension also over data) changes the layout, not the numbers."""
+    tokens = _batch(2)
+    single = Trainer(_model(), TC)
+    fsdp = Trainer(_model(), TrainConfig(**{**TC.to_dict(), "mesh": "data=2,expert=4", "fsdp": True}))
+    w1 = fsdp.params["layers.0.moe.w1"]
+    assert w1.sharding.spec[:2] == ("expert", "data")  # (expert, embed, mlp): embed split over data
+    assert {s.data.shape for s in w1.addressable_shards} == {(SMALL.n_experts // 4, SMALL.dim // 2, SMALL.hidden_dim)}
+    a, b = single.train_step(tokens), fsdp.train_step(tokens)
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+    for name in single.params:
+        np.testing.assert_allclose(np.asarray(fsdp.params[name]), np.asarray(single.params[name]), atol=1e-5)
+
+
 def test_gradient_accumulation_equals_the_whole_batch():
     # the token losses are means over equal micro-batches, so accumulating them is exact; the
     # load-balancing loss is per micro-batch (as transformers computes it), so it is off here
@@ -230,3 +244,21 @@ def test_train_command_end_to_end(tmp_path):
     assert os.path.basename(list_checkpoints(out)[-1]) == "step_00000003"
     info = mixtral_jax.convert.orbax_io.read_info(out / "final")  # the export was replaced by step 3's
     assert "3 steps" in info.metadata["source"]["layout"] and info.dtype == np.dtype(jnp.bfloat16)
+
+
+def test_init_from_with_skip_sequences_continues_on_unseen_data(tmp_path):
+    """bench.train_demo's second stage: start from a model, at a later point of the data stream."""
+    from mixtral_jax.train import read_train_state
+    from mixtral_jax.train_command import run_train
+
+    config = MixtralConfig.tiny(vocab_size=32000, n_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "a.txt").write_text(" ".join(f"word{i} and more words" for i in range(200)))
+    common = ["--data", str(tmp_path / "a.txt"), "--batch", "2", "--seq-len", "16", "--warmup", "0"]
+    assert run_train(_cli_args(tmp_path, *common, "--config", str(tmp_path / "config.json"), "--steps", "1")) == 0
+    second = ["--out", str(tmp_path / "second"), "--init-from", str(tmp_path / "out" / "final"), "--steps", "2"]
+    with pytest.raises(ConfigError, match="--skip-sequences must be in"):
+        run_train(_cli_args(tmp_path, *common, *second, "--skip-sequences", "100000"))
+    assert run_train(_cli_args(tmp_path, *common, *second, "--skip-sequences", "7")) == 0
+    (last,) = list_checkpoints(tmp_path / "second")[-1:]
+    assert read_train_state(last)["data_position"] == 7 + 2 * 2

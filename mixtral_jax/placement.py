@@ -1,17 +1,20 @@
-"""Put a model's parameters on a mesh as the rules say, after checking the mesh can hold this model."""
+"""Put a model's parameters on a mesh as the rules say, after checking the mesh can hold this model.
+
+Above the model in the import graph (it builds models); the rules and meshes it applies live in
+`mixtral_jax.sharding`, below the model."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 from jax.sharding import Mesh
 
-from mixtral_jax.config import MixtralConfig, RuntimeConfig
-from mixtral_jax.params import assemble_model, model_arrays, param_specs
-
-from .mesh import make_mesh
-from .rules import ShardingError, param_shardings
+from .config import MixtralConfig, RuntimeConfig
+from .model import Mixtral
+from .params import assemble_model, model_arrays, param_specs
+from .sharding import DEFAULT_RULES, Rule, ShardingError, make_mesh, param_shardings
 
 
 def check_mesh(config: MixtralConfig, mesh: Mesh) -> None:
@@ -29,15 +32,16 @@ def check_mesh(config: MixtralConfig, mesh: Mesh) -> None:
                                 f"{config.n_kv_heads}, hidden {config.hidden_dim}, vocab {config.vocab_size})")
 
 
-def sharded_runtime(config: MixtralConfig, runtime: RuntimeConfig, mesh) -> RuntimeConfig:
+def sharded_runtime(config: MixtralConfig, runtime: RuntimeConfig, mesh: Mesh | str | dict) -> RuntimeConfig:
+    """`runtime` on `mesh` (a Mesh or a spec for `make_mesh`), once `check_mesh` accepts it."""
     mesh = make_mesh(mesh)
     check_mesh(config, mesh)
     return dataclasses.replace(runtime, mesh=mesh)
 
 
-def shard_model(model, mesh):
+def shard_model(model: Mixtral, mesh: Mesh | str | dict, rules: Mapping[str, Rule] = DEFAULT_RULES) -> Mixtral:
     """A copy of `model` whose parameters live on `mesh` per the rules and whose MoE runs expert-parallel."""
     runtime = sharded_runtime(model.config, model.runtime, mesh)
-    shardings = param_shardings(param_specs(model.config, runtime), runtime.mesh)
+    shardings = param_shardings(param_specs(model.config, runtime), runtime.mesh, rules)
     arrays = model_arrays(model)
     return assemble_model(model.config, runtime, lambda name, spec: jax.device_put(arrays[name], shardings[name]))

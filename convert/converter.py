@@ -1,6 +1,6 @@
 """The conversion driver: any supported PyTorch checkpoint -> a mixtral-jax Orbax checkpoint, streamed.
 
-    from mixtral_jax.convert.convert import convert
+    from mixtral_jax.convert import convert
     report = convert("Mixtral-8x7B-v0.1", "mixtral-8x7b-orbax")   # format detected, bf16 stays bf16
     print(report)
 
@@ -8,7 +8,8 @@ Steps: detect the format and open the source lazily (`open_source`); map every s
 with the rule table and fail on anything unknown, missing, duplicated or mis-shaped (`keymap.plan`)
 *before* writing anything; then build one parameter at a time in the model's layout (dropping the
 source's memory-mapped pages after every tensor read) and hand it to the `orbax_io.StreamingWriter`,
-which saves groups of at most `buffer_bytes`, one group in flight while the next is built.
+which saves groups of at most `buffer_bytes`, one group in flight while the next is built
+(`orbax_io.write_checkpoint`, the one writer every checkpoint goes through).
 
 Memory: about 3x `max(buffer_bytes, largest parameter)` plus the interpreter's ~200 MB, whatever the
 model's size (the group being built, the group being written, and Orbax's compressed copy of it). For
@@ -16,44 +17,37 @@ Mixtral-8x7B in bf16 the largest parameter (one layer's w1, w2 or w3) is 0.94 GB
 measured a 3.0 GB peak for checkpoints of 8x7B-width layers of 6.3 GB and 12.1 GB alike, i.e. about one
 layer's weights plus a constant.
 
-Safety: the checkpoint is built in a hidden sibling workspace (`.DST.tmp-*`) and renamed to `DST` only
-once complete (with its completion marker). An interrupted run leaves only that workspace, which the
-next run removes; with `overwrite=True` the old `DST` is moved aside only after the new one is complete
-(and put back by the next run if the process died between the two renames). A lock file (`.DST.lock`)
-keeps two conversions from writing the same `DST` at once.
+Safety (`convert.atomic`): the checkpoint is built in a hidden sibling workspace (`.DST.tmp-*`) and
+renamed to `DST` only once complete (with its completion marker). An interrupted run leaves only that
+workspace, which the next run removes; with `overwrite=True` the old `DST` is moved aside only after the
+new one is complete (and put back by the next run if the process died between the two renames). A lock
+file (`.DST.lock`) keeps two conversions from writing the same `DST` at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import fcntl
 import glob
 import os
-import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 
 from mixtral_jax.config import MixtralConfig, RuntimeConfig, as_dtype
+from mixtral_jax.errors import CheckpointError
 from mixtral_jax.params import param_specs
 from mixtral_jax.progress import progress
 
 from . import orbax_io
-from .keymap import HF_RULES, MISTRAL_RULES, plan
-from .mistral import drop_mapped_pages
-from .safetensors_file import CheckpointError
+from .hf import HFCheckpoint
+from .keymap import HF_RULES, MISTRAL_RULES, TensorSource, plan
+from .mistral import MistralCheckpoint
 
 FORMATS = ("hf", "mistral")
-_FORMAT_NAMES = {"hf": "Hugging Face safetensors", "mistral": "Mistral original"}
-
-
-def _supported_dtypes():
-    import ml_dtypes
-    return {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
+_SUPPORTED_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -64,25 +58,20 @@ class Source:
     format: str                 # "hf" | "mistral"
     description: str            # e.g. "Hugging Face safetensors, per-expert keys, 3 files"
     config: MixtralConfig
-    tensors: object             # a keymap.TensorSource with dtype(key); released with `release()`
+    tensors: TensorSource
     rules: list
 
     _buffer: np.ndarray | None = None
 
     def release(self):
         """Drop the source's memory-mapped pages from this process (they count as resident once read)."""
-        release = getattr(self.tensors, "release", None)
-        if release is not None:
-            release()
-        else:  # HFCheckpoint: its safetensors files' maps
-            for f in getattr(self.tensors, "_files", {}).values():
-                drop_mapped_pages(f)
+        self.tensors.release()
 
     def read(self, key) -> np.ndarray:
         """Tensor `key`, read with one `readinto` into a buffer reused from tensor to tensor where it lies
         in a safetensors file (no page faults on a mapping, nothing left resident), else the reader's
         own (memory-mapped) view. Valid until the next `read`."""
-        where = _safetensors_location(self.tensors, key)
+        where = self.tensors.location(key)
         nbytes = int(np.prod(where[3], dtype=np.int64)) * where[2].itemsize if where else 0
         if where is None or nbytes > _MAX_READ_BUFFER:  # huge fused tensors: the mapping, released after
             return self.tensors.get(key)
@@ -100,18 +89,6 @@ class Source:
 
 
 _MAX_READ_BUFFER = 512 << 20  # Mixtral-8x22B's per-expert tensors are 201 MB
-
-
-def _safetensors_location(tensors, key):
-    """(path, byte offset, dtype, shape) of `key` if it lies in a `SafetensorsFile`, else None.
-
-    Reads the readers' internals defensively: if they change, `Source.read` falls back to `get`."""
-    st = getattr(tensors, "_where", {}).get(key) if hasattr(tensors, "_where") else None
-    entries, start = getattr(st, "_entries", None), getattr(st, "_data_start", None)
-    if not isinstance(entries, dict) or key not in entries or not isinstance(start, int):
-        return None
-    dtype, shape, begin = entries[key]
-    return st.path, start + begin, np.dtype(dtype), tuple(shape)
 
 
 def detect_format(path: str) -> str:
@@ -136,27 +113,19 @@ def open_source(src, format: str | None = None) -> Source:
         raise CheckpointError(f"source checkpoint directory not found: {src}")
     fmt = format or detect_format(src)
     if fmt == "hf":
-        from .hf import HFCheckpoint
         tensors = HFCheckpoint(src)
         fused = any(k.endswith("mlp.experts.gate_up_proj") for k in tensors.keys())
-        n = len(tensors._files)
+        n = len(tensors.files)
         desc = (f"Hugging Face safetensors, {'fused gate_up_proj/down_proj experts' if fused else 'per-expert keys'}, "
                 f"{n} file{'s' if n != 1 else ''}")
         source = Source(src, "hf", desc, tensors.config, tensors, HF_RULES)
     else:
-        from .mistral import MistralCheckpoint
         tensors = MistralCheckpoint(src)
         source = Source(src, "mistral", tensors.describe(), tensors.config, tensors, MISTRAL_RULES)
     if preset := source.config.preset_name():  # "8x22b" -> the report says "... (Mixtral-8x22B)"
         source.description += f" (Mixtral-{preset[:-1]}B)"
     source.release()
     return source
-
-
-def default_tokenizer(config: MixtralConfig) -> str | None:
-    """The mistral-common tokenizer a Mixtral of this vocabulary was trained with."""
-    known = {32000: "mistral-common:tokenizer.model.v1", 32768: "mistral-common:tokenizer.model.v3"}
-    return known.get(config.vocab_size)
 
 
 @dataclasses.dataclass
@@ -175,13 +144,6 @@ class Plan:
 
     def param_bytes(self, name) -> int:
         return int(np.prod(self.specs[name].shape, dtype=np.int64)) * self.dtypes[name].itemsize
-
-    def default_dtype(self) -> np.dtype:
-        """The dtype most of the bytes have: what `load` gives the model unless told otherwise."""
-        totals: dict = {}
-        for name in self.specs:
-            totals[self.dtypes[name]] = totals.get(self.dtypes[name], 0) + self.param_bytes(name)
-        return max(totals, key=totals.get)
 
     def build(self, name) -> np.ndarray:
         """One parameter in our layout, in memory of its own; the source's pages are dropped as we go.
@@ -219,7 +181,6 @@ def make_plan(source: Source, dtype=None) -> Plan:
     cast = as_dtype(dtype) if dtype is not None else None
     specs = param_specs(source.config, RuntimeConfig())
     by_target = plan(source.tensors, source.rules, source.config, specs)
-    supported = _supported_dtypes()
     dtypes, source_bytes = {}, 0
     for name, parts in by_target.items():
         keys = [k for k, _ in parts]
@@ -229,7 +190,7 @@ def make_plan(source: Source, dtype=None) -> Plan:
             source_bytes += int(np.prod(source.tensors.shape(k), dtype=np.int64)) * itemsize
         if cast is not None:
             for d in src_dtypes:
-                if d.kind not in "fV" and d not in supported:
+                if d.kind not in "fV" and d not in _SUPPORTED_DTYPES:
                     raise CheckpointError(f"tensor {keys[0]!r} has dtype {d}, which is not a float type")
             dtypes[name] = cast
             continue
@@ -237,7 +198,7 @@ def make_plan(source: Source, dtype=None) -> Plan:
             raise CheckpointError(f"parameter {name} is assembled from tensors of different dtypes "
                                   f"({', '.join(sorted(map(str, src_dtypes)))}); pass --dtype to cast")
         (d,) = src_dtypes
-        if d not in supported:
+        if d not in _SUPPORTED_DTYPES:
             raise CheckpointError(f"tensor {keys[0]!r} has dtype {d}; only float32, bfloat16 and float16 are kept "
                                   f"as they are (pass --dtype to cast)")
         dtypes[name] = d
@@ -287,149 +248,30 @@ def convert(src, dst, format: str | None = None, dtype=None, overwrite: bool = F
     source = open_source(src, format)
     say(f"found {source.description}")
     p = make_plan(source, dtype)
-    if os.path.lexists(dst) and not _replaceable(dst):
+    if os.path.lexists(dst) and not orbax_io.may_replace(dst):
         raise CheckpointError(f"destination {dst} exists and is not a mixtral-jax checkpoint; refusing to replace "
                               f"it even with --overwrite")
-    default_dtype = p.default_dtype()
-    metadata = {
-        "format": orbax_io.FORMAT_NAME,
-        "format_version": orbax_io.FORMAT_VERSION,
-        "config": source.config.to_dict(),
-        "tokenizer": tokenizer if tokenizer is not None else default_tokenizer(source.config),
-        "dtype": np.dtype(default_dtype).name,
-        "params": {n: {"shape": list(s.shape), "dtype": p.dtypes[n].name, "logical_axes": list(s.logical_axes)}
-                   for n, s in p.specs.items()},
-        "source": {"path": src, "format": source.format, "layout": source.description,
-                   "cast_to": p.cast.name if p.cast is not None else None},
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-    try:
-        from mixtral_jax import __version__
-        metadata["converted_with"] = f"mixtral-jax {__version__}"
-    except ImportError:  # pragma: no cover
-        pass
-
-    parent, name = os.path.split(dst)
-    os.makedirs(parent, exist_ok=True)
-    with _DestinationLock(parent, name):
-        _remove_stale(parent, name, dst)
-        if os.path.lexists(dst) and not overwrite:  # put back by _remove_stale, or made meanwhile
-            raise CheckpointError(f"destination {dst} already exists; pass --overwrite (overwrite=True) to replace it")
-        # a hidden workspace beside dst; the checkpoint inside it has a plain name, as Orbax's partial
-        # saving lists its pending pieces with a glob that skips hidden names
-        workspace = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-        os.mkdir(workspace)
-        try:
-            tmp = os.path.join(workspace, "checkpoint")
-            _write(p, tmp, metadata, buffer_bytes, compress, show_progress)
-            _install(tmp, dst, overwrite)
-        finally:
-            _rmtree(workspace)
-    report = ConversionReport(src, dst, source.format, source.description, len(p.specs),
-                              len(source.tensors.keys()), p.total_bytes, time.perf_counter() - t0,
-                              p.cast.name if p.cast is not None else np.dtype(default_dtype).name)
-    return report
-
-
-def _write(p: Plan, tmp: str, metadata: dict, buffer_bytes: int, compress: bool, show_progress: bool):
-    """Build the parameters one by one while the previous group is being written (one in flight)."""
-    writer = orbax_io.StreamingWriter(tmp, custom_metadata=metadata, buffer_bytes=buffer_bytes, compress=compress)
-    total = p.total_bytes
-    done, start = 0, time.perf_counter()
+    metadata = orbax_io.checkpoint_metadata(
+        source.config, p.specs, p.dtypes, tokenizer=tokenizer,
+        source={"path": src, "format": source.format, "layout": source.description,
+                "cast_to": p.cast.name if p.cast is not None else None})
+    total, start, done = p.total_bytes, time.perf_counter(), 0
+    pending = [orbax_io.PendingTensor(name, spec.logical_axes, p.param_bytes(name), lambda name=name: p.build(name))
+               for name, spec in p.specs.items()]
     bar = progress(total=len(p.specs), description="converting", unit="tensors", enabled=show_progress)
+
+    def written(tensor):
+        nonlocal done
+        done += tensor.nbytes
+        rate = done / 1e6 / max(time.perf_counter() - start, 1e-9)
+        bar.advance(description=f"converting {done / 1e9:.2f}/{total / 1e9:.2f} GB {rate:.0f} MB/s")
+
     try:
         with bar:
-            for name, spec in p.specs.items():
-                nbytes = p.param_bytes(name)
-                if writer.would_overflow(nbytes):
-                    writer.flush()
-                writer.add(name, p.build(name), spec.logical_axes)
-                done += nbytes
-                rate = done / 1e6 / max(time.perf_counter() - start, 1e-9)
-                bar.advance(description=f"converting {done / 1e9:.2f}/{total / 1e9:.2f} GB {rate:.0f} MB/s")
-            writer.finish(metadata)
-    except BaseException:
-        try:
-            writer.wait()  # never delete files under a write still in flight
-        except BaseException:  # noqa: BLE001 - the first error is the one to report
-            pass
-        raise
+            orbax_io.write_checkpoint(dst, metadata, pending, overwrite=overwrite, buffer_bytes=buffer_bytes,
+                                      compress=compress, on_written=written, what="conversion")
     finally:
-        p.source.release()
-
-
-# ----------------------------------------------------------------------------- destination handling
-def _replaceable(path: str) -> bool:
-    """Only an empty directory or a (possibly incomplete) mixtral-jax checkpoint may be replaced."""
-    if not os.path.isdir(path) or os.path.islink(path):
-        return False
-    entries = os.listdir(path)
-    return not entries or orbax_io.is_checkpoint(path)
-
-
-class _DestinationLock:
-    """An exclusive `flock` on `.NAME.lock` beside the destination (released by the kernel on any exit)."""
-
-    def __init__(self, parent: str, name: str):
-        self.path = os.path.join(parent, f".{name}.lock")
-
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            raise CheckpointError(f"another conversion into {self.path[:-5]} is running (lock {self.path})") from None
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-
-
-def _stale_entries(parent: str, name: str) -> list[str]:
-    pattern = re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-\d+-[0-9a-f]+$")
-    return [os.path.join(parent, e) for e in os.listdir(parent) if pattern.match(e)]
-
-
-def _remove_stale(parent: str, name: str, dst: str):
-    """Temporary directories of conversions that died (we hold the lock, so none is running).
-
-    A run killed between moving the old checkpoint aside and moving the new one in leaves `dst` missing
-    and the old one complete in `.NAME.old-*`: that one is put back rather than deleted."""
-    stale = _stale_entries(parent, name)
-    if not os.path.lexists(dst):
-        for path in stale:
-            if ".old-" in os.path.basename(path) and os.path.isfile(os.path.join(path, orbax_io.MARKER_FILE)):
-                os.rename(path, dst)
-                stale.remove(path)
-                break
-    for path in stale:
-        _rmtree(path)
-
-
-def _install(tmp: str, dst: str, overwrite: bool):
-    """Move the complete checkpoint into place; the old `dst` goes only after the new one is there."""
-    orbax_io.read_info(tmp)  # complete and readable, or raise
-    if os.path.lexists(dst):
-        if not overwrite:
-            raise CheckpointError(f"destination {dst} appeared during the conversion; not replacing it")
-        parent, name = os.path.split(dst)
-        old = os.path.join(parent, f".{name}.old-{os.getpid()}-{os.urandom(4).hex()}")
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        _rmtree(old)
-    else:
-        os.rename(tmp, dst)
-    orbax_io._fsync_dir(os.path.dirname(dst))
-
-
-def _rmtree(path: str):
-    if os.path.islink(path) or os.path.isfile(path):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
+        source.release()
+    return ConversionReport(src, dst, source.format, source.description, len(p.specs),
+                            len(source.tensors.keys()), p.total_bytes, time.perf_counter() - t0,
+                            p.cast.name if p.cast is not None else metadata["dtype"])

@@ -1,0 +1,335 @@
+"""Plans for a TPU slice: the real jitted functions compiled ahead of time for it, on abstract inputs.
+
+    reports = plan(MixtralConfig(), "v5e-8", "expert=4,tensor=2", [decode(8, 8192)])
+
+Nothing is allocated: parameters, KV cache and batches are `jax.ShapeDtypeStruct`s carrying the shardings
+the rules give them on a mesh over the slice's devices (from libtpu's topology description; no TPU
+needed). What gets compiled is what runs: the sampler's `prefill` and `decode` exactly as `Sampler`
+jits them, and the trainer's step with its optimizer state. XLA's TPU compiler then says what one chip
+holds (`memory_analysis`), what it computes and reads (`cost_analysis`), and which collectives the
+partitioned program runs (read from the compiled HLO). Multi-host slices compile as the one SPMD
+program every host runs.
+
+The step time is an estimate from XLA's cost analysis (max of FLOPs / peak and bytes / HBM bandwidth),
+not a measurement; inside the decode loop and the MoE's branches, XLA counts each body once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from . import sampler as sampler_lib
+from .config import MixtralConfig, RuntimeConfig
+from .model import KVCache, Mixtral
+from .moe import resolve_strategy
+from .placement import check_mesh
+from .sharding.mesh import make_mesh, parse_mesh_spec
+from .sharding.rules import (
+    CACHE_ROW_AXES,
+    DEFAULT_RULES,
+    FSDP_RULES,
+    KV_CACHE_AXES,
+    ShardingError,
+    activation_spec,
+    param_shardings,
+)
+from .topologies import GIB, Topology, TopologyError, get_topology
+from .train import TrainConfig, TrainStep, batch_sharding, run_step
+
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """`prefill`: `batch` prompts of `tokens` tokens into a fresh cache; `decode`: the decode loop over a
+    cache of `tokens` slots per sequence; `train`: one optimizer step on `batch` x `tokens` tokens (split
+    into `accum` micro-batches), optionally with FSDP."""
+
+    kind: str
+    batch: int
+    tokens: int
+    accum: int = 1
+    fsdp: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ("prefill", "decode", "train"):
+            raise ValueError(f"unknown workload {self.kind!r}; use prefill, decode or train")
+        for name in ("batch", "tokens", "accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{self.kind}: {name} must be a positive integer, got {value!r}")
+        if self.kind == "decode" and self.tokens < 2:
+            raise ValueError("decode: the context must hold at least 2 tokens (a prompt and a new one)")
+        if self.batch % self.accum:
+            raise ValueError(f"train: batch {self.batch} is not divisible by accum {self.accum}")
+
+    @property
+    def label(self) -> str:
+        extra = (f" accum {self.accum}" if self.accum > 1 else "") + (" fsdp" if self.fsdp else "")
+        return f"{self.kind} {self.batch}x{self.tokens}{extra}"
+
+
+def prefill(batch: int, tokens: int) -> Workload:
+    return Workload("prefill", batch, tokens)
+
+
+def decode(batch: int, context: int) -> Workload:
+    return Workload("decode", batch, context)
+
+
+def train(batch: int, seq_len: int, accum: int = 1, fsdp: bool = False) -> Workload:
+    return Workload("train", batch, seq_len, accum, fsdp)
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """One workload compiled for one slice and mesh; byte counts are per chip."""
+
+    workload: Workload
+    topology: str
+    mesh: str
+    chips: int
+    hbm_bytes: int
+    weight_bytes: int             # the parameters' shards, as the rules lay them out
+    argument_bytes: int           # XLA's memory analysis from here down
+    temp_bytes: int
+    output_bytes: int
+    alias_bytes: int              # outputs that reuse donated arguments (counted once)
+    compile_s: float              # trace + lower + compile on this machine
+    collectives: dict             # op -> {"count": n, "bytes": result bytes per chip}
+    flops: float                  # per chip, XLA's cost analysis
+    bytes_accessed: float
+    est_step_s: float             # max(flops / peak, bytes / HBM bandwidth): an estimate
+    est_bound: str                # "compute" or "memory"
+    xla_error: str | None = None  # XLA refused to compile: more memory than HBM (then only `required_bytes`
+    required_bytes: int = 0       # and the arguments, from their shardings, are known)
+
+    @property
+    def total_bytes(self) -> int:
+        if self.xla_error:
+            return max(self.required_bytes, self.argument_bytes)
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.xla_error is None and self.total_bytes <= self.hbm_bytes
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["workload"] = dict(d["workload"], label=self.workload.label)
+        return dict(d, total_bytes=self.total_bytes, fits=self.fits)
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made: a mesh that does not fit the slice or the model."""
+
+
+# ------------------------------------------------------------------------------------------- mesh
+def valid_meshes(config: MixtralConfig, chips: int) -> list[str]:
+    """Every data x expert x tensor split of `chips` that can lay out `config`."""
+    out = []
+    for expert in (d for d in range(1, chips + 1) if chips % d == 0 and config.n_experts % d == 0):
+        for tensor in (d for d in range(1, chips // expert + 1) if (chips // expert) % d == 0):
+            if all(n % tensor == 0 for n in (config.n_heads, config.n_kv_heads, config.hidden_dim, config.vocab_size)):
+                sizes = {"data": chips // expert // tensor, "expert": expert, "tensor": tensor}
+                out.append(",".join(f"{a}={s}" for a, s in sizes.items() if s > 1) or "data=1")
+    return out
+
+
+def slice_mesh(config: MixtralConfig, topology: Topology, spec: str) -> Mesh:
+    """A mesh over the slice's devices; a spec that does not match the slice or the model is one line
+    naming the meshes that would."""
+    try:
+        parse_mesh_spec(spec, topology.chips)
+        mesh = make_mesh(spec, devices=topology.devices())
+        check_mesh(config, mesh)
+    except ShardingError as e:
+        choices = valid_meshes(config, topology.chips)
+        raise PlanError(f"mesh {spec!r} does not fit {topology.name} ({topology.chips} chips) for this model: "
+                        f"{str(e).rstrip('.')}; valid meshes: {' | '.join(choices)}") from None
+    return mesh
+
+
+# ------------------------------------------------------------------------------ abstract inputs
+def abstract_model(config: MixtralConfig, runtime: RuntimeConfig, rules=DEFAULT_RULES):
+    """(graphdef, state) of a `Mixtral` whose parameters are `ShapeDtypeStruct`s with the rules' shardings."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Mixtral(config, runtime, rngs=nnx.Rngs(0))))
+    flat = nnx.to_flat_state(state)
+    specs = {".".join(map(str, path)): var for path, var in flat}
+    shardings = param_shardings({n: _Spec(v.get_value().shape, v.logical_axes) for n, v in specs.items()},
+                                runtime.mesh, rules)
+    for name, var in specs.items():
+        value = var.get_value()
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[name]))
+    return graphdef, nnx.from_flat_state(flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    shape: tuple
+    logical_axes: tuple
+
+
+def _replicated(mesh, shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def _by_rules(mesh, shape, dtype, axes):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, activation_spec(shape, axes, mesh)))
+
+
+def abstract_cache(config: MixtralConfig, batch: int, size: int, dtype, mesh: Mesh) -> KVCache:
+    """The cache `prefill` hands `decode`, as `KVCache.empty` lays it out on `mesh`."""
+    kv = lambda: tuple(_by_rules(mesh, (batch, config.n_kv_heads, size, config.head_dim), dtype, KV_CACHE_AXES)  # noqa: E731
+                       for _ in range(config.n_layers))
+    rows = lambda dtype: _by_rules(mesh, (batch, size), dtype, CACHE_ROW_AXES)  # noqa: E731
+    return KVCache(k=kv(), v=kv(), positions=rows(jnp.int32), valid=rows(jnp.bool_),
+                   length=_replicated(mesh, (), jnp.int32),
+                   next_position=_by_rules(mesh, (batch,), jnp.int32, CACHE_ROW_AXES[:1]))
+
+
+def bytes_per_chip(tree) -> int:
+    """Bytes of one chip's shards of the `ShapeDtypeStruct`s in `tree` (the largest shard where uneven)."""
+    total = 0
+    for leaf in (x for x in jax.tree.leaves(tree) if isinstance(x, jax.ShapeDtypeStruct)):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+# ------------------------------------------------------------------------------ lowering
+def _lower(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload):
+    """(lowered, weight bytes per chip, argument bytes per chip) for the function a workload runs."""
+    mesh = runtime.mesh
+    graphdef, state = abstract_model(config, runtime, FSDP_RULES if workload.fsdp else DEFAULT_RULES)
+    b, n = workload.batch, workload.tokens
+    key = _replicated(mesh, (2,), jnp.uint32)  # jax.random.key_data of a threefry key
+    if workload.kind == "prefill":
+        fn, static = sampler_lib.prefill, dict(strategy=sampler_lib.Greedy(), max_new=sampler_lib.bucket(1),
+                                               cache_dtype=jnp.dtype(runtime.dtype))
+        args = (graphdef, state, None, _replicated(mesh, (b, n), jnp.int32), _replicated(mesh, (b, n), jnp.bool_), key,
+                None)
+    elif workload.kind == "decode":
+        # half prompt, half new tokens: the decode loop's memory depends on their sum only
+        fn, static = sampler_lib.decode, dict(strategy=sampler_lib.Greedy(), max_new=n - n // 2)
+        args = (graphdef, state, None, _replicated(mesh, (b,), jnp.int32),
+                abstract_cache(config, b, n, jnp.dtype(runtime.dtype), mesh), key, _replicated(mesh, (1,), jnp.int32),
+                _replicated(mesh, (1, 1), jnp.int32), None, None, _replicated(mesh, (), jnp.int32))
+    else:
+        fn, args, static = _train_step(config, graphdef, state, workload)
+    return fn.lower(*args, **static), bytes_per_chip(state), bytes_per_chip(args)
+
+
+def _train_step(config, graphdef, state, workload: Workload):
+    mesh = jax.tree.leaves(state)[0].sharding.mesh
+    tc = TrainConfig(batch_size=workload.batch, seq_len=workload.tokens, grad_accum=workload.accum,
+                     warmup_steps=0, fsdp=workload.fsdp)
+    tc.check_model(config)
+    flat = nnx.to_flat_state(state)
+    params = {".".join(map(str, path)): var.get_value() for path, var in flat}
+    templates = tuple((path, ".".join(map(str, path)), var) for path, var in flat)
+    step = TrainStep(graphdef, templates, tc, config.router_aux_loss_coef)
+    param_sh = {k: v.sharding for k, v in params.items()}
+
+    # the optimizer state as `optimizer.init` makes it: moments take their parameter's sharding, counters
+    # are replicated (what jit propagates, and what `Trainer` does)
+    def opt_leaf(path, leaf):
+        name = next((p.key for p in reversed(path) if isinstance(p, jax.tree_util.DictKey)), None)
+        if name in params and params[name].shape == leaf.shape:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=param_sh[name])
+        return _replicated(mesh, leaf.shape, leaf.dtype)
+
+    opt_state = jax.tree_util.tree_map_with_path(opt_leaf, jax.eval_shape(step.optimizer.init, params))
+    micro = workload.batch // workload.accum
+    batch = jax.ShapeDtypeStruct((workload.accum, micro, workload.tokens), jnp.int32, sharding=batch_sharding(mesh, tc))
+    step = dataclasses.replace(step, param_shardings=tuple(param_sh.items()),
+                               opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state))
+    return run_step, (step, params, opt_state, batch), {}
+
+
+# ------------------------------------------------------------------------------ reading XLA
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_OP_RE = re.compile(r"=\s*(?P<shape>.+?)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
+_ARRAY_RE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{op: {"count", "bytes"}} of the collectives in a compiled HLO module (per chip, static: a loop
+    body counts once). Bytes are each op's result; an async `-start` counts its output only."""
+    found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    for line in hlo_text.splitlines():
+        m = _OP_RE.search(line)
+        if not m:
+            continue
+        arrays = [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dt, 4)
+                  for dt, dims in _ARRAY_RE.findall(m["shape"]) if dt in _DTYPE_BYTES]
+        found[m["op"]]["count"] += 1
+        found[m["op"]]["bytes"] += (max(arrays, default=0) if m["start"] else sum(arrays))
+    return found
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
+        cost = cost[0] if cost else {}
+    return cost or {}
+
+
+_OOM_RE = re.compile(r"required for HLO temporaries \(([\d.]+)G\)")
+
+
+def compile_workload(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload, topology: Topology,
+                     mesh_spec: str) -> Report:
+    t0 = time.perf_counter()
+    lowered, weights, arguments = _lower(config, runtime, workload)
+    common = dict(workload=workload, topology=topology.name, mesh=mesh_spec, chips=topology.chips,
+                  hbm_bytes=topology.chip.hbm_bytes, weight_bytes=weights)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses programs that need more than HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        m = _OOM_RE.search(str(e))
+        return Report(**common, argument_bytes=arguments, temp_bytes=0, output_bytes=0, alias_bytes=0,
+                      compile_s=time.perf_counter() - t0, collectives={}, flops=0.0, bytes_accessed=0.0,
+                      est_step_s=0.0, est_bound="-", xla_error=str(e).strip().splitlines()[0],
+                      required_bytes=int(float(m[1]) * GIB) if m else 0)
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = _cost(compiled)
+    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    compute_s, memory_s = flops / topology.chip.peak_flops, accessed / topology.chip.hbm_bandwidth
+    return Report(**common, argument_bytes=int(mem.argument_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+                  output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
+                  compile_s=seconds, collectives=collectives(compiled.as_text()), flops=flops,
+                  bytes_accessed=accessed, est_step_s=max(compute_s, memory_s),
+                  est_bound="compute" if compute_s >= memory_s else "memory")
+
+
+def plan_runtime(mesh: Mesh, dtype="bfloat16", backend: str = "tpu") -> RuntimeConfig:
+    """bf16 weights and compute, the MoE strategy `auto` picks on the target backend (not on this CPU)."""
+    return RuntimeConfig(param_dtype=dtype, moe_strategy=resolve_strategy("auto", backend=backend),
+                         mesh=mesh)
+
+
+def plan(config: MixtralConfig, topology: str | Topology, mesh: str, workloads: Sequence[Workload], *,
+         dtype="bfloat16") -> list[Report]:
+    """Compile each workload for `topology` (a Cloud name such as "v5e-8") on `mesh`; one report each."""
+    topo = get_topology(topology) if isinstance(topology, str) else topology
+    runtime = plan_runtime(slice_mesh(config, topo, mesh), dtype)
+    return [compile_workload(config, runtime, w, topo, mesh) for w in workloads]
+
+
+__all__ = ["COLLECTIVES", "GIB", "PlanError", "Report", "TopologyError", "Workload", "collectives", "decode", "plan",
+           "prefill", "train", "valid_meshes"]

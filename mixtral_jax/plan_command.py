@@ -1,0 +1,171 @@
+"""`mixtral-jax plan`: will this model and workload fit this TPU slice on this mesh? XLA's own answer.
+
+    mixtral-jax plan --topology v5e-8 --mesh expert=4,tensor=2 --decode-batch 8 --context 8192
+    mixtral-jax plan --topology v5p-128 --mesh data=8,expert=8 --train-seq 4096 --train-batch 64 --fsdp --json
+
+Compiles the sampler's prefill and decode and the trainer's step ahead of time for the slice (see
+`mixtral_jax.plan`); needs `jax[tpu]` installed (no TPU). Prints per-chip memory against HBM, whether it
+fits, compile time, the collectives, and an estimated step time; `--json` prints the reports as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .config import MixtralConfig, read_json
+from .errors import ConfigError
+from .topologies import GIB, TOPOLOGIES
+
+PRESETS = {"8x7b": lambda: MixtralConfig.from_preset("8x7b"), "8x22b": lambda: MixtralConfig.from_preset("8x22b"),
+           "tiny": lambda: MixtralConfig.tiny(dim=256, head_dim=128, hidden_dim=512, vocab_size=512)}
+
+
+def model_config(spec: str) -> MixtralConfig:
+    """A preset name, a mixtral-jax checkpoint, a Hugging Face / Mistral checkpoint directory, or a JSON
+    config file (a `MixtralConfig` dict, `config.json` or `params.json`)."""
+    if spec.lower() in PRESETS:
+        return PRESETS[spec.lower()]()
+    if os.path.isdir(spec):
+        for name, reader in (("mixtral_jax.json", None), ("config.json", MixtralConfig.from_hf),
+                             ("params.json", MixtralConfig.from_mistral)):
+            if os.path.isfile(os.path.join(spec, name)):
+                if reader is None:
+                    from .convert.orbax_io import read_info
+                    return read_info(spec).config
+                return reader(spec)
+    elif os.path.isfile(spec):
+        raw = read_json(spec, "config.json")
+        if "hidden_size" in raw:
+            return MixtralConfig.from_hf(raw)
+        if "n_layers" in raw and "dim" in raw and "hidden_dim" in raw and "n_experts" not in raw:
+            return MixtralConfig.from_mistral(raw)
+        return MixtralConfig.from_dict(raw)
+    raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, a checkpoint directory or a config JSON file; "
+                      f"{spec!r} is none of these")
+
+
+def workloads(args) -> list:
+    from . import plan
+
+    out = []
+    if args.prefill:
+        out.append(plan.prefill(args.prefill_batch, args.prefill))
+    if args.decode_batch or args.context:
+        out.append(plan.decode(args.decode_batch or 1, args.context or 8192))
+    if args.train_seq or args.train_batch:
+        out.append(plan.train(args.train_batch or 8, args.train_seq or 4096, args.train_accum, args.fsdp))
+    return out or [plan.prefill(1, 4096), plan.decode(8, 8192)]
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def format_reports(config: MixtralConfig, topology, reports) -> str:
+    chip = topology.chip
+    lines = [f"{_params(config.param_count())}-parameter Mixtral on {topology.name}: {topology.chips} x "
+             f"{chip.name} ({chip.hbm_bytes / GIB:.2f} GiB HBM each), {topology.hosts} host(s), mesh "
+             f"{reports[0].mesh if reports else '-'}",
+             "",
+             f"{'per chip (GiB)':<28}{'weights':>8}{'args':>8}{'temps':>8}{'outputs':>8}{'total':>8}"
+             f"{'HBM':>8}  fits  compile"]
+    for r in reports:
+        temps, outs = ("-", "-") if r.xla_error else (_gib(r.temp_bytes), _gib(r.output_bytes - r.alias_bytes))
+        lines.append(f"{r.workload.label:<28}{_gib(r.weight_bytes):>8}{_gib(r.argument_bytes):>8}{temps:>8}"
+                     f"{outs:>8}{_gib(r.total_bytes):>8}{_gib(r.hbm_bytes):>8}  {'yes ' if r.fits else 'NO  '}"
+                     f"{r.compile_s:>6.0f}s")
+    compiled = [r for r in reports if not r.xla_error]
+    if compiled:
+        lines += ["", "collectives per chip in the compiled program (count, result bytes; a loop body counts once):"]
+        for r in compiled:
+            parts = [f"{op} {c['count']} ({_size(c['bytes'])})" for op, c in r.collectives.items() if c["count"]]
+            lines.append(f"  {r.workload.label:<26}{', '.join(parts) or 'none'}")
+        lines += ["", "estimated step time (an ESTIMATE from XLA's cost analysis: max(FLOPs / peak, bytes / HBM "
+                      "bandwidth); not a measurement):"]
+        for r in compiled:
+            lines.append(f"  {r.workload.label:<26}{r.est_step_s * 1e3:9.1f} ms  ({r.est_bound}-bound: "
+                         f"{r.flops / 1e12:.2f} TFLOP, {r.bytes_accessed / GIB:.1f} GiB per chip)")
+    misfits = [r for r in reports if not r.fits]
+    if misfits:
+        lines.append("")
+        for r in misfits:
+            why = f"XLA: {r.xla_error}" if r.xla_error else f"{_gib(r.total_bytes - r.hbm_bytes)} GiB over"
+            lines.append(f"{r.workload.label}: does NOT fit ({why}); {suggestion(r)}")
+    return "\n".join(lines)
+
+
+def suggestion(report) -> str:
+    """What would fit, by linear scaling of the non-weight memory with the batch (a hint, not a compile)."""
+    w = report.workload
+    variable = report.total_bytes - report.weight_bytes
+    room = report.hbm_bytes - report.weight_bytes
+    if room <= 0:
+        return "the weights alone exceed HBM: use more chips on the expert/tensor axes (or FSDP for training)"
+    if w.batch > 1 and variable > 0:
+        batch = int(w.batch * room / variable)
+        if batch >= 1:
+            return f"batch {batch} or less would (scaling the non-weight memory linearly), or more chips on data"
+    return "more chips (a larger slice on data/expert/tensor), or shorter sequences"
+
+
+def _use_cpu_here() -> None:
+    """Compile on this machine for the slice: keep jax's default backend on CPU unless this is a TPU VM
+    (libtpu would otherwise look for a local TPU and log its failure)."""
+    from .sharding.distributed import on_cloud_tpu_vm
+
+    if not os.environ.get("JAX_PLATFORMS") and not on_cloud_tpu_vm():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+
+
+def run_plan(args) -> int:
+    _use_cpu_here()
+    from . import plan
+    from .topologies import get_topology
+
+    topology = get_topology(args.topology)  # a bad name fails before anything loads
+    config = model_config(args.model)
+    jobs = workloads(args)
+    reports = plan.plan(config, topology, args.mesh, jobs, dtype=args.dtype)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=1))
+    else:
+        print(format_reports(config, topology, reports))
+    return 0
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "plan", help="compile for a TPU slice ahead of time: per-chip memory, fit, collectives, step estimate",
+        description="Compile the sampler's prefill/decode and the training step for a TPU slice on this machine "
+                    "(jax[tpu] installed, no TPU needed) and report XLA's per-chip memory, collectives and an "
+                    "estimated step time. Without workload flags: prefill 1x4096 and decode 8x8192.")
+    p.add_argument("--topology", required=True, help=f"Cloud TPU slice: {', '.join(TOPOLOGIES)}")
+    p.add_argument("--mesh", required=True, help="mesh over the slice's chips, e.g. expert=4,tensor=2")
+    p.add_argument("--model", default="8x7b", help=f"{', '.join(PRESETS)}, a checkpoint, or a config JSON "
+                                                  "(default: 8x7b)")
+    p.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default: bfloat16)")
+    p.add_argument("--prefill", type=int, help="prefill prompts of this many tokens")
+    p.add_argument("--prefill-batch", type=int, default=1, help="prompts per prefill (default: 1)")
+    p.add_argument("--decode-batch", type=int, help="sequences decoded together")
+    p.add_argument("--context", type=int, help="KV cache slots per sequence for decode (default: 8192)")
+    p.add_argument("--train-seq", type=int, help="training sequence length")
+    p.add_argument("--train-batch", type=int, help="global training batch (sequences per step)")
+    p.add_argument("--train-accum", type=int, default=1, help="gradient-accumulation micro-batches per step")
+    p.add_argument("--fsdp", action="store_true", help="train with FSDP (weights also split over data)")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.set_defaults(run=run_plan)

@@ -1,0 +1,122 @@
+"""Cloud TPU slices by their Cloud names (`v5e-8`, `v4-32`, `v5p-128`, ...): chips, HBM, bandwidth, peak.
+
+`Topology.devices()` asks libtpu (installed by `jax[tpu]`; no TPU needed) for the slice's devices, so a
+program can be compiled ahead of time for a slice this machine does not have (see `mixtral_jax.plan`).
+The Cloud name counts TensorCores for v4 and v5p (two per chip, fused as one "megacore" device) and
+chips for v5e and v6e: v4-32 is 16 chips, v5e-8 is 8.
+
+Chip figures are the published per-chip ones (Cloud TPU system architecture pages): HBM, HBM bandwidth,
+dense bf16 peak. v5e's HBM is the 15.75 GiB its runtime makes available of the nominal 16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+
+GIB = 1024**3
+
+
+class TopologyError(ValueError):
+    """An unknown slice name, or a mesh that does not match the slice."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: int
+    hbm_bandwidth: float   # bytes/s
+    peak_flops: float      # dense bf16 FLOP/s
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GIB, 1.2e12, 275e12),
+    "v5e": Chip("TPU v5e", int(15.75 * GIB), 8.19e11, 197e12),
+    "v5p": Chip("TPU v5p", 95 * GIB, 2.765e12, 459e12),
+    "v6e": Chip("TPU v6e", 32 * GIB, 1.64e12, 918e12),
+}
+H100 = Chip("NVIDIA H100 SXM 80GB", 80 * 10**9, 3.35e12, 989e12)
+
+# generation -> (libtpu prefix, megacore chips, {Cloud size: chip grid})
+_GENERATIONS = {
+    "v4": ("v4", True, {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8",
+                        512: "4x8x8"}),
+    "v5e": ("v5e", False, {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}),
+    "v5p": ("v5", True, {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8",
+                         512: "4x8x8"}),
+    "v6e": ("v6e", False, {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str               # the Cloud name, e.g. "v5e-8"
+    chip: Chip
+    libtpu_name: str        # e.g. "v5e:2x4"
+    megacore: bool
+
+    @property
+    def chips(self) -> int:
+        return math.prod(int(n) for n in self.libtpu_name.split(":")[1].split("x"))
+
+    @property
+    def chips_per_host_bounds(self) -> tuple[int, int, int]:
+        # v5e/v6e hosts of 8-chip slices hold all 8 (one host); larger slices and v4/v5p use 2x2x1 hosts
+        return (2, 4, 1) if not self.megacore and self.chips == 8 else (2, 2, 1)
+
+    @property
+    def hosts(self) -> int:
+        return max(1, self.chips // math.prod(self.chips_per_host_bounds))
+
+    def devices(self) -> list:
+        """The slice's devices, one per chip, from libtpu's topology description (nothing is allocated)."""
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several processes may load libtpu
+        from jax.experimental import topologies
+
+        kwargs = dict(platform="tpu", topology_name=self.libtpu_name, chips_per_host_bounds=self.chips_per_host_bounds)
+        if self.megacore:
+            kwargs["chip_config_name"] = "megacore"
+        try:
+            with _quiet_stderr():  # libtpu logs its search for a real TPU on this machine
+                topology = topologies.get_topology_desc(**kwargs)
+        except Exception as e:  # noqa: BLE001 - libtpu raises runtime errors of several kinds
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TopologyError(f"cannot describe {self.name} ({self.libtpu_name}): {first}; is jax[tpu] "
+                                f"installed at this jax version?") from None
+        devices = list(topology.devices)
+        if len(devices) != self.chips:
+            raise TopologyError(f"libtpu describes {self.name} with {len(devices)} devices, expected {self.chips}")
+        return devices
+
+
+TOPOLOGIES: dict[str, Topology] = {
+    f"{gen}-{size}": Topology(f"{gen}-{size}", CHIPS[gen], f"{prefix}:{grid}", megacore)
+    for gen, (prefix, megacore, sizes) in _GENERATIONS.items() for size, grid in sizes.items()
+}
+
+
+def get_topology(name: str) -> Topology:
+    """`'v5e-8'` -> its `Topology`; an unknown name is a one-line error listing the valid ones."""
+    key = name.strip().lower().replace("v5litepod", "v5e").replace("v6e-lite", "v6e")
+    if key not in TOPOLOGIES:
+        raise TopologyError(f"unknown TPU topology {name!r}; choose one of {', '.join(TOPOLOGIES)}")
+    return TOPOLOGIES[key]
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 to /dev/null for the duration (C++ logging bypasses Python's sys.stderr)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -1,0 +1,27 @@
+"""A clean install: every asset folder setuptools would take for a package is declared as one, so
+building the project prints no "Package ... is absent from the `packages` configuration" warnings."""
+
+import os
+import tomllib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _importable_asset_folders() -> set[str]:
+    """Dotted names of the folders under mixtral_jax/assets whose path Python could import."""
+    found = set()
+    for folder, _, _ in os.walk(os.path.join(ROOT, "mixtral_jax", "assets")):
+        parts = os.path.relpath(folder, ROOT).split(os.sep)
+        if all(p.isidentifier() for p in parts):
+            found.add(".".join(parts))
+    return found
+
+
+def test_asset_folders_are_declared_packages():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        declared = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    folders = _importable_asset_folders()
+    assert "mixtral_jax.assets.demo_model" in folders
+    assert folders - declared == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+    stale = {p for p in declared if p.startswith("mixtral_jax.assets")} - folders
+    assert stale == set(), "remove these from [tool.setuptools] packages: their folders are gone"
