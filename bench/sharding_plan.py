@@ -1,7 +1,8 @@
-"""What Mixtral-8x7B (bf16) needs on TPU slices, from XLA's TPU compiler (`mixtral_jax.plan`), not arithmetic.
+"""What Mixtral (bf16) needs on TPU slices, from XLA's TPU compiler (`mixtral_jax.plan`), not arithmetic.
 
     python -m bench.sharding_plan                       # the README table (compiles the full model: slow)
     python -m bench.sharding_plan --json bench/results/sharding_plan.json --only v5e-8
+    python -m bench.sharding_plan --model 8x22b --no-prefill   # Mixtral-8x22B on v5p-32 and v5p-64
 
 Every TPU row compiles the sampler's prefill / decode or the trainer's step ahead of time for the slice on
 this machine (jax[tpu] installed, no TPU) and reads per-chip memory from XLA's memory analysis. The 8x
@@ -29,6 +30,12 @@ TPU_ROWS = [
     ("v4-32", "expert=8,tensor=2", ()),
     ("v5p-128", "data=8,expert=8", (("train", 64, 4096, True),)),
 ]
+# Mixtral-8x22B (281 GB in bf16): the v5p slices that hold it (int8 on v5e-16 waits for int8 weights)
+TPU_ROWS_8X22B = [
+    ("v5p-32", "expert=8,tensor=2", ()),
+    ("v5p-64", "data=2,expert=8,tensor=2", ()),
+]
+H100_MESH = {"8x7b": "expert=4,tensor=2", "8x22b": "expert=8"}
 PREFILL = 32768
 
 
@@ -55,16 +62,20 @@ def main(argv=None) -> int:
     from mixtral_jax.topologies import get_topology
 
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="8x7b", choices=sorted(H100_MESH), help="preset (default: 8x7b)")
+    p.add_argument("--decode", nargs="*", help="decode workloads BATCHxCONTEXT (default: 8x8192 64x8192 "
+                                               "8x32768 64x32768)")
     p.add_argument("--only", nargs="*", help="slices to compile (default: all)")
     p.add_argument("--no-prefill", action="store_true", help=f"leave out the {PREFILL}-token prefill (slow compile)")
     p.add_argument("--json", help="write the reports here")
     args = p.parse_args(argv)
-    config = MixtralConfig()
+    config = MixtralConfig.from_preset(args.model)
+    decode = [tuple(int(n) for n in d.split("x")) for d in args.decode] if args.decode else DECODE
     rows, start = [], time.perf_counter()
-    for name, mesh, extra in TPU_ROWS:
+    for name, mesh, extra in TPU_ROWS_8X22B if args.model == "8x22b" else TPU_ROWS:
         if args.only and name not in args.only:
             continue
-        jobs = [plan_lib.decode(b, c) for b, c in DECODE] + [plan_lib.train(b, s, fsdp=f) for _, b, s, f in extra]
+        jobs = [plan_lib.decode(b, c) for b, c in decode] + [plan_lib.train(b, s, fsdp=f) for _, b, s, f in extra]
         if not args.no_prefill:
             jobs.append(plan_lib.prefill(1, PREFILL))
         topology = get_topology(name)
@@ -80,9 +91,10 @@ def main(argv=None) -> int:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=1)
         print(format_reports(config, topology, reports), flush=True)
-    print("\n8x NVIDIA H100 80GB, expert=4,tensor=2 -- ARITHMETIC (weights + KV cache only, no compiler):")
-    for b, c in DECODE:
-        h = h100_arithmetic(config, "expert=4,tensor=2", b, c)
+    h100_mesh = H100_MESH[args.model]
+    print(f"\n8x NVIDIA H100 80GB, {h100_mesh} -- ARITHMETIC (weights + KV cache only, no compiler):")
+    for b, c in decode:
+        h = h100_arithmetic(config, h100_mesh, b, c)
         print(f"  {h['workload']:<20} weights {h['weights'] / GIB:5.2f} GiB + KV {h['kv'] / GIB:5.2f} GiB = "
               f"{h['total'] / GIB:5.2f} GiB of {H100.hbm_bytes / GIB:.1f}  {'fits' if h['fits'] else 'does NOT fit'}")
     print(f"[{time.perf_counter() - start:.0f}s]")

@@ -122,6 +122,8 @@ def open_source(src, format: str | None = None) -> Source:
     else:
         tensors = MistralCheckpoint(src)
         source = Source(src, "mistral", tensors.describe(), tensors.config, tensors, MISTRAL_RULES)
+    if preset := source.config.preset_name():  # "8x22b" -> the report says "... (Mixtral-8x22B)"
+        source.description += f" (Mixtral-{preset[:-1]}B)"
     source.release()
     return source
 

@@ -75,8 +75,23 @@ class MixtralConfig:
     # ----------------------------------------------------------------------------- constructors
     @classmethod
     def mixtral_8x22b(cls) -> MixtralConfig:
-        return cls(vocab_size=32768, dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, head_dim=128,
-                   hidden_dim=16384, max_seq_len=65536)
+        return cls.from_preset("8x22b")
+
+    @classmethod
+    def from_preset(cls, name: str) -> MixtralConfig:
+        """A released Mixtral by name: "8x7b" or "8x22b" (a "mixtral-" prefix and any case accepted)."""
+        key = str(name).lower().removeprefix("mixtral-").removeprefix("mixtral_")
+        if key not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**PRESETS[key])
+
+    def preset_name(self) -> str | None:
+        """The preset whose architecture this is (context length and training settings aside), if any."""
+        for name, fields in PRESETS.items():
+            preset = MixtralConfig(**fields)
+            if all(getattr(self, f) == getattr(preset, f) for f in _SHAPE_FIELDS):
+                return name
+        return None
 
     @classmethod
     def tiny(cls, **overrides) -> MixtralConfig:
@@ -134,15 +149,19 @@ class MixtralConfig:
             raise ConfigError(f"params.json lacks required field(s): {', '.join(missing)}")
         moe = raw.get("moe") or {}
         n_heads = raw["n_heads"]
-        return cls(
+        config = cls(
             vocab_size=raw["vocab_size"], dim=raw["dim"], n_layers=raw["n_layers"], n_heads=n_heads,
             n_kv_heads=raw.get("n_kv_heads") or n_heads, head_dim=raw.get("head_dim") or raw["dim"] // n_heads,
             hidden_dim=raw["hidden_dim"], n_experts=moe.get("num_experts", 8),
             top_k=moe.get("num_experts_per_tok", 2), norm_eps=float(raw.get("norm_eps", 1e-5)),
             rope_theta=float(raw.get("rope_theta") or 1e6),
-            max_seq_len=raw.get("max_seq_len", raw.get("max_position_embeddings", 32768)),
+            max_seq_len=raw.get("max_seq_len", raw.get("max_position_embeddings", _MISTRAL_DEFAULT_CONTEXT)),
             sliding_window=raw.get("sliding_window"),
         )
+        if "max_seq_len" not in raw and "max_position_embeddings" not in raw and config.preset_name():
+            # Mistral's params.json does not state the context; a released model's is known (8x22B: 65536)
+            config = dataclasses.replace(config, max_seq_len=PRESETS[config.preset_name()]["max_seq_len"])
+        return config
 
     def to_hf(self) -> dict:
         """The `config.json` fields transformers' `MixtralConfig` takes (used by tests and the converter)."""
@@ -166,6 +185,18 @@ class MixtralConfig:
         if unknown:
             raise ConfigError(f"unknown MixtralConfig field(s): {', '.join(sorted(unknown))}")
         return cls(**raw)
+
+
+# Released Mixtral models (`from_preset`): Mistral's `params.json` plus the context of the HF `config.json`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "8x7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
+                 n_experts=8, top_k=2, rope_theta=1e6, max_seq_len=32768),
+    "8x22b": dict(vocab_size=32768, dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, head_dim=128, hidden_dim=16384,
+                  n_experts=8, top_k=2, rope_theta=1e6, max_seq_len=65536),
+}
+_SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "n_experts",
+                 "top_k")
+_MISTRAL_DEFAULT_CONTEXT = 32768
 
 
 MOE_STRATEGIES = ("auto", "dense", "ragged", "capacity", "gather", "grouped")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from .model import Mixtral
 from .penalties import PenaltyValue
 from .sampler import Sampler, SamplingError
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, tokenizer_for
+from .tool_calls import assistant_message
 
 
 def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64, *,
@@ -18,7 +20,8 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
              frequency_penalty: PenaltyValue = 0.0) -> list[str] | list[list[int]]:
     """Generate a continuation for each prompt.
 
-    Strings are encoded with `tokenizer` (Mixtral's by default, with BOS) and strings come back; lists of
+    Strings are encoded with `tokenizer` (by default the model's own: the one its checkpoint recorded, else
+    v3 for a 32768-token vocabulary and v1 otherwise; with BOS) and strings come back; lists of
     token ids come back as lists of new token ids. `stop` strings end a row (they are left out of the
     answer); EOS always does unless `stop_tokens` says otherwise. `on_text(row, fragment)` streams text.
     Greedy by default. The penalties (`mixtral_jax.penalties`: transformers' repetition penalty, OpenAI's
@@ -28,7 +31,7 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
         raise SamplingError("prompts must be a list of strings or of token-id lists, not one string")
     as_text = bool(prompts) and all(isinstance(p, str) for p in prompts)
     if as_text or stop or on_text is not None:
-        tokenizer = tokenizer or load_tokenizer()
+        tokenizer = check_tokenizer(model, tokenizer or tokenizer_for(model))
     ids = [tokenizer.encode(p) for p in prompts] if as_text else [list(p) for p in prompts]
     stop_sequences = [tokenizer.encode(s, bos=False) for s in stop] if stop else []
     decoders = [tokenizer.incremental_decoder() for _ in ids] if on_text is not None else []
@@ -48,12 +51,30 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
     return [tokenizer.decode(o) for o in out] if as_text else out
 
 
-def chat(model: Mixtral, messages: Sequence[Mapping[str, str]], max_new_tokens: int = 256, *,
-         tokenizer: Tokenizer | None = None, **kwargs) -> str:
-    """The assistant's reply to a conversation, encoded with Mixtral-Instruct's v1 chat template."""
-    tokenizer = tokenizer or load_tokenizer()
-    prompt = tokenizer.encode_chat(messages)
+def chat(model: Mixtral, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256, *,
+         tools: Sequence[Mapping[str, Any]] | None = None, tokenizer: Tokenizer | None = None,
+         **kwargs) -> str | dict:
+    """The assistant's reply to a conversation, in the chat template of the model's tokenizer.
+
+    Without `tools`: the reply's text. With `tools` (OpenAI function definitions; a v3 tokenizer, i.e.
+    Mixtral-8x22B): an OpenAI-style assistant message, `{"role": "assistant", "content": ..., "tool_calls":
+    [...]}` when the model calls tools (see `mixtral_jax.tool_calls.assistant_message`), which can be
+    appended to `messages` followed by `{"role": "tool", "tool_call_id": ..., "content": ...}` results.
+    `messages` may hold earlier tool calls and results either way. Other keyword arguments: `generate`'s.
+    """
+    tokenizer = check_tokenizer(model, tokenizer or tokenizer_for(model))
+    prompt = tokenizer.encode_chat(messages, tools)
     on_text = kwargs.pop("on_text", None)
     out = generate(model, [prompt], max_new_tokens, tokenizer=tokenizer,
                    on_text=(lambda _row, text: on_text(text)) if on_text else None, **kwargs)
-    return tokenizer.decode(out[0])
+    if tools is None:
+        return tokenizer.decode(out[0])
+    return assistant_message(tokenizer, out[0])
+
+
+def check_tokenizer(model: Mixtral, tokenizer: Tokenizer) -> Tokenizer:
+    """A tokenizer with more tokens than the model was trained for would feed it ids it has no embedding for."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SamplingError(f"the {tokenizer.version} tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                            f"{model.config.vocab_size}: use the model's own tokenizer (v1 for 32000, v3 for 32768)")
+    return tokenizer

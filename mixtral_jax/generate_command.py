@@ -13,12 +13,12 @@ from jax.experimental import multihost_utils
 from .config import RuntimeConfig
 from .demo import default_model, has_trained_model
 from .errors import ConfigError
-from .generate import chat, generate
+from .generate import chat, check_tokenizer, generate
 from .loading import load_checkpoint
 from .penalties import make_penalties
 from .sampler import make_strategy
 from .sharding import make_mesh
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, tokenizer_for
 
 # The demo model's decoding when no flag says otherwise: its greedy text falls into loops, sampled text
 # does not. Checkpoints default to greedy, like the Python API.
@@ -59,7 +59,8 @@ def _add_common(p: argparse.ArgumentParser):
         p.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{meaning} (default: {default}{demo})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--tokenizer", help="SentencePiece model file (default: Mixtral's v1 tokenizer)")
+    p.add_argument("--tokenizer", help="v1, v3 or a SentencePiece model file (default: the checkpoint's own; "
+                                       "by vocabulary: 32768 tokens is v3, else v1)")
 
 
 def _sampling_kwargs(args):
@@ -81,8 +82,9 @@ def run_generate(args) -> int:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         raise ConfigError("give at least one prompt (arguments or --prompts-file)")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a bad one fails before loading
     model = _load_model(args)
+    tokenizer = check_tokenizer(model, tokenizer or tokenizer_for(model))
     lead = _is_lead_process()  # in a multi-process run every process computes, process 0 prints
     show = (lambda *a, **k: print(*a, **k)) if lead else (lambda *a, **k: None)
     start = time.perf_counter()
@@ -127,8 +129,9 @@ def _is_lead_process() -> bool:
 
 def run_chat(args) -> int:
     sampling = _sampling_kwargs(args)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = _load_model(args)
+    tokenizer = check_tokenizer(model, tokenizer or tokenizer_for(model))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: an empty line or Ctrl-D ends the conversation", file=sys.stderr)
     while True:

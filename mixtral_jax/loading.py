@@ -5,7 +5,8 @@
 
 Every parameter goes straight into the sharding `mixtral_jax.sharding.param_shardings` gives it on the
 mesh: Orbax restores only the chunks a process's own devices hold, and the Hugging Face reader reads, from
-the memory-mapped files, only the experts they hold. No device ever holds a full copy first.
+the memory-mapped files, only the experts they hold. No device ever holds a full copy first. Our checkpoints
+carry their config and the name of their tokenizer, which `load` hands to the model (`tokenizer_name`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def load(path: str | os.PathLike, mesh: Mesh | str | dict | None = None, dtype=N
     abstract = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings[name])
                 for name, spec in specs.items()}
     arrays = orbax_io.restore(info.path, abstract)
-    return assemble_model(info.config, runtime, lambda name, spec: arrays.pop(name))
+    model = assemble_model(info.config, runtime, lambda name, spec: arrays.pop(name))
+    model.tokenizer_name = info.tokenizer  # what `generate`/`chat` encode with (`tokenizer_for`)
+    return model
 
 
 def load_hf(path: str | os.PathLike, dtype=None, *, compute_dtype=None, moe_strategy: str = "auto",

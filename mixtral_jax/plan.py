@@ -319,7 +319,7 @@ def compile_workload(config: MixtralConfig, runtime: RuntimeConfig, workload: Wo
 
 def plan_runtime(mesh: Mesh, dtype="bfloat16", backend: str = "tpu") -> RuntimeConfig:
     """bf16 weights and compute, the MoE strategy `auto` picks on the target backend (not on this CPU)."""
-    return RuntimeConfig(param_dtype=dtype, moe_strategy=resolve_strategy("auto", 1, 1, 1, backend=backend),
+    return RuntimeConfig(param_dtype=dtype, moe_strategy=resolve_strategy("auto", backend=backend),
                          mesh=mesh)
 
 

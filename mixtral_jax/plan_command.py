@@ -17,7 +17,7 @@ from .config import MixtralConfig, read_json
 from .errors import ConfigError
 from .topologies import GIB, TOPOLOGIES
 
-PRESETS = {"8x7b": MixtralConfig, "8x22b": MixtralConfig.mixtral_8x22b,
+PRESETS = {"8x7b": lambda: MixtralConfig.from_preset("8x7b"), "8x22b": lambda: MixtralConfig.from_preset("8x22b"),
            "tiny": lambda: MixtralConfig.tiny(dim=256, head_dim=128, hidden_dim=512, vocab_size=512)}
 
 

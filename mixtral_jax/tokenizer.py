@@ -1,22 +1,36 @@
-"""Mixtral's SentencePiece tokenizer and its v1 chat template, without mistral-common at runtime.
+"""Mixtral's SentencePiece tokenizers and chat templates, without mistral-common at runtime.
 
 Mixtral-8x7B(-Instruct) uses Mistral's "v1" SentencePiece vocabulary (32000 pieces, byte fallback) and
-the v1 instruct format. Getting either subtly wrong (a missing leading space, a literal "</s>" in user
-text turned into a real EOS, the system prompt on the wrong turn) silently degrades generations, so this
-module reproduces mistral-common's `MistralTokenizer.v1()` token for token, and the tests check it
-against mistral-common itself. Only `sentencepiece` is needed at runtime; mistral-common (an optional
-extra) merely ships the default model file, `mistral_common/data/tokenizer.model.v1`.
+the v1 instruct format; Mixtral-8x22B the "v3" one (32768 pieces: the same text pieces plus 768 control
+tokens such as `[INST]` and `[TOOL_CALLS]`) and the v3 format with function calling (`chat_v3.py`).
+Getting either subtly wrong (a missing leading space, a literal "</s>" in user text turned into a real
+EOS, the system prompt on the wrong turn) silently degrades generations, so this module reproduces
+mistral-common's `MistralTokenizer.v1()` and `.v3()` token for token, and the tests check it against
+mistral-common itself. Only `sentencepiece` is needed at runtime; both model files ship in the package
+(byte-identical copies of mistral-common's).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from sentencepiece import SentencePieceProcessor
 
-__all__ = ["IncrementalDecoder", "Tokenizer", "load_tokenizer"]
+from .chat_v3 import encode_chat_v3
+
+__all__ = ["IncrementalDecoder", "Tokenizer", "load_tokenizer", "tokenizer_for"]
+
+# The tokenizers shipped in mixtral_jax/assets, by version; checkpoints record them by mistral-common's name.
+_BUNDLED = {"v1": "tokenizer.model.v1", "v3": "tokenizer.model.v3"}
+_RECORDED_NAMES = {"mistral-common:tokenizer.model.v1": "v1", "mistral-common:tokenizer.model.v3": "v3"}
+# A SentencePiece model with these control pieces speaks the v3 format (tools); without them, v1.
+_V3_CONTROLS = ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                "[/TOOL_RESULTS]")
 
 _ROLES = ("system", "user", "assistant")
 # Role transitions mistral-common's v1 validator allows (`MistralRequestValidator._validate_message_order`,
@@ -31,9 +45,9 @@ _JOIN = "\n\n"  # mistral-common's `_DEFAULT_JOIN_STR` for merged messages and t
 
 
 class Tokenizer:
-    """Mixtral SentencePiece tokenizer: plain text, v1 chat template, and streaming decode."""
+    """Mixtral SentencePiece tokenizer: plain text, the v1 or v3 chat template, and streaming decode."""
 
-    __slots__ = ("_sp", "_vocab_size", "_bos_id", "_eos_id", "_unk_id")
+    __slots__ = ("_sp", "_vocab_size", "_bos_id", "_eos_id", "_unk_id", "_controls", "_version")
 
     def __init__(self, processor: SentencePieceProcessor) -> None:
         self._sp = processor
@@ -43,6 +57,18 @@ class Tokenizer:
         self._unk_id = int(processor.unk_id())
         if self._vocab_size <= 0 or min(self._bos_id, self._eos_id) < 0:
             raise ValueError("SentencePiece model has no vocabulary or no <s>/</s> ids")
+        self._controls = {piece: i for piece in _V3_CONTROLS
+                          if (i := int(processor.PieceToId(piece))) != self._unk_id and processor.IsControl(i)}
+        self._version = "v3" if len(self._controls) == len(_V3_CONTROLS) else "v1"
+
+    @property
+    def version(self) -> str:
+        """'v1' (Mixtral-8x7B: `[INST]` is text, no tools) or 'v3' (Mixtral-8x22B: control tokens, tools)."""
+        return self._version
+
+    def control_id(self, piece: str) -> int | None:
+        """The id of a v3 control token such as "[TOOL_CALLS]"; None where this vocabulary has none."""
+        return self._controls.get(piece)
 
     @property
     def vocab_size(self) -> int:
@@ -79,8 +105,12 @@ class Tokenizer:
         """Detokenize, dropping control tokens and joining byte-fallback pieces into UTF-8 text."""
         return self._sp.decode(self._check_ids(ids))
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """Encode a conversation exactly as mistral-common 1.13's `MistralTokenizer.v1()` does.
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+                    ) -> list[int]:
+        """Encode a conversation exactly as mistral-common 1.13's `MistralTokenizer.v1()` or `.v3()` does.
+
+        A v3 tokenizer takes OpenAI-style messages and tools (assistant `tool_calls`, `tool` results): see
+        `mixtral_jax.chat_v3.encode_chat_v3`. What follows describes v1, which cannot encode tools.
 
         `messages` are `{"role": "system" | "user" | "assistant", "content": str}`. The result is
         `<s>[INST] user [/INST] assistant</s>[INST] user [/INST]`, ready for generation. As in
@@ -92,6 +122,11 @@ class Tokenizer:
         with an assistant message (there is nothing to generate; mistral-common's "prefix"
         continuation and its finetuning mode are not supported).
         """
+        if self._version == "v3":
+            return encode_chat_v3(self._sp.encode, self._controls, self._bos_id, self._eos_id, messages, tools)
+        if tools:
+            raise ValueError("the v1 tokenizer (Mixtral-8x7B) cannot encode tools; use load_tokenizer('v3') "
+                             "(Mixtral-8x22B)")
         system_prompt, turns = _normalize(messages)
         ids = [self._bos_id]
         for i, (role, content) in enumerate(turns):
@@ -172,17 +207,32 @@ class IncrementalDecoder:
         return full[len(context) :]
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
-    """Load a SentencePiece model file; by default Mixtral's v1 model (the copy shipped in our package)."""
-    if path is None:
-        # our own copy (identical to mistral-common's, checked by the tests), so generation needs no extra
-        asset = importlib.resources.files("mixtral_jax").joinpath("assets/tokenizer.model.v1")
-        model, source = asset.read_bytes(), "mixtral_jax/assets/tokenizer.model.v1"
-    else:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {file}")
-        model, source = file.read_bytes(), str(file)
+def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
+    """A tokenizer: "v1" (the default, Mixtral-8x7B) or "v3" (Mixtral-8x22B), both shipped in the package, the
+    name a checkpoint records ("mistral-common:tokenizer.model.v3"), or the path of a SentencePiece model file.
+
+    A file with Mistral's control tokens (`[INST]`, `[TOOL_CALLS]`, ...) speaks the v3 chat format, else v1.
+    """
+    if source is None:
+        source = "v1"
+    if isinstance(source, str) and (source in _BUNDLED or source in _RECORDED_NAMES):
+        return _bundled(_RECORDED_NAMES.get(source, source))
+    file = Path(source)
+    if not file.is_file():
+        raise FileNotFoundError(f"tokenizer model not found: {file} (or name one: {', '.join(_BUNDLED)})")
+    return _from_bytes(file.read_bytes(), str(file))
+
+
+@functools.cache
+def _bundled(version: str) -> Tokenizer:
+    # our own copies (identical to mistral-common's, checked by the tests), so generation needs no extra;
+    # a Tokenizer is immutable, so one instance serves every caller
+    name = _BUNDLED[version]
+    asset = importlib.resources.files("mixtral_jax").joinpath(f"assets/{name}")
+    return _from_bytes(asset.read_bytes(), f"mixtral_jax/assets/{name}")
+
+
+def _from_bytes(model: bytes, source: str) -> Tokenizer:
     processor = SentencePieceProcessor()
     try:
         if not model:
@@ -191,6 +241,16 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
         return Tokenizer(processor)
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"not a usable SentencePiece model: {source}") from e
+
+
+def tokenizer_for(model) -> Tokenizer:
+    """The tokenizer a model's weights expect: the one its checkpoint recorded (`model.tokenizer_name`, set by
+    `mixtral_jax.load`), else by its vocabulary: 32768 pieces is Mixtral-8x22B's v3, anything else v1."""
+    recorded = getattr(model, "tokenizer_name", None)
+    if recorded:
+        return load_tokenizer(recorded)
+    config = getattr(model, "config", model)
+    return load_tokenizer("v3" if config.vocab_size == 32768 else "v1")
 
 
 def _normalize(messages: Sequence[Mapping[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
