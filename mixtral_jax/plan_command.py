@@ -107,16 +107,21 @@ def format_reports(config: MixtralConfig, topology, reports) -> str:
 
 
 def suggestion(report) -> str:
-    """What would fit, by linear scaling of the non-weight memory with the batch (a hint, not a compile)."""
+    """What would fit, by linear scaling of the non-weight memory with the (micro-)batch: a hint, not a compile."""
     w = report.workload
     variable = report.total_bytes - report.weight_bytes
     room = report.hbm_bytes - report.weight_bytes
     if room <= 0:
         return "the weights alone exceed HBM: use more chips on the expert/tensor axes (or FSDP for training)"
-    if w.batch > 1 and variable > 0:
-        batch = int(w.batch * room / variable)
-        if batch >= 1:
-            return f"batch {batch} or less would (scaling the non-weight memory linearly), or more chips on data"
+    if w.kind == "train":
+        micro = w.batch // w.accum
+        fitting = [a for a in range(w.accum + 1, w.batch + 1) if w.batch % a == 0 and variable * w.accum / a < room]
+        if micro > 1 and fitting:
+            return f"try --train-accum {fitting[0]} (micro-batch {w.batch // fitting[0]}; linear scaling, a hint)"
+        return "more chips on data, shorter sequences, or rematerialisation"
+    if w.batch > 1 and variable > 0 and int(w.batch * room / variable) >= 1:
+        return f"batch {int(w.batch * room / variable)} or less would (scaling the non-weight memory linearly), " \
+               "or more chips on data"
     return "more chips (a larger slice on data/expert/tensor), or shorter sequences"
 
 
