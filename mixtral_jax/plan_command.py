@@ -13,9 +13,14 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+
+from . import plan
 from .config import MixtralConfig, read_json
+from .convert.orbax_io import read_info
 from .errors import ConfigError
-from .topologies import GIB, TOPOLOGIES
+from .sharding.distributed import on_cloud_tpu_vm
+from .topologies import GIB, TOPOLOGIES, get_topology
 
 PRESETS = {"8x7b": lambda: MixtralConfig.from_preset("8x7b"), "8x22b": lambda: MixtralConfig.from_preset("8x22b"),
            "tiny": lambda: MixtralConfig.tiny(dim=256, head_dim=128, hidden_dim=512, vocab_size=512)}
@@ -31,7 +36,6 @@ def model_config(spec: str) -> MixtralConfig:
                              ("params.json", MixtralConfig.from_mistral)):
             if os.path.isfile(os.path.join(spec, name)):
                 if reader is None:
-                    from .convert.orbax_io import read_info
                     return read_info(spec).config
                 return reader(spec)
     elif os.path.isfile(spec):
@@ -46,8 +50,6 @@ def model_config(spec: str) -> MixtralConfig:
 
 
 def workloads(args) -> list:
-    from . import plan
-
     out = []
     if args.prefill:
         out.append(plan.prefill(args.prefill_batch, args.prefill))
@@ -128,20 +130,13 @@ def suggestion(report) -> str:
 def _use_cpu_here() -> None:
     """Compile on this machine for the slice: keep jax's default backend on CPU unless this is a TPU VM
     (libtpu would otherwise look for a local TPU and log its failure)."""
-    from .sharding.distributed import on_cloud_tpu_vm
-
     if not os.environ.get("JAX_PLATFORMS") and not on_cloud_tpu_vm():
         os.environ["JAX_PLATFORMS"] = "cpu"
-        import jax
-
         jax.config.update("jax_platforms", "cpu")
 
 
 def run_plan(args) -> int:
     _use_cpu_here()
-    from . import plan
-    from .topologies import get_topology
-
     topology = get_topology(args.topology)  # a bad name fails before anything loads
     config = model_config(args.model)
     jobs = workloads(args)

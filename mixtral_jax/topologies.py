@@ -17,6 +17,8 @@ import dataclasses
 import math
 import os
 
+from jax.experimental import topologies
+
 GIB = 1024**3
 
 
@@ -74,8 +76,6 @@ class Topology:
     def devices(self) -> list:
         """The slice's devices, one per chip, from libtpu's topology description (nothing is allocated)."""
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several processes may load libtpu
-        from jax.experimental import topologies
-
         kwargs = dict(platform="tpu", topology_name=self.libtpu_name, chips_per_host_bounds=self.chips_per_host_bounds)
         if self.megacore:
             kwargs["chip_config_name"] = "megacore"
