@@ -32,6 +32,7 @@ from . import sampler as sampler_lib
 from .config import MixtralConfig, RuntimeConfig
 from .model import KVCache, Mixtral
 from .moe import resolve_strategy
+from .params import param_specs
 from .placement import check_mesh
 from .sharding.mesh import make_mesh, parse_mesh_spec
 from .sharding.rules import (
@@ -164,20 +165,12 @@ def slice_mesh(config: MixtralConfig, topology: Topology, spec: str) -> Mesh:
 def abstract_model(config: MixtralConfig, runtime: RuntimeConfig, rules=DEFAULT_RULES):
     """(graphdef, state) of a `Mixtral` whose parameters are `ShapeDtypeStruct`s with the rules' shardings."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Mixtral(config, runtime, rngs=nnx.Rngs(0))))
+    shardings = param_shardings(param_specs(config, runtime), runtime.mesh, rules)
     flat = nnx.to_flat_state(state)
-    specs = {".".join(map(str, path)): var for path, var in flat}
-    shardings = param_shardings({n: _Spec(v.get_value().shape, v.logical_axes) for n, v in specs.items()},
-                                runtime.mesh, rules)
-    for name, var in specs.items():
+    for path, var in flat:
         value = var.get_value()
-        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[name]))
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[".".join(map(str, path))]))
     return graphdef, nnx.from_flat_state(flat)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    shape: tuple
-    logical_axes: tuple
 
 
 def _replicated(mesh, shape, dtype):
