@@ -10,12 +10,13 @@ from .sharding.distributed import initialize
 
 # module -> it defines `register(subparsers)`, which adds its subcommands with `set_defaults(run=fn)`
 _COMMAND_MODULES = ("mixtral_jax.generate_command", "mixtral_jax.convert.command", "mixtral_jax.train_command",
-                    "mixtral_jax.plan_command", "mixtral_jax.info_command")
+                    "mixtral_jax.plan_command", "mixtral_jax.info_command", "mixtral_jax.serve_command")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixtral-jax", allow_abbrev=False,
-                                     description="Mixtral in JAX: convert, verify, info, generate, chat, train, plan.")
+    parser = argparse.ArgumentParser(
+        prog="mixtral-jax", allow_abbrev=False,
+        description="Mixtral in JAX: convert, verify, info, generate, chat, serve, train, plan.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)

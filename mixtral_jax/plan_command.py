@@ -13,9 +13,14 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+
+from . import plan
 from .config import MixtralConfig, read_json
+from .convert.orbax_io import read_info
 from .errors import ConfigError
-from .topologies import GIB, TOPOLOGIES
+from .sharding.distributed import on_cloud_tpu_vm
+from .topologies import GIB, TOPOLOGIES, get_topology
 
 PRESETS = {"8x7b": lambda: MixtralConfig.from_preset("8x7b"), "8x22b": lambda: MixtralConfig.from_preset("8x22b"),
            "tiny": lambda: MixtralConfig.tiny(dim=256, head_dim=128, hidden_dim=512, vocab_size=512)}
@@ -31,7 +36,6 @@ def model_config(spec: str) -> MixtralConfig:
                              ("params.json", MixtralConfig.from_mistral)):
             if os.path.isfile(os.path.join(spec, name)):
                 if reader is None:
-                    from .convert.orbax_io import read_info
                     return read_info(spec).config
                 return reader(spec)
     elif os.path.isfile(spec):
@@ -46,8 +50,6 @@ def model_config(spec: str) -> MixtralConfig:
 
 
 def workloads(args) -> list:
-    from . import plan
-
     out = []
     if args.prefill:
         out.append(plan.prefill(args.prefill_batch, args.prefill))
@@ -107,36 +109,34 @@ def format_reports(config: MixtralConfig, topology, reports) -> str:
 
 
 def suggestion(report) -> str:
-    """What would fit, by linear scaling of the non-weight memory with the batch (a hint, not a compile)."""
+    """What would fit, by linear scaling of the non-weight memory with the (micro-)batch: a hint, not a compile."""
     w = report.workload
     variable = report.total_bytes - report.weight_bytes
     room = report.hbm_bytes - report.weight_bytes
     if room <= 0:
         return "the weights alone exceed HBM: use more chips on the expert/tensor axes (or FSDP for training)"
-    if w.batch > 1 and variable > 0:
-        batch = int(w.batch * room / variable)
-        if batch >= 1:
-            return f"batch {batch} or less would (scaling the non-weight memory linearly), or more chips on data"
+    if w.kind == "train":
+        micro = w.batch // w.accum
+        fitting = [a for a in range(w.accum + 1, w.batch + 1) if w.batch % a == 0 and variable * w.accum / a < room]
+        if micro > 1 and fitting:
+            return f"try --train-accum {fitting[0]} (micro-batch {w.batch // fitting[0]}; linear scaling, a hint)"
+        return "more chips on data, shorter sequences, or rematerialisation"
+    if w.batch > 1 and variable > 0 and int(w.batch * room / variable) >= 1:
+        return f"batch {int(w.batch * room / variable)} or less would (scaling the non-weight memory linearly), " \
+               "or more chips on data"
     return "more chips (a larger slice on data/expert/tensor), or shorter sequences"
 
 
 def _use_cpu_here() -> None:
     """Compile on this machine for the slice: keep jax's default backend on CPU unless this is a TPU VM
     (libtpu would otherwise look for a local TPU and log its failure)."""
-    from .sharding.distributed import on_cloud_tpu_vm
-
     if not os.environ.get("JAX_PLATFORMS") and not on_cloud_tpu_vm():
         os.environ["JAX_PLATFORMS"] = "cpu"
-        import jax
-
         jax.config.update("jax_platforms", "cpu")
 
 
 def run_plan(args) -> int:
     _use_cpu_here()
-    from . import plan
-    from .topologies import get_topology
-
     topology = get_topology(args.topology)  # a bad name fails before anything loads
     config = model_config(args.model)
     jobs = workloads(args)
@@ -150,7 +150,8 @@ def run_plan(args) -> int:
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "plan", help="compile for a TPU slice ahead of time: per-chip memory, fit, collectives, step estimate",
+        "plan", allow_abbrev=False,
+        help="compile for a TPU slice ahead of time: per-chip memory, fit, collectives, step estimate",
         description="Compile the sampler's prefill/decode and the training step for a TPU slice on this machine "
                     "(jax[tpu] installed, no TPU needed) and report XLA's per-chip memory, collectives and an "
                     "estimated step time. Without workload flags: prefill 1x4096 and decode 8x8192.")

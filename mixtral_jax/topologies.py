@@ -6,7 +6,8 @@ The Cloud name counts TensorCores for v4 and v5p (two per chip, fused as one "me
 chips for v5e and v6e: v4-32 is 16 chips, v5e-8 is 8.
 
 Chip figures are the published per-chip ones (Cloud TPU system architecture pages): HBM, HBM bandwidth,
-dense bf16 peak. v5e's HBM is the 15.75 GiB its runtime makes available of the nominal 16.
+dense bf16 peak. For v5e and v5p the HBM is what XLA:TPU says is available when it refuses a program
+(15.75 GiB of the nominal 16; 95.74 GiB of 95); v4 and v6e are nominal.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import contextlib
 import dataclasses
 import math
 import os
+
+from jax.experimental import topologies
 
 GIB = 1024**3
 
@@ -34,7 +37,7 @@ class Chip:
 CHIPS = {
     "v4": Chip("TPU v4", 32 * GIB, 1.2e12, 275e12),
     "v5e": Chip("TPU v5e", int(15.75 * GIB), 8.19e11, 197e12),
-    "v5p": Chip("TPU v5p", 95 * GIB, 2.765e12, 459e12),
+    "v5p": Chip("TPU v5p", int(95.74 * GIB), 2.765e12, 459e12),
     "v6e": Chip("TPU v6e", 32 * GIB, 1.64e12, 918e12),
 }
 H100 = Chip("NVIDIA H100 SXM 80GB", 80 * 10**9, 3.35e12, 989e12)
@@ -73,8 +76,6 @@ class Topology:
     def devices(self) -> list:
         """The slice's devices, one per chip, from libtpu's topology description (nothing is allocated)."""
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several processes may load libtpu
-        from jax.experimental import topologies
-
         kwargs = dict(platform="tpu", topology_name=self.libtpu_name, chips_per_host_bounds=self.chips_per_host_bounds)
         if self.megacore:
             kwargs["chip_config_name"] = "megacore"

@@ -29,12 +29,14 @@ LAYERS = [
     ("convert", ["mixtral_jax.convert", "mixtral_jax.convert.*"]),
     ("loading", ["mixtral_jax.placement", "mixtral_jax.loading", "mixtral_jax.demo"]),
     ("use", ["mixtral_jax.sampler", "mixtral_jax.generate", "mixtral_jax.train", "mixtral_jax.topologies",
-             "mixtral_jax.plan"]),
+             "mixtral_jax.plan", "mixtral_jax.engine"]),
+    ("serve", ["mixtral_jax.serve"]),
     ("cli", ["mixtral_jax.cli", "mixtral_jax.*_command", "mixtral_jax.convert.command"]),
     ("package", ["mixtral_jax"]),
 ]
 # imported inside functions on purpose: heavy, or optional extras
-LAZY_ALLOWED = ("torch", "orbax")
+# fastapi/starlette/uvicorn: the optional `serve` extra, so the CLI (which registers `serve`) runs without it
+LAZY_ALLOWED = ("torch", "orbax", "fastapi", "starlette", "uvicorn")
 
 
 def _modules() -> dict[str, str]:

@@ -13,7 +13,7 @@ from hf_reference import hf_model, save_hf
 from mistral_reference import save_mistral
 
 from mixtral_jax import MixtralConfig, cli
-from mixtral_jax.convert.convert import convert
+from mixtral_jax.convert import convert
 from mixtral_jax.generate_command import DEMO_DECODING, _sampling_kwargs
 
 CONFIG = MixtralConfig.tiny()
@@ -73,7 +73,7 @@ def test_mesh_is_applied_to_the_demo_model_or_refused(capsys, monkeypatch):
         seen["model"] = model
         return ["" for _ in prompts]
 
-    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    monkeypatch.setattr(importlib.import_module("mixtral_jax.generate_command"), "generate", fake_generate)
     assert cli.main(["generate", "x", "--mesh", "data=4,expert=2", "--max-new-tokens", "2"]) == 0
     model = seen["model"]
     assert model.runtime.mesh is not None and model.runtime.mesh.shape["expert"] == 2

@@ -22,7 +22,6 @@ from mixtral_jax.plan_command import PRESETS
 from mixtral_jax.topologies import TopologyError, get_topology
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # test processes may load libtpu side by side
-pytest.importorskip("libtpu", reason="needs jax[tpu] (the test extra installs it)")
 
 # TPU-friendly widths (multiples of 128), so XLA's tiled layouts add no padding to the parameters
 CONFIG = PRESETS["tiny"]()

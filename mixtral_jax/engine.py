@@ -1,0 +1,531 @@
+"""Continuous batching: many requests share one jitted decode step, each in its own slot of one KV cache.
+
+The cache has `max_batch` rows (slots) and one shared write column (`KVCache.length`): every decode step
+writes each slot's token into that column, so one compiled step serves any mix of requests. A new request
+is prefilled on its own, in chunks of bucketed sizes (a handful of shapes compile, never one per prompt),
+one chunk between two decode steps so the running requests keep going; its row is then copied into a free
+slot with its history ending at the shared column (left padding, which positions and the validity mask
+ignore, exactly as in the batched sampler). When the columns run out, the whole cache shifts left past the
+columns no running request still needs. Sampling parameters are per slot; greedy rows take the argmax, so
+a greedy answer does not depend on what else is running.
+
+Multi-host: process 0 owns the queue and decides each step (which slots to free, which request to admit);
+`broadcast_one_to_all` sends that plan to every process, and all of them run the same jitted steps.
+
+The engine knows nothing of HTTP: `submit` takes token ids and two callbacks, called on the engine thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .model import KVCache, Mixtral
+from .sampler import bucket, make_strategy
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (bad prompt or sampling parameters): raised by `submit`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """`max_context`: prompt + new tokens of one request (default: the model's, at most 4096, since the cache
+    holds `max_batch` rows of it); `prefill_chunk`: the longest prefill call (longer prompts take several)."""
+
+    max_batch: int = 16
+    max_context: int | None = None
+    prefill_chunk: int = 256
+    cache_dtype: str | None = None
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise RequestError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_context is not None and self.max_context < 2:
+            raise RequestError(f"max_context must be >= 2, got {self.max_context}")
+        if self.prefill_chunk < 16 or self.prefill_chunk & (self.prefill_chunk - 1):
+            raise RequestError(f"prefill_chunk must be a power of two >= 16, got {self.prefill_chunk}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling; `stop_tokens` end it (the model's EOS when None); the seed makes a sampled
+    answer reproducible whatever else shares the batch."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_tokens: tuple[int, ...] | None = None
+
+
+class Request:
+    """A submitted request. `on_token(id)` per new token, then `on_finish(reason)` once: "stop" (a stop
+    token), "length" (max_tokens), "cancelled", or "abort" (the engine failed). Both run on the engine
+    thread: keep them quick."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, on_token: Callable[[int], None],
+                 on_finish: Callable[[str], None]):
+        self.prompt, self.params = prompt, params
+        self._on_token, self._on_finish = on_token, on_finish
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.n_generated = 0
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away, or a stop string matched); the slot frees at the next step."""
+        self.cancelled = True
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters for /metrics (read from other threads: plain ints and a bounded deque)."""
+
+    tokens_generated: int = 0
+    requests_finished: int = 0
+    prompt_tokens: int = 0
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+    recent_ttft: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=1000))
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What every process does this step: free these slots, start prefilling this request into that slot."""
+
+    free: list[int]
+    admit: tuple[int, list[int], SamplingParams] | None = None
+    shutdown: bool = False
+    request: Request | None = None  # the admitted request (process 0 only; not broadcast)
+
+
+@dataclasses.dataclass
+class _Slot:
+    request: Request | None  # None on processes other than 0
+    params: SamplingParams
+    span: int  # cache columns this slot's history needs (prompt + tokens written)
+    n_generated: int = 0
+    last_token: int = 0
+
+
+@dataclasses.dataclass
+class _Prefill:
+    slot: int
+    request: Request | None
+    params: SamplingParams
+    tokens: np.ndarray  # (1, chunks * chunk), left-padded
+    valid: np.ndarray
+    chunk: int
+    n_real: int
+    done_chunks: int = 0
+    cache: KVCache | None = None
+
+
+class Engine:
+    """Continuous-batching generation over `model`. Drive it with `start()` (a background thread) or call
+    `step()` yourself; `submit` from any thread."""
+
+    def __init__(self, model: Mixtral, config: EngineConfig = EngineConfig()):
+        self.model, self.config = model, config
+        mc = model.config
+        self.max_context = config.max_context or min(mc.max_seq_len, 4096)
+        if self.max_context > mc.max_seq_len:
+            raise RequestError(f"max_context {self.max_context} exceeds the model's {mc.max_seq_len}")
+        self.size = self.max_context + config.prefill_chunk  # room to insert a padded prompt ending anywhere
+        self.eos_id = mc.eos_id
+        self._graphdef, self._state = nnx.split(model)
+        self._experts = model.expert_views()
+        self._cache_dtype = jnp.dtype(config.cache_dtype or model.runtime.dtype)
+        self._put = _replicator(model.runtime.mesh)
+        self._empty = jax.jit(KVCache.empty, static_argnums=(0, 1, 2, 3),
+                              out_shardings=None if model.runtime.mesh is None
+                              else NamedSharding(model.runtime.mesh, PartitionSpec()))
+        self.cache = self._empty(mc, config.max_batch, self.size, self._cache_dtype)
+        self.length = 0  # host copy of cache.length
+        self.slots: list[_Slot | None] = [None] * config.max_batch
+        self.prefill: _Prefill | None = None
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.stats = Stats()
+        self._lock = threading.Condition()
+        self._to_free: list[int] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.failed = False
+        self.lead = jax.process_index() == 0
+
+    # ------------------------------------------------------------------------------ public API
+    def validate(self, prompt: Sequence[int], params: SamplingParams) -> list[int]:
+        """Raise RequestError unless the engine can serve this prompt with these parameters."""
+        try:
+            make_strategy(params.temperature, None, params.top_p)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        prompt = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+        if not isinstance(params.max_tokens, int) or isinstance(params.max_tokens, bool) or params.max_tokens < 1:
+            raise RequestError(f"max_tokens must be an integer >= 1, got {params.max_tokens!r}")
+        if not isinstance(params.seed, int) or isinstance(params.seed, bool):
+            raise RequestError(f"seed must be an integer, got {params.seed!r}")
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise RequestError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                               f"this server's context of {self.max_context} tokens")
+        return prompt
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, on_token: Callable[[int], None] = lambda t: None,
+               on_finish: Callable[[str], None] = lambda r: None) -> Request:
+        request = Request(self.validate(prompt, params), params, on_token, on_finish)
+        with self._lock:
+            if self._stopping:
+                raise RequestError("the engine has failed" if self.failed else "the server is shutting down")
+            self.waiting.append(request)
+            self._lock.notify()
+        return request
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(s is not None for s in self.slots) + (self.prefill is not None)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.busy_slots == 0
+
+    def start(self) -> None:
+        """Run the step loop on a daemon thread until `stop`."""
+        self._thread = threading.Thread(target=self.run, name="mixtral-engine", daemon=True)
+        self._thread.start()
+
+    def run(self) -> None:
+        """The loop every process runs (process 0 plans each step; the others follow its broadcasts). If a
+        step fails, every request is finished as "abort" and new ones are refused (a server reports 503)."""
+        try:
+            while self.step():
+                pass
+        except BaseException:
+            with self._lock:
+                self._stopping = self.failed = True
+                pending = list(self.waiting) + [s.request for s in self.slots if s is not None]
+                pending += [self.prefill.request] if self.prefill is not None else []
+                self.waiting.clear()
+            for r in pending:
+                if r is not None:
+                    self._finish(r, "abort")
+            raise
+
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        """Refuse new requests, let running ones finish for up to `drain_seconds`, cancel the rest, end the loop."""
+        with self._lock:
+            self._stopping = True
+        deadline = time.monotonic() + drain_seconds
+        while not self.idle and time.monotonic() < deadline and self._thread is not None:
+            time.sleep(0.02)
+        with self._lock:
+            for r in self.waiting:
+                r.cancel()
+            for s in self.slots:
+                if s is not None and s.request is not None:
+                    s.request.cancel()
+            if self.prefill is not None and self.prefill.request is not None:
+                self.prefill.request.cancel()
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def step(self) -> bool:
+        """One round: free and admit (as planned by process 0), one prefill chunk, one decode step.
+        Returns False once the engine has shut down."""
+        plan = self._plan() if self.lead else None
+        if jax.process_count() > 1:
+            plan = self._broadcast(plan)
+        self._apply(plan)
+        if plan.shutdown:
+            return False
+        if self.prefill is not None:
+            self._prefill_chunk()
+        if any(s is not None for s in self.slots):
+            self._decode()
+        return True
+
+    # ------------------------------------------------------------------------------ planning
+    def _plan(self) -> _Plan:
+        with self._lock:
+            while True:
+                free = list(self._to_free)
+                self._to_free.clear()
+                for i, s in enumerate(self.slots):
+                    if s is not None and s.request is not None and s.request.cancelled and i not in free:
+                        free.append(i)
+                while self.waiting and self.waiting[0].cancelled:
+                    self._finish(self.waiting.popleft(), "cancelled")
+                if self.prefill is not None and self.prefill.request.cancelled:
+                    free.append(self.prefill.slot)
+                admit, request = None, None
+                prefilling = self.prefill is not None and self.prefill.slot not in free
+                busy = self.prefill.slot if prefilling else None
+                open_slots = [i for i, s in enumerate(self.slots) if (s is None or i in free) and i != busy]
+                if self.waiting and open_slots and not prefilling:
+                    request = self.waiting.popleft()
+                    admit = (open_slots[0], request.prompt, request.params)
+                if free or admit or prefilling or any(s is not None for s in self.slots):
+                    return _Plan(free, admit, request=request)
+                if self._stopping:
+                    return _Plan([], None, shutdown=True)
+                if not self._lock.wait(timeout=0.5) and jax.process_count() > 1:
+                    return _Plan([])  # idle: an empty step keeps the other processes' collectives from timing out
+
+    def _broadcast(self, plan: _Plan | None) -> _Plan:
+        """Process 0's plan on every process, as one fixed-size int32 array: a header (shutdown, number of
+        slots to free, admit?, slot, prompt length, max_tokens, temperature and top_p bits, seed low and
+        high words), the slots to free, the prompt."""
+        b, h = self.config.max_batch, 10
+        buf = np.zeros(h + b + self.max_context, np.int32)
+        if plan is not None:
+            buf[0], buf[1] = plan.shutdown, len(plan.free)
+            buf[h:h + len(plan.free)] = plan.free
+            if plan.admit is not None:
+                slot, prompt, p = plan.admit
+                floats = np.array([p.temperature, p.top_p], np.float32).view(np.int32)
+                seed = np.array([p.seed & 0xFFFFFFFF, (p.seed >> 32) & 0xFFFFFFFF], np.uint32).view(np.int32)
+                buf[2:h] = (1, slot, len(prompt), p.max_tokens, *floats, *seed)
+                buf[h + b:h + b + len(prompt)] = prompt
+        buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+        if plan is not None:
+            return plan
+        admit = None
+        if buf[2]:
+            temperature, top_p = buf[6:8].view(np.float32).tolist()
+            lo, hi = buf[8:10].view(np.uint32).tolist()
+            params = SamplingParams(int(buf[5]), temperature, top_p, lo | (hi << 32))
+            admit = (int(buf[3]), buf[h + b:h + b + buf[4]].tolist(), params)
+        return _Plan(buf[h:h + buf[1]].tolist(), admit, bool(buf[0]))
+
+    def _apply(self, plan: _Plan) -> None:
+        for i in plan.free:
+            if self.prefill is not None and self.prefill.slot == i:
+                if self.prefill.request is not None:
+                    self._finish(self.prefill.request, "cancelled")
+                self.prefill = None
+            slot = self.slots[i]
+            if slot is not None and slot.request is not None and slot.request.finish_reason is None:
+                self._finish(slot.request, "cancelled")
+            self.slots[i] = None
+        if plan.admit is not None:
+            slot, prompt, params = plan.admit
+            self.prefill = _new_prefill(slot, plan.request, params, prompt, self.config.prefill_chunk)
+
+    # ------------------------------------------------------------------------------ device steps
+    def _prefill_chunk(self) -> None:
+        p = self.prefill
+        if p.cache is None:  # as wide as the batch cache (one compile per chunk size), the prompt at its end
+            p.cache = dataclasses.replace(self._empty(self.model.config, 1, self.size, self._cache_dtype),
+                                          length=self._put(np.int32(self.size - p.tokens.shape[1])))
+        lo, hi = p.done_chunks * p.chunk, (p.done_chunks + 1) * p.chunk
+        logits, p.cache = _prefill(self._graphdef, self._state, self._experts, p.cache,
+                                   self._put(p.tokens[:, lo:hi]), self._put(p.valid[:, lo:hi]))
+        p.done_chunks += 1
+        if hi < p.tokens.shape[1]:
+            return
+        self.prefill = None
+        if self.length < p.n_real:  # the prompt must end at the shared write column
+            self._shift(p.n_real)
+        self.cache = _insert(self.cache, p.cache, self._put(np.int32(p.slot)))
+        params = p.params
+        first = _sample(logits, *self._sampling_arrays([params], [0]))
+        token = int(_to_host(first)[0])
+        self.slots[p.slot] = _Slot(p.request, params, span=p.n_real)
+        if p.request is not None:
+            self.stats.prompt_tokens += p.n_real
+        self._emit(p.slot, token)
+
+    def _decode(self) -> None:
+        if self.length == self.size:  # out of columns: drop those no running request still needs
+            self._shift(max(s.span for s in self.slots if s is not None))
+        b = self.config.max_batch
+        tokens, active = np.zeros(b, np.int32), np.zeros(b, bool)
+        params, counts = [SamplingParams()] * b, [0] * b
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                tokens[i], active[i], params[i], counts[i] = s.last_token, True, s.params, s.n_generated
+                s.span += 1
+        temperature, top_p, keys = self._sampling_arrays(params, counts)
+        out, self.cache = _decode(self._graphdef, self._state, self._experts, self.cache, self._put(tokens),
+                                  self._put(active), temperature, top_p, keys)
+        self.length += 1
+        out = _to_host(out)
+        for i, s in enumerate(self.slots):
+            if s is not None and (s.request is None or s.request.finish_reason is None):
+                self._emit(i, int(out[i]))
+
+    def _shift(self, new_length: int) -> None:
+        self.cache = _shift(self.cache, self._put(np.int32(new_length)))
+        self.length = new_length
+
+    def _sampling_arrays(self, params: Sequence[SamplingParams], counts: Sequence[int]):
+        temperature = np.array([p.temperature for p in params], np.float32)
+        top_p = np.array([p.top_p for p in params], np.float32)
+        seeds = np.array([[p.seed & 0xFFFFFFFF, (p.seed >> 32) & 0xFFFFFFFF, c] for p, c in zip(params, counts)],
+                         np.uint32)
+        return self._put(temperature), self._put(top_p), self._put(seeds)
+
+    # ------------------------------------------------------------------------------ host bookkeeping
+    def _emit(self, i: int, token: int) -> None:
+        """Record slot i's new token; on process 0, pass it on or finish the request."""
+        s = self.slots[i]
+        s.n_generated += 1
+        s.last_token = token
+        if s.request is None:  # a follower process: process 0 decides when the slot frees
+            return
+        r = s.request
+        stops = (self.eos_id,) if s.params.stop_tokens is None else s.params.stop_tokens
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+            ttft = r.first_token_at - r.submitted
+            self.stats.ttft_sum += ttft
+            self.stats.ttft_count += 1
+            self.stats.recent_ttft.append(ttft)
+        if r.cancelled:
+            reason = "cancelled"
+        elif token in stops:
+            reason = "stop"
+        else:
+            r.n_generated += 1
+            self.stats.tokens_generated += 1
+            r._on_token(token)
+            reason = "length" if r.n_generated >= s.params.max_tokens else None
+        if reason is not None:
+            self._finish(r, reason)
+            with self._lock:
+                self._to_free.append(i)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        if request.finish_reason is None:
+            request.finish_reason = reason
+            self.stats.requests_finished += 1
+            request._on_finish(reason)
+
+
+def _new_prefill(slot, request, params, prompt, max_chunk) -> _Prefill:
+    """Left-pad the prompt to whole chunks: one bucketed chunk when it fits, else chunks of `max_chunk`."""
+    n = len(prompt)
+    chunk = min(bucket(n), max_chunk)
+    width = math.ceil(n / chunk) * chunk
+    tokens, valid = np.zeros((1, width), np.int32), np.zeros((1, width), bool)
+    tokens[0, width - n:], valid[0, width - n:] = prompt, True
+    return _Prefill(slot, request, params, tokens, valid, chunk, n)
+
+
+# ---------------------------------------------------------------------------------- jitted pieces
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _prefill(graphdef, state, experts, cache, tokens, valid):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.extend(cache, tokens, valid, last_only=True, expert_weights=experts)
+    return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _decode(graphdef, state, experts, cache, tokens, active, temperature, top_p, keys):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.extend(cache, tokens[:, None], active[:, None], last_only=True, expert_weights=experts)
+    return _sample_rows(logits[:, -1], temperature, top_p, keys), cache
+
+
+@jax.jit
+def _sample(logits, temperature, top_p, keys):
+    return _sample_rows(logits, temperature, top_p, keys)
+
+
+def _sample_rows(logits, temperature, top_p, seeds):
+    """Per row: argmax where temperature is 0, else a draw at that row's temperature from its top_p mass,
+    keyed by (seed, token index) only, so a row's draws do not depend on the other rows."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = temperature > 0
+
+    def draw(logits):
+        scaled = logits / jnp.where(sampling, temperature, 1.0)[:, None]
+        neg = jnp.finfo(jnp.float32).min
+
+        def nucleus(scaled):
+            sorted_logits = jnp.sort(scaled, axis=-1)[..., ::-1]
+            probs = jax.nn.softmax(sorted_logits, axis=-1)
+            keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+            threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+            return jnp.where(scaled < threshold, neg, scaled)
+
+        cut = sampling & (top_p < 1)
+        scaled = jax.lax.cond(jnp.any(cut), lambda x: jnp.where(cut[:, None], nucleus(x), x), lambda x: x, scaled)
+
+        def one(seed, row):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), seed[1]), seed[2])
+            return jax.random.categorical(key, row).astype(jnp.int32)
+        return jax.vmap(one)(seeds, scaled)
+
+    sampled = jax.lax.cond(jnp.any(sampling), draw, lambda x: greedy, logits)
+    return jnp.where(sampling, sampled, greedy)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _insert(cache: KVCache, row: KVCache, slot) -> KVCache:
+    """Copy a one-row cache of the same width (its history ending at its last column) into row `slot`,
+    moved to end at `cache.length`; the columns that wrap around are invalid."""
+    moved = _roll(row, cache.length)
+
+    def put(big, small):
+        return jax.lax.dynamic_update_slice(big, small, (slot,) + (0,) * (big.ndim - 1))
+
+    return KVCache(k=tuple(map(put, cache.k, moved.k)), v=tuple(map(put, cache.v, moved.v)),
+                   positions=put(cache.positions, moved.positions), valid=put(cache.valid, moved.valid),
+                   length=cache.length, next_position=cache.next_position.at[slot].set(row.next_position[0]))
+
+
+def _roll(cache: KVCache, new_length) -> KVCache:
+    """Move every row's columns by new_length - length (rows that end at `length` then end at
+    `new_length`); columns that wrap around become invalid."""
+    delta = new_length - cache.length
+    source = jnp.arange(cache.size) - delta
+    keep = (source >= 0) & (source < cache.length)
+    roll = functools.partial(jnp.roll, shift=delta)
+    return KVCache(k=tuple(roll(a, axis=2) for a in cache.k), v=tuple(roll(a, axis=2) for a in cache.v),
+                   positions=roll(cache.positions, axis=1), valid=roll(cache.valid, axis=1) & keep[None],
+                   length=jnp.asarray(new_length, jnp.int32), next_position=cache.next_position)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _shift(cache: KVCache, new_length) -> KVCache:
+    """All rows end at `length`, so one move keeps them aligned: left to drop columns nobody needs, right
+    to make room for a longer prompt."""
+    return _roll(cache, new_length)
+
+
+def _replicator(mesh):
+    """Host inputs as arrays replicated over the model's mesh (global arrays when several processes share it)."""
+    if mesh is None:
+        return jnp.asarray
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return put
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

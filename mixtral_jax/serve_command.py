@@ -1,0 +1,64 @@
+"""`mixtral-jax serve`: the OpenAI-compatible server (FastAPI + uvicorn, the `serve` extra).
+
+On several processes (a multi-host slice) process 0 serves HTTP and plans each batch step; the others run
+the same steps from its broadcasts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+
+from .config import RuntimeConfig
+from .demo import DEMO_CHECKPOINT, default_model, has_trained_model
+from .engine import Engine, EngineConfig
+from .loading import load_checkpoint
+from .serve import create_app, run_server
+from .tokenizer import load_tokenizer
+
+
+def _load_model(args):
+    if args.checkpoint is not None:
+        return load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
+    what = "trained on Python's standard library" if has_trained_model() else "random weights: checkpoint absent"
+    print(f"serving the embedded demo model ({what})", file=sys.stderr)
+    if args.mesh and has_trained_model():
+        return load_checkpoint(DEMO_CHECKPOINT, dtype=args.dtype or "float32", mesh=args.mesh)
+    return default_model(RuntimeConfig(param_dtype=args.dtype or "float32"))
+
+
+def run_serve(args) -> int:
+    config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk)
+    tokenizer = load_tokenizer(args.tokenizer)
+    engine = Engine(_load_model(args), config)
+    name = args.model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
+                               else "mixtral-jax-demo")
+    if jax.process_index() != 0:  # follow process 0's steps until it shuts down
+        engine.run()
+        return 0
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({config.max_batch} slots, context "
+          f"{engine.max_context})", file=sys.stderr, flush=True)
+    run_server(create_app(engine, tokenizer, name, drain_seconds=args.drain_seconds), args.host, args.port,
+               args.drain_seconds)
+    return 0
+
+
+def register(sub):
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching", allow_abbrev=False)
+    s.add_argument("--checkpoint", help="Hugging Face directory or converted Orbax checkpoint "
+                                        "(default: the embedded demo model)")
+    s.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=16, help="decode slots (requests decoded together)")
+    s.add_argument("--max-context", type=int, help="prompt + completion tokens per request "
+                                                   "(default: the model's, at most 4096)")
+    s.add_argument("--prefill-chunk", type=int, default=256, help="longest prefill call (a power of two)")
+    s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    s.add_argument("--tokenizer", help="SentencePiece model file (default: Mixtral's v1 tokenizer)")
+    s.add_argument("--drain-seconds", type=float, default=10.0,
+                   help="at SIGTERM, how long running requests may finish before they are cancelled")
+    s.set_defaults(run=run_serve)
