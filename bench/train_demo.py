@@ -5,7 +5,7 @@
 Data: every `.py` file under `sysconfig.get_paths()['stdlib']`, without `site-packages` and test
 directories, in sorted order. Two stages over one shuffled pass of that data (the same seed, so the same
 order): stage 1 trains from scratch on its first 14,400 sequences (`OUT_DIR/stage1/`); stage 2 continues
-stage 1's model on the next 10,400, which it has not seen, with a fresh warm-up and cosine at half the peak
+stage 1's model on the next 7,200, which it has not seen, with a fresh warm-up and cosine at half the peak
 rate. The trained model is `OUT_DIR/final` (bf16, under 20 MB on disk). A stage whose `final` exists is
 not run again.
 """
@@ -32,7 +32,7 @@ def stdlib_files() -> list[str]:
 COMMON = ["--batch", "16", "--seq-len", "128", "--save-every", "50", "--log-every", "10",
           "--export-dtype", "bfloat16"]
 STAGE1 = ["--steps", "900", "--lr", "3e-3", "--warmup", "30"]
-STAGE2 = ["--steps", "650", "--lr", "1.5e-3", "--warmup", "20", "--skip-sequences", str(900 * 16)]
+STAGE2 = ["--steps", "450", "--lr", "1.5e-3", "--warmup", "20", "--skip-sequences", str(900 * 16)]
 
 
 def main(argv: list[str]) -> int:
