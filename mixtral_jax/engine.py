@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .model import KVCache, Mixtral
-from .sampler import bucket, make_strategy
+from .sampler import bucket, make_strategy, replicator, to_host
 
 
 class RequestError(ValueError):
@@ -150,7 +150,7 @@ class Engine:
         self._graphdef, self._state = nnx.split(model)
         self._experts = model.expert_views()
         self._cache_dtype = jnp.dtype(config.cache_dtype or model.runtime.dtype)
-        self._put = _replicator(model.runtime.mesh)
+        self._put = replicator(model.runtime.mesh)
         self._empty = jax.jit(KVCache.empty, static_argnums=(0, 1, 2, 3),
                               out_shardings=None if model.runtime.mesh is None
                               else NamedSharding(model.runtime.mesh, PartitionSpec()))
@@ -348,7 +348,7 @@ class Engine:
         self.cache = _insert(self.cache, p.cache, self._put(np.int32(p.slot)))
         params = p.params
         first = _sample(logits, *self._sampling_arrays([params], [0]))
-        token = int(_to_host(first)[0])
+        token = int(to_host(first)[0])
         self.slots[p.slot] = _Slot(p.request, params, span=p.n_real)
         if p.request is not None:
             self.stats.prompt_tokens += p.n_real
@@ -368,7 +368,7 @@ class Engine:
         out, self.cache = _decode(self._graphdef, self._state, self._experts, self.cache, self._put(tokens),
                                   self._put(active), temperature, top_p, keys)
         self.length += 1
-        out = _to_host(out)
+        out = to_host(out)
         for i, s in enumerate(self.slots):
             if s is not None and (s.request is None or s.request.finish_reason is None):
                 self._emit(i, int(out[i]))
@@ -512,20 +512,3 @@ def _shift(cache: KVCache, new_length) -> KVCache:
     to make room for a longer prompt."""
     return _roll(cache, new_length)
 
-
-def _replicator(mesh):
-    """Host inputs as arrays replicated over the model's mesh (global arrays when several processes share it)."""
-    if mesh is None:
-        return jnp.asarray
-    sharding = NamedSharding(mesh, PartitionSpec())
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-    return put
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

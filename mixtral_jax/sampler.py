@@ -156,7 +156,7 @@ class Sampler:
         stop_arr = np.full((max(len(seqs), 1), max((len(s) for s in seqs), default=1)), -1, np.int32)
         for i, s in enumerate(seqs):
             stop_arr[i, stop_arr.shape[1] - len(s):] = s
-        put = _replicator(self.model.runtime.mesh)
+        put = replicator(self.model.runtime.mesh)
         key = jax.random.key_data(jax.random.key(seed))
         return _Request(put(tokens), put(valid), put(key), put(np.asarray(stops or [-1], np.int32)), put(stop_arr),
                         None if penalties is None else put(penalties), strategy, bucket(max_new_tokens),
@@ -174,7 +174,7 @@ class Sampler:
         graphdef, state, weights, first, cache, key, prompt_counts = self._prefill(r)
         out, n_out, _ = decode(graphdef, state, weights, first, cache, key, r.stop_tokens, r.stop_seqs, prompt_counts,
                                r.penalties, jnp.int32(r.limit), strategy=r.strategy, max_new=r.max_new)
-        return _to_host(out), _to_host(n_out)
+        return to_host(out), to_host(n_out)
 
     def _steps(self, r: _Request) -> _Steps:
         return _Steps(self, r)
@@ -221,9 +221,9 @@ class _Steps:
         while running:
             carry, emitted, more = decode_step(graphdef, state, weights, carry, r.stop_tokens, r.stop_seqs,
                                                prompt_counts, r.penalties, limit, strategy=r.strategy)
-            yield _to_host(emitted)
-            running = bool(_to_host(more))
-        self.result = (_to_host(carry.out), _to_host(carry.n_out))
+            yield to_host(emitted)
+            running = bool(to_host(more))
+        self.result = (to_host(carry.out), to_host(carry.n_out))
 
 
 # ------------------------------------------------------------------------------- jitted pieces
@@ -325,7 +325,7 @@ def decode_step(graphdef, state, expert_weights, s: DecodeState, stop_tokens, st
     return s, emitted, _running(s, limit)
 
 
-def _replicator(mesh):
+def replicator(mesh):
     """Inputs as arrays replicated over the model's mesh (global arrays when several processes share it)."""
     if mesh is None:
         return jnp.asarray
@@ -337,7 +337,7 @@ def _replicator(mesh):
     return put
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
     """The whole array on this host: directly, from a local replica, or gathered from every process."""
     if x.is_fully_addressable:
         return np.asarray(x)
