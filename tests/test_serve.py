@@ -106,12 +106,14 @@ def test_chat_streamed_and_not(server):
 
 def test_stop_string_cuts_the_answer(server):
     _, _, client = server
-    full = client.completions.create(model=MODEL, prompt="import os\n", max_tokens=20, temperature=0).choices[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 3]
-    assert stop.strip(), full
-    cut = client.completions.create(model=MODEL, prompt="import os\n", max_tokens=20, temperature=0, stop=[stop])
+    prompt = "def read_config(path):"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0).choices[0].text
+    # a stop string from the second half of the answer that is not only whitespace
+    stop = next((full[i:i + 3] for i in range(len(full) // 2, len(full) - 2) if full[i:i + 3].strip()), None)
+    assert stop, full
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stop=[stop])
     assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=MODEL, prompt="import os\n", max_tokens=20, temperature=0,
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
                                          stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == full[:full.index(stop)]
 
