@@ -186,6 +186,23 @@ class MixtralConfig:
             raise ConfigError(f"unknown MixtralConfig field(s): {', '.join(sorted(unknown))}")
         return cls(**raw)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> MixtralConfig:
+        """From a JSON file in any of the three shapes (a HF `config.json`, Mistral's `params.json`, a
+        `MixtralConfig` dict), or a checkpoint directory holding `config.json` or `params.json`."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            has = {n: os.path.isfile(os.path.join(path, n)) for n in ("config.json", "params.json")}
+            if has["params.json"] and not has["config.json"]:
+                return cls.from_mistral(path)
+            return cls.from_hf(path)
+        raw = read_json(path, "config.json")
+        if "hidden_size" in raw:
+            return cls.from_hf(raw)
+        if "n_layers" in raw and "dim" in raw and "hidden_dim" in raw and "n_experts" not in raw:
+            return cls.from_mistral(raw)
+        return cls.from_dict(raw)
+
 
 # Released Mixtral models (`from_preset`): Mistral's `params.json` plus the context of the HF `config.json`.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -16,7 +16,7 @@ import os
 import jax
 
 from . import plan
-from .config import MixtralConfig, read_json
+from .config import MixtralConfig
 from .convert.orbax_io import read_info
 from .errors import ConfigError
 from .sharding.distributed import on_cloud_tpu_vm
@@ -31,20 +31,10 @@ def model_config(spec: str) -> MixtralConfig:
     config file (a `MixtralConfig` dict, `config.json` or `params.json`)."""
     if spec.lower() in PRESETS:
         return PRESETS[spec.lower()]()
-    if os.path.isdir(spec):
-        for name, reader in (("mixtral_jax.json", None), ("config.json", MixtralConfig.from_hf),
-                             ("params.json", MixtralConfig.from_mistral)):
-            if os.path.isfile(os.path.join(spec, name)):
-                if reader is None:
-                    return read_info(spec).config
-                return reader(spec)
-    elif os.path.isfile(spec):
-        raw = read_json(spec, "config.json")
-        if "hidden_size" in raw:
-            return MixtralConfig.from_hf(raw)
-        if "n_layers" in raw and "dim" in raw and "hidden_dim" in raw and "n_experts" not in raw:
-            return MixtralConfig.from_mistral(raw)
-        return MixtralConfig.from_dict(raw)
+    if os.path.isfile(os.path.join(spec, "mixtral_jax.json")):
+        return read_info(spec).config
+    if os.path.isfile(spec) or any(os.path.isfile(os.path.join(spec, n)) for n in ("config.json", "params.json")):
+        return MixtralConfig.from_file(spec)
     raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, a checkpoint directory or a config JSON file; "
                       f"{spec!r} is none of these")
 

@@ -14,7 +14,7 @@ import sys
 
 from flax import nnx
 
-from .config import MixtralConfig, RuntimeConfig, read_json
+from .config import MixtralConfig, RuntimeConfig
 from .data import PackedDataset
 from .demo import DEMO_CONFIG
 from .errors import ConfigError
@@ -25,15 +25,14 @@ from .train import TrainConfig, Trainer, list_checkpoints, read_train_state
 
 def model_config(spec: str) -> MixtralConfig:
     """`tiny` (dim 64, real vocabulary), `demo` (the embedded demo model's shape), or a JSON file: a
-    `MixtralConfig` dict, a Hugging Face `config.json`, or a directory holding one."""
+    `MixtralConfig` dict, a Hugging Face `config.json`, Mistral's `params.json`, or a directory holding one."""
     if spec == "tiny":
         return MixtralConfig.tiny(vocab_size=32000, max_seq_len=2048)
     if spec == "demo":
         return DEMO_CONFIG
     if not (os.path.isdir(spec) or os.path.isfile(spec)):
         raise ConfigError(f"--config must be tiny, demo or a JSON config file; {spec} is none of these")
-    raw = read_json(spec, "config.json")
-    return MixtralConfig.from_hf(raw) if "hidden_size" in raw else MixtralConfig.from_dict(raw)
+    return MixtralConfig.from_file(spec)
 
 
 def train_config(args) -> TrainConfig:
