@@ -217,6 +217,7 @@ _MISTRAL_DEFAULT_CONTEXT = 32768
 
 
 MOE_STRATEGIES = ("auto", "dense", "ragged", "capacity", "gather", "grouped")
+ATTENTION_IMPLEMENTATIONS = ("auto", "plain", "blockwise", "splash", "cudnn")  # see mixtral_jax.attention
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
 
@@ -240,7 +241,9 @@ class RuntimeConfig:
     `compute_dtype=None` computes in the parameter dtype. Norms, softmaxes, the router and the logits are
     always float32. `moe_strategy='auto'` picks the fastest exact strategy for the backend and shape
     (see `mixtral_jax.moe.resolve_strategy`). `capacity_factor` sizes the buckets of the 'capacity'
-    strategy, which falls back to an exact path whenever a bucket would overflow. `mesh` (a
+    strategy, which falls back to an exact path whenever a bucket would overflow.
+    `attention` picks the attention implementation (`mixtral_jax.attention`; 'auto': splash on TPU, cuDNN
+    on GPU, blockwise for long sequences elsewhere, all exact). `mesh` (a
     `jax.sharding.Mesh`, e.g. from `mixtral_jax.sharding.make_mesh("expert=4,tensor=2")`, checked against
     the model by `mixtral_jax.placement.sharded_runtime`) runs the MoE expert-parallel
     (`mixtral_jax.sharding.expert_parallel`); None runs it on one device.
@@ -251,6 +254,7 @@ class RuntimeConfig:
     moe_strategy: str = "auto"
     capacity_factor: float = 2.0
     mesh: Any = None
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.mesh is not None and not isinstance(self.mesh, Mesh):
@@ -261,6 +265,9 @@ class RuntimeConfig:
             object.__setattr__(self, "compute_dtype", as_dtype(self.compute_dtype))
         if self.moe_strategy not in MOE_STRATEGIES:
             raise ConfigError(f"unknown moe_strategy {self.moe_strategy!r}; choose from {', '.join(MOE_STRATEGIES)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"unknown attention {self.attention!r}; "
+                              f"choose from {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         if not self.capacity_factor > 0:
             raise ConfigError(f"capacity_factor must be positive, got {self.capacity_factor}")
 

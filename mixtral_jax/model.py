@@ -13,15 +13,18 @@ g query heads per kv head, x head dim, e experts, f expert hidden dim, v vocabul
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import Span, attention
 from .config import MixtralConfig, RuntimeConfig
 from .moe import expert_views, resolve_strategy, route, run_experts
 from .sharding.expert_parallel import moe_expert_parallel
-from .sharding.rules import ACTIVATION_AXES, CACHE_ROW_AXES, KV_CACHE_AXES, constrain
+from .sharding.rules import ACTIVATION_AXES, CACHE_ROW_AXES, KV_CACHE_AXES, KV_SCALE_AXES, constrain
 
 _INIT_STD = 0.02  # transformers' initializer_range
 
@@ -61,47 +64,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
-def make_mask(q_pos, kv_pos, kv_valid, sliding_window: int | None) -> jax.Array:
-    """(b, t, s) boolean: causal by position, padding removed, and at most `sliding_window` keys back."""
-    allowed = (kv_pos[:, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]
-    if sliding_window is not None:
-        allowed &= q_pos[:, :, None] - kv_pos[:, None, :] < sliding_window
-    return allowed
-
-
-def attend(q, k, v, mask) -> jax.Array:
-    """Grouped-query attention. q (b, t, h, x); k, v (b, k, s, x) (the cache layout); mask (b, t, s).
-
-    Keys and values keep kv-heads ahead of positions so both matmuls read the cache as it lies (no
-    per-step transposed copy of the whole cache)."""
-    b, t, n_heads, head_dim = q.shape
-    n_kv = k.shape[1]
-    q = q.reshape(b, t, n_kv, n_heads // n_kv, head_dim)                              # (b, t, k, g, x)
-    scores = jnp.einsum("btkgx,bksx->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksx->btkgx", probs, v)
-    return out.reshape(b, t, n_heads, head_dim)
-
-
-QUERY_BLOCK = 256
-MAX_QUERY_BLOCKS = 16  # longer prompts get longer blocks: each block is its own code to trace and compile
-
-
-def attend_causal(q, k, v, mask, block: int | None = None) -> jax.Array:
-    """`attend` for keys that sit in the same slots as the queries (a prefill into a fresh cache): query
-    block i only meets keys up to its own end, since later slots are masked (later positions, or padding).
-    A 1024-token prompt does 10/16 of the score work. At most `MAX_QUERY_BLOCKS` blocks: a 32k prompt in
-    256-query blocks would unroll 128 attentions per layer (over 10 minutes to trace and compile)."""
-    t = q.shape[1]
-    block = max(block or QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS))
-    if t < 2 * block:
-        return attend(q, k, v, mask)
-    outs = [attend(q[:, i:i + block], k[:, :, :i + block], v[:, :, :i + block], mask[:, i:i + block, :i + block])
-            for i in range(0, t, block)]
-    return jnp.concatenate(outs, axis=1)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: MixtralConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
         pd = rt.param_dtype
@@ -109,7 +71,8 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, (cfg.dim, cfg.n_kv_heads, cfg.head_dim), pd, ("embed", "kv_heads", "head_dim"))
         self.wv = _param(rngs, (cfg.dim, cfg.n_kv_heads, cfg.head_dim), pd, ("embed", "kv_heads", "head_dim"))
         self.wo = _param(rngs, (cfg.n_heads, cfg.head_dim, cfg.dim), pd, ("q_heads", "head_dim", "embed"))
-        self.cfg = cfg
+        self.window = cfg.sliding_window
+        self.impl = rt.attention
         self.mesh = rt.mesh
 
     def project_qkv(self, x, cos, sin):
@@ -123,18 +86,18 @@ class Attention(nnx.Module):
     def project_out(self, out):
         return jnp.einsum("bthx,hxd->btd", out, self.wo[...].astype(out.dtype))
 
-    def __call__(self, x, cos, sin, mask, kv=None, start=None):
-        """With `kv` = (k_cache, v_cache) (b, k, s, x), writes this call's keys/values at slot `start`
-        and attends over the whole cache; returns (output, updated kv)."""
+    def __call__(self, x, cos, sin, span: Span, cache=None, start=None):
+        """Without a cache: self-attention over `x`'s own tokens. With `cache` = this layer's `LayerKV`,
+        writes this call's keys/values at slot `start` and attends over the whole cache (the attention
+        skips slots not written yet); returns (output, updated cache or None)."""
         q, k, v = self.project_qkv(x, cos, sin)
-        fresh = kv is not None and kv[0].shape[2] == x.shape[1]  # this call fills the whole cache: start is 0
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=2)
-            k, v = (constrain(a, KV_CACHE_AXES, self.mesh) for a in (k, v))
-            kv = (k, v)
-        attention = attend_causal if fresh else attend
-        return self.project_out(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)), kv
+        k_scale = v_scale = None
+        if cache is not None:
+            cache = cache.write(k, v, start, self.mesh)
+            k, v, k_scale, v_scale = cache
+        out = attention(q, k, v, span, window=self.window, k_scale=k_scale, v_scale=v_scale,
+                        self_attention=cache is None, impl=self.impl, mesh=self.mesh)
+        return self.project_out(out), cache
 
 
 class MoE(nnx.Module):
@@ -178,8 +141,8 @@ class DecoderLayer(nnx.Module):
         self.moe_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
         self.moe = MoE(cfg, rt, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, start=None, expert_weights=None):
-        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, start)
+    def __call__(self, x, cos, sin, span, kv=None, start=None, expert_weights=None):
+        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, span, kv, start)
         h = x + attn_out
         moe_out, router_logits = self.moe(self.moe_norm(h), expert_weights)
         return h + moe_out, router_logits, kv
@@ -219,8 +182,7 @@ class Mixtral(nnx.Module):
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
-        mask = make_mask(positions, positions, valid, self.config.sliding_window)
-        h, router_logits, _ = self._decoder(tokens, positions, mask)
+        h, router_logits, _ = self._decoder(tokens, positions, Span(positions, positions, valid))
         logits = self.logits(h)
         return (logits, router_logits) if return_router_logits else logits
 
@@ -236,21 +198,19 @@ class Mixtral(nnx.Module):
                       for layer in self.layers)
         return None if any(v is None for layer in views for v in layer) else views
 
-    def _decoder(self, tokens, positions, mask, cache: KVCache | None = None, expert_weights=None):
+    def _decoder(self, tokens, positions, span: Span, cache: KVCache | None = None, expert_weights=None):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         mesh = self.runtime.mesh
         h = constrain(self.embed_tokens(tokens), ACTIVATION_AXES, mesh)  # sequences split over data x expert
-        router_logits, ks, vs = [], [], []
+        router_logits, layers = [], []
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            h, layer_router_logits, kv = layer(h, cos, sin, mask, kv, None if cache is None else cache.length,
+            kv = None if cache is None else cache.layer(i)
+            h, layer_router_logits, kv = layer(h, cos, sin, span, kv, None if cache is None else cache.length,
                                                None if expert_weights is None else expert_weights[i])
             h = constrain(h, ACTIVATION_AXES, mesh)
             router_logits.append(layer_router_logits)
-            if kv is not None:
-                ks.append(kv[0])
-                vs.append(kv[1])
-        return h, jnp.stack(router_logits), (tuple(ks), tuple(vs)) if ks else None
+            layers.append(kv)
+        return h, jnp.stack(router_logits), tuple(layers) if cache is not None else None
 
     def extend(self, cache: KVCache, tokens: jax.Array, valid: jax.Array | None = None, *,
                last_only: bool = False, expert_weights=None) -> tuple[jax.Array, KVCache]:
@@ -267,12 +227,42 @@ class Mixtral(nnx.Module):
         positions = jnp.maximum(positions, 0).astype(jnp.int32)
         kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.length, axis=1)
         kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.length, axis=1)
-        mask = make_mask(positions, kv_pos, kv_valid, self.config.sliding_window)
-        h, _, (k, v) = self._decoder(tokens, positions, mask, cache, expert_weights)
-        new_cache = KVCache(k=k, v=v, positions=kv_pos, valid=kv_valid, length=cache.length + t,
-                            next_position=cache.next_position + valid.sum(-1).astype(jnp.int32)
-                            ).laid_out(self.runtime.mesh)
+        h, _, layers = self._decoder(tokens, positions, Span(positions, kv_pos, kv_valid), cache, expert_weights)
+        new_cache = cache.with_layers(layers, positions=kv_pos, valid=kv_valid, length=cache.length + t,
+                                      next_position=cache.next_position + valid.sum(-1).astype(jnp.int32)
+                                      ).laid_out(self.runtime.mesh)
         return self.logits(h[:, -1:] if last_only else h), new_cache
+
+
+KV_CACHE_DTYPES = ("bfloat16", "float16", "float32", "int8")
+
+
+def quantize_kv(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 per token and head: a (..., x) -> (int8 values, float32 scales (...,)). The scale is
+    max|a| / 127 over the head's vector, so each key and value keeps its own range."""
+    af = a.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(af), axis=-1) / 127.0
+    values = jnp.round(af / jnp.where(scale == 0, 1.0, scale)[..., None])
+    return jnp.clip(values, -127, 127).astype(jnp.int8), scale
+
+
+class LayerKV(NamedTuple):
+    """One layer's slice of a `KVCache`: k, v (b, k, s, x); for an int8 cache also k_scale, v_scale (b, k, s)."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+    def write(self, k, v, start, mesh=None) -> LayerKV:
+        """Keys/values (b, k, t, x) written at slot `start` (quantised first for an int8 cache)."""
+        put = lambda cache, new, axes: constrain(  # noqa: E731
+            jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), start, axis=2), axes, mesh)
+        if self.k_scale is None:
+            return LayerKV(put(self.k, k, KV_CACHE_AXES), put(self.v, v, KV_CACHE_AXES))
+        (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+        return LayerKV(put(self.k, k, KV_CACHE_AXES), put(self.v, v, KV_CACHE_AXES),
+                       put(self.k_scale, ks, KV_SCALE_AXES), put(self.v_scale, vs, KV_SCALE_AXES))
 
 
 @jax.tree_util.register_dataclass
@@ -281,8 +271,10 @@ class KVCache:
     """Preallocated keys/values for every layer, one slot per step; rows may hold different amounts of
     padding. k, v: one (b, kv_heads, s, head_dim) array per layer (separate arrays update in place; a
     stacked one would be sliced and restacked every step); positions, valid: (b, s); length: slots
-    used; next_position (b,): the position the row's next token will have. On a mesh, k and v are laid out
-    by the sharding rules (`KV_CACHE_AXES`: sequences over data x expert, KV heads over tensor)."""
+    used; next_position (b,): the position the row's next token will have. An int8 cache (`dtype="int8"`)
+    also holds k_scale, v_scale: one (b, kv_heads, s) float32 array per layer (a scale per token and head;
+    half the bytes of bf16 plus 3%). On a mesh, the arrays are laid out by the sharding rules
+    (`KV_CACHE_AXES`: sequences over data x expert, KV heads over tensor)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -290,34 +282,45 @@ class KVCache:
     valid: jax.Array
     length: jax.Array
     next_position: jax.Array
+    k_scale: tuple[jax.Array, ...] | None = None
+    v_scale: tuple[jax.Array, ...] | None = None
 
     @classmethod
     def empty(cls, config: MixtralConfig, batch: int, size: int, dtype=jnp.bfloat16, mesh=None) -> KVCache:
+        dtype = jnp.dtype(dtype)
+        if dtype.name not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown KV cache dtype {dtype.name!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
         shape = (batch, config.n_kv_heads, size, config.head_dim)
-        per_layer = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
-        return cls(k=per_layer(), v=per_layer(),
+        per_layer = lambda shape, dtype: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
+        scales = (lambda: per_layer(shape[:3], jnp.float32)) if dtype == jnp.int8 else (lambda: None)
+        return cls(k=per_layer(shape, dtype), v=per_layer(shape, dtype),
                    positions=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
-                   length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch,), jnp.int32)).laid_out(mesh)
+                   length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch,), jnp.int32),
+                   k_scale=scales(), v_scale=scales()).laid_out(mesh)
+
+    def layer(self, i: int) -> LayerKV:
+        if self.k_scale is None:
+            return LayerKV(self.k[i], self.v[i])
+        return LayerKV(self.k[i], self.v[i], self.k_scale[i], self.v_scale[i])
+
+    def with_layers(self, layers: Sequence[LayerKV], **rows) -> KVCache:
+        """A cache holding these layers' arrays, and `rows` (positions, valid, length, next_position) replaced."""
+        quantized = layers[0].k_scale is not None
+        return dataclasses.replace(self, k=tuple(lk.k for lk in layers), v=tuple(lk.v for lk in layers),
+                                   k_scale=tuple(lk.k_scale for lk in layers) if quantized else None,
+                                   v_scale=tuple(lk.v_scale for lk in layers) if quantized else None, **rows)
 
     def laid_out(self, mesh) -> KVCache:
         """This cache pinned to the rules' layout on `mesh` (inside jit; unchanged without a mesh)."""
         if mesh is None:
             return self
-        kv = lambda arrays: tuple(constrain(a, KV_CACHE_AXES, mesh) for a in arrays)  # noqa: E731
-        return KVCache(k=kv(self.k), v=kv(self.v), positions=constrain(self.positions, CACHE_ROW_AXES, mesh),
+        pin = lambda arrays, axes: None if arrays is None else tuple(constrain(a, axes, mesh) for a in arrays)  # noqa: E731
+        return KVCache(k=pin(self.k, KV_CACHE_AXES), v=pin(self.v, KV_CACHE_AXES),
+                       positions=constrain(self.positions, CACHE_ROW_AXES, mesh),
                        valid=constrain(self.valid, CACHE_ROW_AXES, mesh), length=self.length,
-                       next_position=constrain(self.next_position, CACHE_ROW_AXES[:1], mesh))
+                       next_position=constrain(self.next_position, CACHE_ROW_AXES[:1], mesh),
+                       k_scale=pin(self.k_scale, KV_SCALE_AXES), v_scale=pin(self.v_scale, KV_SCALE_AXES))
 
     @property
     def size(self) -> int:
         return self.k[0].shape[2]
-
-    def grow(self, extra: int, mesh=None) -> KVCache:
-        """The same contents with `extra` empty slots after them (prefill a prompt-sized cache, then grow
-        it for decoding: the prefill's attention then skips the slots it cannot see)."""
-        def pad(a, axis):
-            return jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])
-
-        return KVCache(k=tuple(pad(a, 2) for a in self.k), v=tuple(pad(a, 2) for a in self.v),
-                       positions=pad(self.positions, 1), valid=pad(self.valid, 1), length=self.length,
-                       next_position=self.next_position).laid_out(mesh)

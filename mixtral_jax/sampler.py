@@ -227,19 +227,40 @@ class _Steps:
 
 
 # ------------------------------------------------------------------------------- jitted pieces
-@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "cache_dtype"))
-def prefill(graphdef, state, expert_weights, tokens, valid, key, penalties, *, strategy, max_new, cache_dtype):
-    """Prompts (b, prompt_len) into a fresh prompt-sized cache, grown by `max_new` slots for decoding.
+PREFILL_CHUNK = 512  # tokens per prefill step: one compiled step serves every prompt length
 
-    Returns (first new tokens (b,), cache, key data, the prompts' token counts (for the penalties; None
-    without them)). Jitted apart from `decode` so that each compiles (and `mixtral_jax.plan` lowers each)
-    exactly as generation runs it."""
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "cache_dtype", "chunk"))
+def prefill(graphdef, state, expert_weights, tokens, valid, key, penalties, *, strategy, max_new, cache_dtype,
+            chunk=PREFILL_CHUNK):
+    """Prompts (b, prompt_len) into a cache of prompt_len + `max_new` slots, `chunk` tokens at a time.
+
+    The chunks run in a `lax` loop, so tracing and compiling cost one chunk's program whatever the prompt's
+    length, and each step's activations (and the MoE's buckets) are chunk-sized; chunks that are padding
+    in every row are skipped. Returns (first new tokens (b,), cache, key data, the prompts' token counts
+    (for the penalties; None without them)). Jitted apart from `decode` so that each compiles (and
+    `mixtral_jax.plan` lowers each) exactly as generation runs it."""
     model = nnx.merge(graphdef, state)
     key = jax.random.wrap_key_data(key)
     b, prompt_len = tokens.shape
-    cache = KVCache.empty(model.config, b, prompt_len, cache_dtype, mesh=model.runtime.mesh)
-    logits, cache = model.extend(cache, tokens, valid, last_only=True, expert_weights=expert_weights)
-    cache = cache.grow(max_new, mesh=model.runtime.mesh)
+    mesh = model.runtime.mesh
+    cache = KVCache.empty(model.config, b, prompt_len + max_new, cache_dtype, mesh=mesh)
+    chunk = min(chunk, prompt_len)
+    if prompt_len % chunk:
+        raise ValueError(f"prompt length {prompt_len} is not a multiple of the prefill chunk {chunk}")
+
+    def step(i, carry):
+        cache, _ = carry
+        piece = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # noqa: E731
+        return model.extend(cache, piece(tokens), piece(valid), last_only=True, expert_weights=expert_weights)[::-1]
+
+    start = jnp.argmax(jnp.any(valid, axis=0)).astype(jnp.int32) // chunk  # the first chunk any row uses
+    cache = dataclasses.replace(cache, length=start * chunk)
+    logits = jnp.zeros((b, 1, model.config.vocab_size), jnp.float32)
+    if prompt_len == chunk:
+        cache, logits = step(0, (cache, logits))
+    else:
+        cache, logits = jax.lax.fori_loop(start, prompt_len // chunk, step, (cache, logits))
     key, sub = jax.random.split(key)
     prompt_counts = None if penalties is None else token_counts(tokens, valid, logits.shape[-1])
     first = strategy(apply_penalties(logits[:, -1], prompt_counts, penalties), sub)

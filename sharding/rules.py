@@ -46,6 +46,7 @@ DEFAULT_RULES: Mapping[str, Rule] = {
 FSDP_RULES: Mapping[str, Rule] = {**DEFAULT_RULES, "embed": "data"}
 
 KV_CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")   # k, v: (b, k, s, x)
+KV_SCALE_AXES = ("batch", "kv_heads", "cache_seq")               # an int8 cache's scales: (b, k, s)
 CACHE_ROW_AXES = ("batch", "cache_seq")                           # the cache's positions and valid flags
 ACTIVATION_AXES = ("batch", "seq", None)                          # the residual stream (b, t, d)
 

@@ -11,11 +11,20 @@ from flax import nnx
 from hf_reference import hf_model, save_hf
 
 import mixtral_jax
+import mixtral_jax.attention as attention_module
 from mixtral_jax import MixtralConfig
 from mixtral_jax.model import KVCache
 from mixtral_jax.sampler import Greedy, Sample, Sampler, SamplingError, make_strategy
 
 CONFIG = MixtralConfig.tiny(sliding_window=12, max_seq_len=128)
+
+
+def _with_attention(model, impl: str):
+    """A copy of `model` (sharing its arrays) whose layers attend with `impl`."""
+    copy = nnx.merge(*nnx.split(model))
+    for layer in copy.layers:
+        layer.attn.impl = impl
+    return copy
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +56,14 @@ def test_cached_decoding_equals_full_forward_every_step(pair):
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, col], atol=1e-5, err_msg=f"step {step}")
 
 
-def test_prefill_into_a_fresh_cache_skips_nothing_it_needs(pair, monkeypatch):
-    """A prompt that fills a fresh cache attends block by block (later key blocks skipped): same logits
-    as the full forward pass, with left padding and the sliding window, and on the slow path too."""
-    import mixtral_jax.model as model_module
-
+@pytest.mark.parametrize("impl", ["plain", "blockwise"])
+def test_prefill_into_a_cache_skips_nothing_it_needs(pair, monkeypatch, impl):
+    """A prompt written into a cache with room to spare (blockwise: in 16-key tiles, the unwritten ones
+    skipped): the same logits as the full forward pass, with left padding and the sliding window."""
+    monkeypatch.setattr(attention_module, "Q_BLOCK", 16)
+    monkeypatch.setattr(attention_module, "KV_BLOCK", 16)
     _, model = pair
-    monkeypatch.setattr(model_module, "QUERY_BLOCK", 8)
+    model = _with_attention(model, impl)
     rng = np.random.default_rng(5)
     width = 40
     tokens = rng.integers(0, CONFIG.vocab_size, (3, width)).astype(np.int32)
@@ -61,7 +71,7 @@ def test_prefill_into_a_fresh_cache_skips_nothing_it_needs(pair, monkeypatch):
     for row, n in enumerate([40, 23, 9]):
         valid[row, width - n:] = True
     full = np.asarray(model(tokens, attention_mask=valid))
-    for size in (width, width + 8):  # fresh (blocked) and a cache with room to spare (one block)
+    for size in (width, width + 24):
         cache = KVCache.empty(CONFIG, 3, size, jnp.float32)
         logits, _ = model.extend(cache, jnp.asarray(tokens), jnp.asarray(valid))
         np.testing.assert_allclose(np.asarray(logits)[valid], full[valid], atol=1e-5, err_msg=f"cache {size}")
