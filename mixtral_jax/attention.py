@@ -65,13 +65,11 @@ def attention(q, k, v, span: Span, *, window: int | None = None, k_scale=None, v
 
     k_scale, v_scale (b, k, s): an int8 cache's per-token scales (k, v hold int8; the scales multiply the
     scores and the probabilities, so no dequantised copy of the cache is made). `self_attention`: k and v
-    are the queries' own tokens, slot for slot (the full forward pass) - what splash and cuDNN need."""
+    are the queries' own tokens, slot for slot (the full forward pass) - what splash and cuDNN take. `impl`:
+    see `resolve`."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}")
-    if impl == "auto":
-        impl = choose(q.shape, k.shape, q.dtype, self_attention, quantized=k_scale is not None)
-    if impl in ("splash", "cudnn") and (not self_attention or k_scale is not None):
-        raise ValueError(f"{impl} attention needs a sequence attending to itself without an int8 cache")
+    impl = resolve(impl, q.shape, k.shape, q.dtype, self_attention and k_scale is None, mesh)
     if impl == "splash":
         return attend_splash(q, k, v, span, window, mesh=mesh)
     if impl == "cudnn":
@@ -84,16 +82,26 @@ def attention(q, k, v, span: Span, *, window: int | None = None, k_scale=None, v
     return attend_plain(q, k, v, span, window, k_scale, v_scale)
 
 
-def choose(q_shape, k_shape, dtype, self_attention: bool, quantized: bool = False) -> str:
-    """`auto`'s choice: the backend's kernel for self-attention where it takes the shape, otherwise
-    `plain` while the score matrix is small and `blockwise` beyond."""
-    t, s, x = q_shape[1], k_shape[2], q_shape[3]
-    backend = jax.default_backend()
-    if self_attention and not quantized:
-        if backend == "tpu" and splash_fits(t, x):
-            return "splash"
-        if backend == "gpu" and cudnn_fits(dtype, x):
-            return "cudnn"
+def _platform(mesh: Mesh | None) -> str:
+    """The platform the program is for: the mesh's devices (a TPU slice planned on a CPU machine), else
+    the default backend."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def resolve(impl: str, q_shape, k_shape, dtype, self_attention: bool, mesh: Mesh | None = None) -> str:
+    """The implementation a call uses. `plain` and `blockwise` are taken as asked. `auto` means the
+    platform's kernel (splash on TPU, cuDNN on GPU); a kernel serves self-attention where it takes the
+    shape, and everything else (a cache, an odd shape) gets `plain` while the score matrix is small and
+    `blockwise` beyond."""
+    if impl in ("plain", "blockwise"):
+        return impl
+    t, s, head_dim = q_shape[1], k_shape[2], q_shape[3]
+    if impl == "auto":
+        impl = {"tpu": "splash", "gpu": "cudnn"}.get(_platform(mesh), "")
+    if impl == "splash" and self_attention and splash_fits(t, head_dim):
+        return "splash"
+    if impl == "cudnn" and self_attention and cudnn_fits(dtype, head_dim):
+        return "cudnn"
     return "plain" if t * s <= PLAIN_MAX_SCORES and s <= PLAIN_MAX_KEYS else "blockwise"
 
 
@@ -220,7 +228,7 @@ def attend_splash(q, k, v, span: Span, window=None, *, mesh: Mesh | None = None,
     """Splash attention for self-attention: causal (or local) by slot, which equals causal by position
     because padding is on the left; padding is a segment of its own (`SegmentIds`)."""
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = _platform(mesh) != "tpu"
     b, t, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
     g = n_heads // n_kv

@@ -217,6 +217,7 @@ _MISTRAL_DEFAULT_CONTEXT = 32768
 
 
 MOE_STRATEGIES = ("auto", "dense", "ragged", "capacity", "gather", "grouped")
+KV_CACHE_DTYPES = ("bfloat16", "float16", "float32", "int8")  # int8: per token and head scales (KVCache)
 ATTENTION_IMPLEMENTATIONS = ("auto", "plain", "blockwise", "splash", "cudnn")  # see mixtral_jax.attention
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}

@@ -489,9 +489,16 @@ def _insert(cache: KVCache, row: KVCache, slot) -> KVCache:
     def put(big, small):
         return jax.lax.dynamic_update_slice(big, small, (slot,) + (0,) * (big.ndim - 1))
 
-    return KVCache(k=tuple(map(put, cache.k, moved.k)), v=tuple(map(put, cache.v, moved.v)),
+    return KVCache(**_per_layer(put, cache, moved),
                    positions=put(cache.positions, moved.positions), valid=put(cache.valid, moved.valid),
                    length=cache.length, next_position=cache.next_position.at[slot].set(row.next_position[0]))
+
+
+def _per_layer(fn, *caches: KVCache) -> dict:
+    """`fn` over the per-layer arrays of `caches` (keys, values, and an int8 cache's scales)."""
+    names = ("k", "v", "k_scale", "v_scale")
+    return {n: None if getattr(caches[0], n) is None else tuple(map(fn, *(getattr(c, n) for c in caches)))
+            for n in names}
 
 
 def _roll(cache: KVCache, new_length) -> KVCache:
@@ -501,7 +508,7 @@ def _roll(cache: KVCache, new_length) -> KVCache:
     source = jnp.arange(cache.size) - delta
     keep = (source >= 0) & (source < cache.length)
     roll = functools.partial(jnp.roll, shift=delta)
-    return KVCache(k=tuple(roll(a, axis=2) for a in cache.k), v=tuple(roll(a, axis=2) for a in cache.v),
+    return KVCache(**_per_layer(lambda a: roll(a, axis=2), cache),
                    positions=roll(cache.positions, axis=1), valid=roll(cache.valid, axis=1) & keep[None],
                    length=jnp.asarray(new_length, jnp.int32), next_position=cache.next_position)
 

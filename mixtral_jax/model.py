@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import Span, attention
-from .config import MixtralConfig, RuntimeConfig
+from .config import KV_CACHE_DTYPES, MixtralConfig, RuntimeConfig
 from .moe import expert_views, resolve_strategy, route, run_experts
 from .sharding.expert_parallel import moe_expert_parallel
 from .sharding.rules import ACTIVATION_AXES, CACHE_ROW_AXES, KV_CACHE_AXES, KV_SCALE_AXES, constrain
@@ -232,9 +232,6 @@ class Mixtral(nnx.Module):
                                       next_position=cache.next_position + valid.sum(-1).astype(jnp.int32)
                                       ).laid_out(self.runtime.mesh)
         return self.logits(h[:, -1:] if last_only else h), new_cache
-
-
-KV_CACHE_DTYPES = ("bfloat16", "float16", "float32", "int8")
 
 
 def quantize_kv(a: jax.Array) -> tuple[jax.Array, jax.Array]:

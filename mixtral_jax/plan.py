@@ -40,6 +40,7 @@ from .sharding.rules import (
     DEFAULT_RULES,
     FSDP_RULES,
     KV_CACHE_AXES,
+    KV_SCALE_AXES,
     ShardingError,
     activation_spec,
     param_shardings,
@@ -183,12 +184,16 @@ def _by_rules(mesh, shape, dtype, axes):
 
 def abstract_cache(config: MixtralConfig, batch: int, size: int, dtype, mesh: Mesh) -> KVCache:
     """The cache `prefill` hands `decode`, as `KVCache.empty` lays it out on `mesh`."""
-    kv = lambda: tuple(_by_rules(mesh, (batch, config.n_kv_heads, size, config.head_dim), dtype, KV_CACHE_AXES)  # noqa: E731
-                       for _ in range(config.n_layers))
+    shape = (batch, config.n_kv_heads, size, config.head_dim)
+    per_layer = lambda shape, dtype, axes: tuple(_by_rules(mesh, shape, dtype, axes)  # noqa: E731
+                                                 for _ in range(config.n_layers))
+    kv = lambda: per_layer(shape, dtype, KV_CACHE_AXES)  # noqa: E731
+    scales = lambda: per_layer(shape[:3], jnp.float32, KV_SCALE_AXES) if jnp.dtype(dtype) == jnp.int8 else None  # noqa: E731
     rows = lambda dtype: _by_rules(mesh, (batch, size), dtype, CACHE_ROW_AXES)  # noqa: E731
     return KVCache(k=kv(), v=kv(), positions=rows(jnp.int32), valid=rows(jnp.bool_),
                    length=_replicated(mesh, (), jnp.int32),
-                   next_position=_by_rules(mesh, (batch,), jnp.int32, CACHE_ROW_AXES[:1]))
+                   next_position=_by_rules(mesh, (batch,), jnp.int32, CACHE_ROW_AXES[:1]),
+                   k_scale=scales(), v_scale=scales())
 
 
 def bytes_per_chip(tree) -> int:
@@ -201,22 +206,23 @@ def bytes_per_chip(tree) -> int:
 
 
 # ------------------------------------------------------------------------------ lowering
-def _lower(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload):
+def _lower(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload, kv_cache_dtype=None):
     """(lowered, weight bytes per chip, argument bytes per chip) for the function a workload runs."""
     mesh = runtime.mesh
+    cache_dtype = jnp.dtype(kv_cache_dtype or runtime.dtype)
     graphdef, state = abstract_model(config, runtime, FSDP_RULES if workload.fsdp else DEFAULT_RULES)
     b, n = workload.batch, workload.tokens
     key = _replicated(mesh, (2,), jnp.uint32)  # jax.random.key_data of a threefry key
     if workload.kind == "prefill":
         fn, static = sampler_lib.prefill, dict(strategy=sampler_lib.Greedy(), max_new=sampler_lib.bucket(1),
-                                               cache_dtype=jnp.dtype(runtime.dtype))
+                                               cache_dtype=cache_dtype)
         args = (graphdef, state, None, _replicated(mesh, (b, n), jnp.int32), _replicated(mesh, (b, n), jnp.bool_), key,
                 None)
     elif workload.kind == "decode":
         # half prompt, half new tokens: the decode loop's memory depends on their sum only
         fn, static = sampler_lib.decode, dict(strategy=sampler_lib.Greedy(), max_new=n - n // 2)
         args = (graphdef, state, None, _replicated(mesh, (b,), jnp.int32),
-                abstract_cache(config, b, n, jnp.dtype(runtime.dtype), mesh), key, _replicated(mesh, (1,), jnp.int32),
+                abstract_cache(config, b, n, cache_dtype, mesh), key, _replicated(mesh, (1,), jnp.int32),
                 _replicated(mesh, (1, 1), jnp.int32), None, None, _replicated(mesh, (), jnp.int32))
     else:
         fn, args, static = _train_step(config, graphdef, state, workload)
@@ -283,9 +289,9 @@ _OOM_RE = re.compile(r"required for HLO temporaries \(([\d.]+)G\)")
 
 
 def compile_workload(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload, topology: Topology,
-                     mesh_spec: str) -> Report:
+                     mesh_spec: str, kv_cache_dtype=None) -> Report:
     t0 = time.perf_counter()
-    lowered, weights, arguments = _lower(config, runtime, workload)
+    lowered, weights, arguments = _lower(config, runtime, workload, kv_cache_dtype)
     common = dict(workload=workload, topology=topology.name, mesh=mesh_spec, chips=topology.chips,
                   hbm_bytes=topology.chip.hbm_bytes, weight_bytes=weights)
     try:
@@ -317,11 +323,12 @@ def plan_runtime(mesh: Mesh, dtype="bfloat16", backend: str = "tpu") -> RuntimeC
 
 
 def plan(config: MixtralConfig, topology: str | Topology, mesh: str, workloads: Sequence[Workload], *,
-         dtype="bfloat16") -> list[Report]:
-    """Compile each workload for `topology` (a Cloud name such as "v5e-8") on `mesh`; one report each."""
+         dtype="bfloat16", kv_cache_dtype=None) -> list[Report]:
+    """Compile each workload for `topology` (a Cloud name such as "v5e-8") on `mesh`; one report each.
+    `kv_cache_dtype` (e.g. "int8"): the sampler's KV cache, default `dtype`."""
     topo = get_topology(topology) if isinstance(topology, str) else topology
     runtime = plan_runtime(slice_mesh(config, topo, mesh), dtype)
-    return [compile_workload(config, runtime, w, topo, mesh) for w in workloads]
+    return [compile_workload(config, runtime, w, topo, mesh, kv_cache_dtype) for w in workloads]
 
 
 __all__ = ["COLLECTIVES", "GIB", "PlanError", "Report", "TopologyError", "Workload", "collectives", "decode", "plan",

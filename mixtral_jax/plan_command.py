@@ -16,7 +16,7 @@ import os
 import jax
 
 from . import plan
-from .config import MixtralConfig
+from .config import KV_CACHE_DTYPES, MixtralConfig
 from .convert.orbax_io import read_info
 from .errors import ConfigError
 from .sharding.distributed import on_cloud_tpu_vm
@@ -130,7 +130,7 @@ def run_plan(args) -> int:
     topology = get_topology(args.topology)  # a bad name fails before anything loads
     config = model_config(args.model)
     jobs = workloads(args)
-    reports = plan.plan(config, topology, args.mesh, jobs, dtype=args.dtype)
+    reports = plan.plan(config, topology, args.mesh, jobs, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=1))
     else:
@@ -150,6 +150,8 @@ def register(subparsers):
     p.add_argument("--model", default="8x7b", help=f"{', '.join(PRESETS)}, a checkpoint, or a config JSON "
                                                   "(default: 8x7b)")
     p.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default: bfloat16)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="the sampler's KV cache (default: --dtype; int8 halves bf16's bytes)")
     p.add_argument("--prefill", type=int, help="prefill prompts of this many tokens")
     p.add_argument("--prefill-batch", type=int, default=1, help="prompts per prefill (default: 1)")
     p.add_argument("--decode-batch", type=int, help="sequences decoded together")
