@@ -32,6 +32,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from .config import KV_CACHE_DTYPES
 from .model import KVCache, Mixtral
 from .sampler import bucket, make_strategy, replicator, to_host
 
@@ -43,7 +44,8 @@ class RequestError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """`max_context`: prompt + new tokens of one request (default: the model's, at most 4096, since the cache
-    holds `max_batch` rows of it); `prefill_chunk`: the longest prefill call (longer prompts take several)."""
+    holds `max_batch` rows of it); `prefill_chunk`: the longest prefill call (longer prompts take several);
+    `cache_dtype`: the KV cache's (default: the compute dtype; "int8" halves bf16's bytes)."""
 
     max_batch: int = 16
     max_context: int | None = None
@@ -57,6 +59,8 @@ class EngineConfig:
             raise RequestError(f"max_context must be >= 2, got {self.max_context}")
         if self.prefill_chunk < 16 or self.prefill_chunk & (self.prefill_chunk - 1):
             raise RequestError(f"prefill_chunk must be a power of two >= 16, got {self.prefill_chunk}")
+        if self.cache_dtype is not None and self.cache_dtype not in KV_CACHE_DTYPES:
+            raise RequestError(f"unknown cache_dtype {self.cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
 
 
 @dataclasses.dataclass(frozen=True)

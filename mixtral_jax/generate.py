@@ -16,8 +16,8 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              tokenizer: Tokenizer | None = None, stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
              on_text: Callable[[int, str], None] | None = None, repetition_penalty: PenaltyValue = 1.0,
-             presence_penalty: PenaltyValue = 0.0,
-             frequency_penalty: PenaltyValue = 0.0) -> list[str] | list[list[int]]:
+             presence_penalty: PenaltyValue = 0.0, frequency_penalty: PenaltyValue = 0.0,
+             kv_cache_dtype: str | None = None) -> list[str] | list[list[int]]:
     """Generate a continuation for each prompt.
 
     Strings are encoded with `tokenizer` (by default the model's own: the one its checkpoint recorded, else
@@ -26,6 +26,7 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
     answer); EOS always does unless `stop_tokens` says otherwise. `on_text(row, fragment)` streams text.
     Greedy by default. The penalties (`mixtral_jax.penalties`: transformers' repetition penalty, OpenAI's
     presence and frequency penalties) count the prompt's tokens and the generated ones, per row.
+    `kv_cache_dtype`: the KV cache's dtype (default: the compute dtype; "int8" halves bf16's bytes).
     """
     if isinstance(prompts, str):
         raise SamplingError("prompts must be a list of strings or of token-id lists, not one string")
@@ -41,10 +42,11 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
             if tok >= 0 and (fragment := decoders[row].push(tok)):
                 on_text(row, fragment)
 
-    out = Sampler(model)(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          stop_tokens=stop_tokens, stop_sequences=stop_sequences,
-                          stream=stream if on_text is not None else None, repetition_penalty=repetition_penalty,
-                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+    sampler = Sampler(model, kv_cache_dtype)
+    out = sampler(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  stop_tokens=stop_tokens, stop_sequences=stop_sequences,
+                  stream=stream if on_text is not None else None, repetition_penalty=repetition_penalty,
+                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     for row, decoder in enumerate(decoders):  # text held back for an unfinished character at the end
         if fragment := decoder.flush():
             on_text(row, fragment)

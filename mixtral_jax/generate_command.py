@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from .config import RuntimeConfig
+from .config import KV_CACHE_DTYPES, RuntimeConfig
 from .demo import default_model, has_trained_model
 from .errors import ConfigError
 from .generate import chat, check_tokenizer, generate
@@ -58,6 +58,8 @@ def _add_common(p: argparse.ArgumentParser):
         demo = f", {DEMO_DECODING[flag]} with the demo model" if flag in DEMO_DECODING else ""
         p.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{meaning} (default: {default}{demo})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's dtype (default: the compute dtype; int8 halves bf16's bytes)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--tokenizer", help="v1, v3 or a SentencePiece model file (default: the checkpoint's own; "
                                        "by vocabulary: 32768 tokens is v3, else v1)")
@@ -71,7 +73,8 @@ def _sampling_kwargs(args):
               for flag, _, _ in _DECODING_FLAGS}
     make_strategy(chosen["temperature"], chosen["top_k"], chosen["top_p"])
     make_penalties(1, chosen["repetition_penalty"], chosen["presence_penalty"], chosen["frequency_penalty"])
-    return dict(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, **chosen)
+    return dict(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                kv_cache_dtype=args.kv_cache_dtype, **chosen)
 
 
 def run_generate(args) -> int:

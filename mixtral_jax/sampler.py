@@ -27,6 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from .config import KV_CACHE_DTYPES
 from .errors import SamplingError
 from .model import KVCache, Mixtral
 from .penalties import PenaltyValue, apply_penalties, make_penalties, penalized, token_counts
@@ -85,10 +86,17 @@ def bucket(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """Generate from `model`. Hold one per model: compiled functions are cached per shape and strategy."""
+    """Generate from `model`. Hold one per model: compiled functions are cached per shape and strategy.
+    `cache_dtype`: the KV cache's (default: the compute dtype; "int8" stores int8 with a scale per token
+    and head)."""
 
     model: Mixtral
-    cache_dtype: jnp.dtype | None = None
+    cache_dtype: jnp.dtype | str | None = None
+
+    def __post_init__(self):
+        if self.cache_dtype is not None and jnp.dtype(self.cache_dtype).name not in KV_CACHE_DTYPES:
+            raise SamplingError(f"unknown KV cache dtype {self.cache_dtype!r}; choose from "
+                                f"{', '.join(KV_CACHE_DTYPES)}")
 
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,

@@ -11,7 +11,7 @@ import sys
 
 import jax
 
-from .config import RuntimeConfig
+from .config import KV_CACHE_DTYPES, RuntimeConfig
 from .demo import DEMO_CHECKPOINT, default_model, has_trained_model
 from .engine import Engine, EngineConfig
 from .loading import load_checkpoint
@@ -30,7 +30,8 @@ def _load_model(args):
 
 
 def run_serve(args) -> int:
-    config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk)
+    config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+                          cache_dtype=args.kv_cache_dtype)
     tokenizer = load_tokenizer(args.tokenizer)
     engine = Engine(_load_model(args), config)
     name = args.model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
@@ -57,6 +58,8 @@ def register(sub):
     s.add_argument("--max-context", type=int, help="prompt + completion tokens per request "
                                                    "(default: the model's, at most 4096)")
     s.add_argument("--prefill-chunk", type=int, default=256, help="longest prefill call (a power of two)")
+    s.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's dtype (default: the compute dtype; int8 halves bf16's bytes)")
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     s.add_argument("--tokenizer", help="SentencePiece model file (default: Mixtral's v1 tokenizer)")
     s.add_argument("--drain-seconds", type=float, default=10.0,

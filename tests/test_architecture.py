@@ -25,7 +25,7 @@ LAYERS = [
                     "mixtral_jax.penalties"]),
     ("moe", ["mixtral_jax.moe"]),
     ("sharding", ["mixtral_jax.sharding", "mixtral_jax.sharding.*"]),
-    ("model", ["mixtral_jax.model", "mixtral_jax.params"]),
+    ("model", ["mixtral_jax.attention", "mixtral_jax.model", "mixtral_jax.params"]),
     ("convert", ["mixtral_jax.convert", "mixtral_jax.convert.*"]),
     ("loading", ["mixtral_jax.placement", "mixtral_jax.loading", "mixtral_jax.demo"]),
     ("use", ["mixtral_jax.sampler", "mixtral_jax.generate", "mixtral_jax.train", "mixtral_jax.topologies",

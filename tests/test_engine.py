@@ -72,6 +72,22 @@ def test_concurrent_greedy_equals_solo_through_chunked_prefill_and_cache_shifts(
     assert engine.busy_slots == 0
 
 
+def test_int8_cache_answers_like_the_sampler_with_an_int8_cache():
+    """The engine's int8 KV cache (scales moved with their keys through inserts and shifts) gives the
+    same greedy tokens as the sampler's int8 cache."""
+    lengths, new = [5, 40, 12], [30, 20, 25]
+    ids = prompts(lengths, seed=1)
+    solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[], kv_cache_dtype="int8")[0]
+            for p, n in zip(ids, new)]
+    engine = Engine(model(), EngineConfig(max_batch=2, max_context=64, prefill_chunk=16, cache_dtype="int8"))
+    assert engine.cache.k[0].dtype == jnp.int8 and engine.cache.k_scale is not None
+    _, outs, _ = submit_all(engine, ids, [SamplingParams(max_tokens=n, stop_tokens=()) for n in new])
+    run(engine)
+    assert outs == solo
+    with pytest.raises(RequestError, match="unknown cache_dtype 'int4'"):
+        EngineConfig(cache_dtype="int4")
+
+
 def test_stop_token_and_cancel_free_the_slot_at_once():
     ids = prompts([6, 6])
     engine = Engine(model(), EngineConfig(max_batch=1, max_context=64, prefill_chunk=16))
