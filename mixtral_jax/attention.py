@@ -34,10 +34,11 @@ from jax.sharding import Mesh, PartitionSpec
 from .config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from .sharding.rules import activation_spec
 
-Q_BLOCK = 512     # queries per tile (blockwise)
-KV_BLOCK = 512    # keys per tile (blockwise)
-PLAIN_MAX_SCORES = 1 << 20  # `auto` takes `plain` up to this many scores per head and sequence (t x s)
-PLAIN_MAX_KEYS = 4096       # ... and caches up to this long (beyond, blockwise skips the unwritten slots)
+Q_BLOCK: int | None = None   # queries per tile (blockwise); None: `tile_sizes`
+KV_BLOCK: int | None = None  # keys per tile (blockwise); None: `tile_sizes`
+PLAIN_MAX_QUERIES = 16       # `auto` takes `plain` for decode-sized calls (up to this many queries) ...
+PLAIN_MAX_KEYS = 4096        # ... over caches up to this long (beyond, blockwise skips the unwritten slots)
+CPU_TILE_BYTES = 1 << 20     # a CPU tile's float32 scores, all heads: about one core's L2
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -70,6 +71,8 @@ def attention(q, k, v, span: Span, *, window: int | None = None, k_scale=None, v
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}")
     impl = resolve(impl, q.shape, k.shape, q.dtype, self_attention and k_scale is None, mesh)
+    if impl == "blockwise":
+        return attend_blockwise(q, k, v, span, window, k_scale, v_scale, platform=_platform(mesh))
     if impl == "splash":
         return attend_splash(q, k, v, span, window, mesh=mesh)
     if impl == "cudnn":
@@ -78,7 +81,7 @@ def attention(q, k, v, span: Span, *, window: int | None = None, k_scale=None, v
             return out
         impl = "blockwise"
     if impl == "blockwise":
-        return attend_blockwise(q, k, v, span, window, k_scale, v_scale)
+        return attend_blockwise(q, k, v, span, window, k_scale, v_scale, platform=_platform(mesh))
     return attend_plain(q, k, v, span, window, k_scale, v_scale)
 
 
@@ -92,7 +95,7 @@ def resolve(impl: str, q_shape, k_shape, dtype, self_attention: bool, mesh: Mesh
     """The implementation a call uses. `plain` and `blockwise` are taken as asked. `auto` means the
     platform's kernel (splash on TPU, cuDNN on GPU); a kernel serves self-attention where it takes the
     shape, and everything else (a cache, an odd shape) gets `plain` while the score matrix is small and
-    `blockwise` beyond."""
+    `blockwise` beyond (which is also faster on CPU beyond a few queries)."""
     if impl in ("plain", "blockwise"):
         return impl
     t, s, head_dim = q_shape[1], k_shape[2], q_shape[3]
@@ -102,7 +105,18 @@ def resolve(impl: str, q_shape, k_shape, dtype, self_attention: bool, mesh: Mesh
         return "splash"
     if impl == "cudnn" and self_attention and cudnn_fits(dtype, head_dim):
         return "cudnn"
-    return "plain" if t * s <= PLAIN_MAX_SCORES and s <= PLAIN_MAX_KEYS else "blockwise"
+    return "plain" if t <= PLAIN_MAX_QUERIES and s <= PLAIN_MAX_KEYS else "blockwise"
+
+
+def tile_sizes(n_heads: int, platform: str) -> tuple[int, int]:
+    """(queries, keys) per blockwise tile. On CPU the tile's scores stay in L2: a 512-query x 8192-key
+    attention with 6 heads of 16 runs 2x faster in 64 x 512 tiles than in 512 x 512 ones, and 10x faster
+    than `plain` (whose score matrix streams through memory for every pass). Elsewhere, larger tiles
+    (fewer loop steps for the accelerator)."""
+    if platform != "cpu":
+        return 512, 512
+    queries = CPU_TILE_BYTES // (4 * n_heads * 512)
+    return max(16, min(512, 1 << max(0, queries.bit_length() - 1))), 512
 
 
 # ------------------------------------------------------------------------------------------ plain
@@ -135,28 +149,28 @@ def _divisor_block(n: int, target: int) -> int:
 
 
 def attend_blockwise(q, k, v, span: Span, window=None, k_scale=None, v_scale=None, *,
-                     q_block: int | None = None, kv_block: int | None = None) -> jax.Array:
+                     q_block: int | None = None, kv_block: int | None = None, platform: str = "cpu") -> jax.Array:
     b, t, n_heads, head_dim = q.shape
     n_kv, s = k.shape[1], k.shape[2]
     g = n_heads // n_kv
     dt = q.dtype
     q_pos, kv_pos, kv_valid = span
 
-    qb = min(q_block or Q_BLOCK, t)
+    auto_q, auto_kv = tile_sizes(n_heads, platform)
+    qb = min(q_block or Q_BLOCK or auto_q, t)
     n_qb = -(-t // qb)
     if n_qb * qb != t:  # pad the queries (cheap: O(t)); the padded rows are cut off at the end
         pad = n_qb * qb - t
         q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
         q_pos = jnp.pad(q_pos, ((0, 0), (0, pad)), mode="edge")
-    kb = _divisor_block(s, kv_block or KV_BLOCK)
-    n_kb = s // kb
+    kb = min(kv_block or KV_BLOCK or auto_kv, s)
+    n_kb, tail = divmod(s, kb)  # whole key tiles in the loop; a shorter last one (a cache of 8192 + 16) after it
 
-    # what each key block holds: the smallest and largest position among its valid keys
+    # what each key tile holds: the smallest and largest position among its valid keys
     big = jnp.iinfo(jnp.int32).max
-    pos_b = kv_pos.reshape(b, n_kb, kb)
-    val_b = kv_valid.reshape(b, n_kb, kb)
-    k_min = jnp.where(val_b, pos_b, big).min(-1)       # (b, n_kb)
-    k_max = jnp.where(val_b, pos_b, -big).max(-1)
+    held = jnp.where(kv_valid, kv_pos, big), jnp.where(kv_valid, kv_pos, -big)
+    k_min = held[0][:, :n_kb * kb].reshape(b, n_kb, kb).min(-1)                       # (b, n_kb)
+    k_max = held[1][:, :n_kb * kb].reshape(b, n_kb, kb).max(-1)
 
     scale = head_dim**-0.5
     q_tiles = q.reshape(b, n_qb, qb, n_kv, g, head_dim).transpose(1, 0, 2, 3, 4, 5)  # (n_qb, b, qb, k, g, x)
@@ -166,36 +180,37 @@ def attend_blockwise(q, k, v, span: Span, window=None, k_scale=None, v_scale=Non
         qt, qp = args
         q_max, q_min = qp.max(-1), qp.min(-1)                                         # (b,)
 
-        def key_tile(j, carry):
-            needed = k_min[:, j] <= q_max
+        def key_tile(carry, start, size, lo, hi):
+            """Fold keys [start, start + size) into the online softmax, unless none of them is visible."""
+            needed = lo <= q_max
             if window is not None:
-                needed &= k_max[:, j] > q_min - window
+                needed &= hi > q_min - window
 
             def compute(carry):
                 m, denom, acc = carry
-                kj = jax.lax.dynamic_slice_in_dim(k, j * kb, kb, axis=2).astype(dt)
-                vj = jax.lax.dynamic_slice_in_dim(v, j * kb, kb, axis=2).astype(dt)
-                pj = jax.lax.dynamic_slice_in_dim(kv_pos, j * kb, kb, axis=1)
-                ok = make_mask(qp, pj, jax.lax.dynamic_slice_in_dim(kv_valid, j * kb, kb, axis=1), window)
-                ok = ok[:, None, None]                                                # (b, 1, 1, qb, kb)
-                sc = jnp.einsum("btkgx,bksx->bkgts", qt, kj, preferred_element_type=jnp.float32) * scale
-                if k_scale is not None:
-                    sc = sc * jax.lax.dynamic_slice_in_dim(k_scale, j * kb, kb, axis=2)[:, :, None, None, :]
+                cut = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)  # noqa: E731
+                ok = make_mask(qp, cut(kv_pos, 1), cut(kv_valid, 1), window)[:, None, None]  # (b, 1, 1, qb, kb)
+                sc = jnp.einsum("btkgx,bksx->bkgts", qt, cut(k, 2).astype(dt), preferred_element_type=jnp.float32)
+                sc = sc * scale if k_scale is None else sc * (scale * cut(k_scale, 2)[:, :, None, None, :])
                 sc = jnp.where(ok, sc, _NEG)
                 m_new = jnp.maximum(m, sc.max(-1))
                 p = jnp.where(ok, jnp.exp(sc - m_new[..., None]), 0.0)
                 correction = jnp.exp(m - m_new)
                 denom = denom * correction + p.sum(-1)
                 if v_scale is not None:
-                    p = p * jax.lax.dynamic_slice_in_dim(v_scale, j * kb, kb, axis=2)[:, :, None, None, :]
-                pv = jnp.einsum("bkgts,bksx->bkgtx", p.astype(dt), vj, preferred_element_type=jnp.float32)
+                    p = p * cut(v_scale, 2)[:, :, None, None, :]
+                pv = jnp.einsum("bkgts,bksx->bkgtx", p.astype(dt), cut(v, 2).astype(dt),
+                                preferred_element_type=jnp.float32)
                 return m_new, denom, acc * correction[..., None] + pv
 
             return jax.lax.cond(jnp.any(needed), compute, lambda c: c, carry)
 
-        init = (jnp.full((b, n_kv, g, qb), _NEG, jnp.float32), jnp.zeros((b, n_kv, g, qb), jnp.float32),
-                jnp.zeros((b, n_kv, g, qb, head_dim), jnp.float32))
-        _, denom, acc = jax.lax.fori_loop(0, n_kb, key_tile, init)
+        carry = (jnp.full((b, n_kv, g, qb), _NEG, jnp.float32), jnp.zeros((b, n_kv, g, qb), jnp.float32),
+                 jnp.zeros((b, n_kv, g, qb, head_dim), jnp.float32))
+        carry = jax.lax.fori_loop(0, n_kb, lambda j, c: key_tile(c, j * kb, kb, k_min[:, j], k_max[:, j]), carry)
+        if tail:
+            carry = key_tile(carry, n_kb * kb, tail, held[0][:, n_kb * kb:].min(-1), held[1][:, n_kb * kb:].max(-1))
+        _, denom, acc = carry
         out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]                     # (b, k, g, qb, x)
         return out.transpose(0, 3, 1, 2, 4).astype(dt)                                # (b, qb, k, g, x)
 

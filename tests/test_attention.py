@@ -12,7 +12,16 @@ import mixtral_jax
 import mixtral_jax.attention as attention_module
 import mixtral_jax.sampler as sampler_module
 from mixtral_jax import MixtralConfig
-from mixtral_jax.attention import Span, attend_blockwise, attend_cudnn, attend_plain, attend_splash, attention, resolve
+from mixtral_jax.attention import (
+    Span,
+    attend_blockwise,
+    attend_cudnn,
+    attend_plain,
+    attend_splash,
+    attention,
+    resolve,
+    tile_sizes,
+)
 from mixtral_jax.config import ConfigError, RuntimeConfig
 from mixtral_jax.model import KVCache, Mixtral, quantize_kv
 from mixtral_jax.sampler import Sampler
@@ -95,13 +104,16 @@ def test_int8_cache_scales_fold_into_the_scores():
 
 
 def test_auto_picks_by_platform_and_size():
-    cpu = resolve("auto", (1, 64, 4, 16), (1, 2, 64, 16), jnp.float32, True)
-    assert cpu == "plain"
+    assert resolve("auto", (1, 1, 4, 16), (1, 2, 1024, 16), jnp.float32, False) == "plain"  # decode
+    assert resolve("auto", (1, 64, 4, 16), (1, 2, 64, 16), jnp.float32, True) == "blockwise"
     assert resolve("auto", (1, 8192, 4, 16), (1, 2, 8192, 16), jnp.float32, True) == "blockwise"
     assert resolve("auto", (1, 1, 4, 16), (1, 2, 65536, 16), jnp.float32, False) == "blockwise"
     assert resolve("splash", (1, 256, 4, 128), (1, 2, 256, 128), jnp.bfloat16, True) == "splash"
     assert resolve("splash", (1, 1, 4, 128), (1, 2, 256, 128), jnp.bfloat16, False) == "plain"  # a cache
-    assert resolve("cudnn", (1, 256, 4, 128), (1, 2, 256, 128), jnp.float32, True) == "plain"  # cuDNN: no fp32
+    assert resolve("splash", (1, 100, 4, 128), (1, 2, 100, 128), jnp.bfloat16, True) == "blockwise"  # odd length
+    assert resolve("cudnn", (1, 256, 4, 128), (1, 2, 256, 128), jnp.float32, True) == "blockwise"  # no fp32
+    assert tile_sizes(6, "cpu") == (64, 512) and tile_sizes(32, "cpu") == (16, 512)
+    assert tile_sizes(32, "tpu") == (512, 512)
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         attention(*_inputs(1, 4, 4, 2, 1, 8)[:4], impl="flash")
     with pytest.raises(ConfigError, match="unknown attention 'flash'; choose from auto, plain"):
