@@ -203,7 +203,8 @@ def attend_blockwise(q, k, v, span: Span, window=None, k_scale=None, v_scale=Non
                                 preferred_element_type=jnp.float32)
                 return m_new, denom, acc * correction[..., None] + pv
 
-            return jax.lax.cond(jnp.any(needed), compute, lambda c: c, carry)
+            # recomputed in the backward pass: the loop then saves one carry per tile, not the tile's scores
+            return jax.lax.cond(jnp.any(needed), jax.checkpoint(compute), lambda c: c, carry)
 
         carry = (jnp.full((b, n_kv, g, qb), _NEG, jnp.float32), jnp.zeros((b, n_kv, g, qb), jnp.float32),
                  jnp.zeros((b, n_kv, g, qb, head_dim), jnp.float32))

@@ -62,6 +62,7 @@ class Workload:
     tokens: int
     accum: int = 1
     fsdp: bool = False
+    remat: bool = False
 
     def __post_init__(self):
         if self.kind not in ("prefill", "decode", "train"):
@@ -77,7 +78,8 @@ class Workload:
 
     @property
     def label(self) -> str:
-        extra = (f" accum {self.accum}" if self.accum > 1 else "") + (" fsdp" if self.fsdp else "")
+        extra = (f" accum {self.accum}" if self.accum > 1 else "") + (" fsdp" if self.fsdp else "") \
+            + (" remat" if self.remat else "")
         return f"{self.kind} {self.batch}x{self.tokens}{extra}"
 
 
@@ -89,8 +91,8 @@ def decode(batch: int, context: int) -> Workload:
     return Workload("decode", batch, context)
 
 
-def train(batch: int, seq_len: int, accum: int = 1, fsdp: bool = False) -> Workload:
-    return Workload("train", batch, seq_len, accum, fsdp)
+def train(batch: int, seq_len: int, accum: int = 1, fsdp: bool = False, remat: bool = False) -> Workload:
+    return Workload("train", batch, seq_len, accum, fsdp, remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +234,7 @@ def _lower(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload, kv
 def _train_step(config, graphdef, state, workload: Workload):
     mesh = jax.tree.leaves(state)[0].sharding.mesh
     tc = TrainConfig(batch_size=workload.batch, seq_len=workload.tokens, grad_accum=workload.accum,
-                     warmup_steps=0, fsdp=workload.fsdp)
+                     warmup_steps=0, fsdp=workload.fsdp, remat=workload.remat)
     tc.check_model(config)
     flat = nnx.to_flat_state(state)
     params = {".".join(map(str, path)): var.get_value() for path, var in flat}

@@ -46,7 +46,8 @@ def workloads(args) -> list:
     if args.decode_batch or args.context:
         out.append(plan.decode(args.decode_batch or 1, args.context or 8192))
     if args.train_seq or args.train_batch:
-        out.append(plan.train(args.train_batch or 8, args.train_seq or 4096, args.train_accum, args.fsdp))
+        out.append(plan.train(args.train_batch or 8, args.train_seq or 4096, args.train_accum, args.fsdp,
+                              args.remat))
     return out or [plan.prefill(1, 4096), plan.decode(8, 8192)]
 
 
@@ -160,5 +161,6 @@ def register(subparsers):
     p.add_argument("--train-batch", type=int, help="global training batch (sequences per step)")
     p.add_argument("--train-accum", type=int, default=1, help="gradient-accumulation micro-batches per step")
     p.add_argument("--fsdp", action="store_true", help="train with FSDP (weights also split over data)")
+    p.add_argument("--remat", action="store_true", help="train recomputing each layer in the backward pass")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     p.set_defaults(run=run_plan)

@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0                 # parameter init and data order
     mesh: str | None = None       # e.g. "data=2,expert=4"; None trains on one device
     fsdp: bool = False            # on a mesh, also split every weight's model dimension over `data`
+    remat: bool = False           # recompute each layer's activations in the backward pass (long sequences)
     save_every: int = 0           # steps between checkpoints; 0 saves only at the end
     keep_checkpoints: int = 2
 
@@ -184,7 +185,9 @@ class TrainStep:
 
     def model(self, params: Mapping[str, jax.Array]) -> Mixtral:
         state = nnx.from_flat_state([(path, var.replace(params[name])) for path, name, var in self.templates])
-        return nnx.merge(self.graphdef, state)
+        model = nnx.merge(self.graphdef, state)
+        model.remat = self.tc.remat
+        return model
 
     def loss(self, params, tokens):
         return loss_terms(self.model(params), tokens, self.aux_loss_coef, self.tc.z_loss_coef)

@@ -5,6 +5,7 @@ expert parallelism, an over-sized workload reported as not fitting, and one-line
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -101,6 +102,23 @@ def test_training_step_with_fsdp_splits_weights_and_optimizer_state_over_data():
     assert 3 * weights <= r.argument_bytes <= 3 * weights + SLACK
     assert r.alias_bytes >= 3 * weights  # parameters and optimizer state are donated and updated in place
     assert r.collectives["all-gather"]["count"] > 0  # FSDP gathers the weights it uses
+
+
+def test_rematerialized_training_needs_fewer_temporaries():
+    """Per-layer remat: XLA's temporaries for the step shrink (each layer keeps its input, not its insides)."""
+    config = dataclasses.replace(CONFIG, max_seq_len=2048)
+    plain, remat = plan_lib.plan(config, "v5e-4", "data=2,expert=2",
+                                 [plan_lib.train(4, 2048, fsdp=True), plan_lib.train(4, 2048, fsdp=True, remat=True)])
+    assert remat.workload.label.endswith("fsdp remat")
+    assert remat.temp_bytes < 0.8 * plain.temp_bytes, (remat.temp_bytes, plain.temp_bytes)
+
+
+def test_long_prefill_fits_where_the_score_matrix_would_not():
+    """The sampler's chunked prefill of 8192 tokens compiles for the slice with temporaries far below one
+    (t x t) float32 score matrix per head group."""
+    (r,) = plan_lib.plan(CONFIG, "v5e-4", "expert=2,tensor=2", [plan_lib.prefill(1, 8192)])
+    heads_per_chip = CONFIG.n_heads // 2
+    assert r.fits and r.temp_bytes < 8192 * 8192 * 4 * heads_per_chip / 8
 
 
 def test_an_oversized_workload_is_reported_as_not_fitting(capsys):

@@ -115,6 +115,17 @@ def test_fsdp_step_equals_one_device():
         np.testing.assert_allclose(np.asarray(fsdp.params[name]), np.asarray(single.params[name]), atol=1e-5)
 
 
+def test_rematerialized_layers_give_the_same_step():
+    """`remat` recomputes each layer in the backward pass: the same loss and updated parameters."""
+    tokens = _batch(3)
+    plain = Trainer(_model(config=TINY), TC)
+    remat = Trainer(_model(config=TINY), TrainConfig(**{**TC.to_dict(), "remat": True}))
+    a, b = plain.train_step(tokens), remat.train_step(tokens)
+    assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"])
+    for name in plain.params:
+        np.testing.assert_allclose(np.asarray(remat.params[name]), np.asarray(plain.params[name]), atol=1e-6)
+
+
 def test_gradient_accumulation_equals_the_whole_batch():
     # the token losses are means over equal micro-batches, so accumulating them is exact; the
     # load-balancing loss is per micro-batch (as transformers computes it), so it is off here
