@@ -20,6 +20,7 @@ from .config import KV_CACHE_DTYPES, MixtralConfig
 from .convert.orbax_io import read_info
 from .errors import ConfigError
 from .sharding.distributed import on_cloud_tpu_vm
+from .sharding.mesh import parse_mesh_spec
 from .topologies import GIB, TOPOLOGIES, get_topology
 
 PRESETS = {"8x7b": lambda: MixtralConfig.from_preset("8x7b"), "8x22b": lambda: MixtralConfig.from_preset("8x22b"),
@@ -107,11 +108,16 @@ def suggestion(report) -> str:
     if room <= 0:
         return "the weights alone exceed HBM: use more chips on the expert/tensor axes (or FSDP for training)"
     if w.kind == "train":
-        micro = w.batch // w.accum
-        fitting = [a for a in range(w.accum + 1, w.batch + 1) if w.batch % a == 0 and variable * w.accum / a < room]
-        if micro > 1 and fitting:
-            return f"try --train-accum {fitting[0]} (micro-batch {w.batch // fitting[0]}; linear scaling, a hint)"
-        return "more chips on data, shorter sequences, or rematerialisation"
+        # a micro-batch must still split over the batch's mesh axes (data x expert), or chips sit idle
+        sizes = parse_mesh_spec(report.mesh, report.chips)
+        groups = sizes.get("data", 1) * sizes.get("expert", 1)
+        fitting = [a for a in range(w.accum + 1, w.batch + 1)
+                   if w.batch % a == 0 and (w.batch // a) % groups == 0 and variable * w.accum / a < room]
+        remat = "" if w.remat else "--remat (recompute each layer in the backward pass), "
+        if fitting:
+            return f"{remat}or --train-accum {fitting[0]} (micro-batch {w.batch // fitting[0]}, still one or " \
+                   f"more sequences per data x expert group; linear scaling, a hint)"
+        return f"{remat}more chips on data, or shorter sequences"
     if w.batch > 1 and variable > 0 and int(w.batch * room / variable) >= 1:
         return f"batch {int(w.batch * room / variable)} or less would (scaling the non-weight memory linearly), " \
                "or more chips on data"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from mixtral_jax import MixtralConfig
 from mixtral_jax import plan as plan_lib
 from mixtral_jax.cli import main
 from mixtral_jax.plan_command import PRESETS
-from mixtral_jax.topologies import TopologyError, get_topology
+from mixtral_jax.topologies import GIB, TopologyError, get_topology
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # test processes may load libtpu side by side
 
@@ -161,3 +162,17 @@ def test_valid_meshes_respect_the_model():
         "expert=2,tensor=4", "data=2,expert=4", "expert=4,tensor=2", "expert=8"]
     assert plan_lib.valid_meshes(MixtralConfig.tiny(n_experts=6), 4) == ["data=4", "data=2,tensor=2", "data=2,expert=2",
                                                                         "expert=2,tensor=2"]
+
+
+def test_training_hints_keep_every_data_group_busy():
+    """The accumulation hint never proposes a micro-batch smaller than the data x expert groups."""
+    from mixtral_jax.plan_command import suggestion
+
+    def report(mesh, chips, remat=False):
+        return types.SimpleNamespace(workload=plan_lib.train(64, 4096, fsdp=True, remat=remat), mesh=mesh,
+                                     chips=chips, total_bytes=150 * GIB, weight_bytes=2 * GIB, hbm_bytes=95 * GIB)
+
+    wide = suggestion(report("data=8,expert=8", 64))
+    assert "--remat" in wide and "--train-accum" not in wide  # 64 sequences over 64 groups: no accumulation
+    narrow = suggestion(report("data=2,expert=2", 4, remat=True))
+    assert "--remat" not in narrow and "--train-accum 2 (micro-batch 32" in narrow
