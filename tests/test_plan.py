@@ -105,6 +105,17 @@ def test_training_step_with_fsdp_splits_weights_and_optimizer_state_over_data():
     assert r.collectives["all-gather"]["count"] > 0  # FSDP gathers the weights it uses
 
 
+def test_int8_kv_cache_halves_the_cache_per_chip():
+    """`--kv-cache-dtype int8`: XLA's argument bytes hold half the bf16 cache plus a float32 scale per token
+    and head (TPU tiles pad the small scale arrays, hence the slack)."""
+    (dec,) = plan_lib.plan(CONFIG, "v5e-4", "expert=2,tensor=2", [plan_lib.decode(4, 1024)], kv_cache_dtype="int8")
+    cache = cache_by_hand(CONFIG, 4, 1024, expert=2, tensor=2)
+    scales = 2 * CONFIG.n_layers * (4 // 2) * (CONFIG.n_kv_heads // 2) * 1024 * 4
+    weights = weights_by_hand(CONFIG, expert=2, tensor=2)
+    assert weights + cache // 2 + scales <= dec.argument_bytes <= weights + cache // 2 + 2 * scales + SLACK
+    assert dec.fits and dec.alias_bytes >= cache // 2
+
+
 def test_rematerialized_training_needs_fewer_temporaries():
     """Per-layer remat: XLA's temporaries for the step shrink (each layer keeps its input, not its insides)."""
     config = dataclasses.replace(CONFIG, max_seq_len=2048)
