@@ -105,7 +105,9 @@ def resolve(impl: str, q_shape, k_shape, dtype, self_attention: bool, mesh: Mesh
         return "splash"
     if impl == "cudnn" and self_attention and cudnn_fits(dtype, head_dim):
         return "cudnn"
-    return "plain" if t <= PLAIN_MAX_QUERIES and s <= PLAIN_MAX_KEYS else "blockwise"
+    if t <= PLAIN_MAX_QUERIES and (s <= PLAIN_MAX_KEYS or _platform(mesh) != "cpu"):
+        return "plain"  # decode: one score row per query; an accelerator's loop steps cost more than it saves
+    return "blockwise"
 
 
 def tile_sizes(n_heads: int, platform: str) -> tuple[int, int]:
