@@ -66,6 +66,16 @@ def test_bad_decoding_flags_fail_before_loading(flags, message, capsys, monkeypa
     assert message in err and "\n" not in err
 
 
+def test_int8_kv_cache_flag_generates_and_a_bad_one_is_refused(capsys):
+    assert cli.main(["generate", "def f():", "--kv-cache-dtype", "int8", "--max-new-tokens", "6",
+                     "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def f():")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "x", "--kv-cache-dtype", "int4"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'int4'" in err and "int8" in err
+
+
 def test_mesh_is_applied_to_the_demo_model_or_refused(capsys, monkeypatch):
     seen = {}
 
