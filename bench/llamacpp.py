@@ -4,7 +4,8 @@ Used by `python -m bench` when `llama_cpp` (llama-cpp-python) imports; `python -
 builds it from source into the venv (not part of CI). The bench's saved Hugging Face directory is
 converted to GGUF by llama.cpp's own `convert_hf_to_gguf.py` (shipped in the sdist under vendor/llama.cpp),
 as f32 and as q8_0, so both engines run the same random weights. Timing mirrors ours: decode tokens/s
-between the first and the last streamed step after a 128-token prompt (greedy, `n_threads` = cores);
+between the first and the last streamed step after a 128-token prompt (greedy; `n_threads` defaults to
+every core);
 prefill is one 1024-token batch into a fresh context.
 """
 

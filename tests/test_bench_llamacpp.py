@@ -6,7 +6,7 @@ import sys
 import pytest
 import sentencepiece
 
-from bench import bandwidth, llamacpp, llamacpp_setup, speed
+from bench import bandwidth, llamacpp, llamacpp_setup, speed, vs_llamacpp
 
 
 def test_bandwidth_probe_picks_the_best_method():
@@ -79,3 +79,10 @@ def test_setup_builds_natively_from_the_pinned_sdist():
 def test_the_bench_runs_without_llamacpp(monkeypatch, tmp_path):
     monkeypatch.setattr(llamacpp, "available", lambda: False)
     assert speed.llamacpp_peer(str(tmp_path), 4, 1, 16) is None
+
+
+def test_the_alternating_comparison_says_how_to_install_llamacpp(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    with pytest.raises(SystemExit):
+        vs_llamacpp.main(["--hf-dir", str(tmp_path)])
+    assert "bench.llamacpp_setup" in capsys.readouterr().err
