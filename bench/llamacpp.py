@@ -5,8 +5,8 @@ builds it from source into the venv (not part of CI). The bench's saved Hugging 
 converted to GGUF by llama.cpp's own `convert_hf_to_gguf.py` (shipped in the sdist under vendor/llama.cpp),
 as f32 and as q8_0, so both engines run the same random weights. Timing mirrors ours: decode tokens/s
 between the first and the last streamed step after a 128-token prompt (greedy; `n_threads` defaults to
-every core);
-prefill is one 1024-token batch into a fresh context.
+every core); prefill is one 1024-token batch into a fresh context. The converted model's logits match
+ours (max |diff| 8e-4 on logits of scale 2 for a 16-token prompt, same argmax), so both run one model.
 """
 
 from __future__ import annotations
