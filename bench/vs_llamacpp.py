@@ -1,6 +1,7 @@
 """Ours against llama.cpp, alternating: decode b1 and prefill 1024, several rounds, best and median.
 
     python -m bench.vs_llamacpp --hf-dir DIR [--rounds 5] [--no-prefill]
+    python -m bench.vs_llamacpp --hf-dir DIR --check     # the GGUF f32 model's logits against ours
 
 On a shared machine a single run says little: llama.cpp's threads spin at their barriers, so a busy core
 costs it far more than it costs XLA. Each round runs every engine once, in turn, so background load falls
@@ -15,11 +16,24 @@ import json
 import os
 import statistics
 
+import jax.numpy as jnp
 import numpy as np
 
 from bench import llamacpp
 from bench.decode_profile import _model
 from bench.speed import BENCH_CONFIG, PROMPT, ours_decode, ours_prefill
+
+
+def check_logits(model, gguf: str, prompt: list[int]) -> tuple[float, float, float]:
+    """(max |llama.cpp - ours| over the prompt's logits, max |ours|, argmax agreement): one model, two engines."""
+    from llama_cpp import Llama  # optional peer
+
+    llm = Llama(model_path=gguf, n_ctx=2 * len(prompt), n_batch=len(prompt), logits_all=True, verbose=False)
+    llm.eval(prompt)
+    theirs = np.asarray(llm.scores[:len(prompt)])
+    ours = np.asarray(model(jnp.asarray([prompt])))[0]
+    return float(np.abs(theirs - ours).max()), float(np.abs(ours).max()), float((theirs.argmax(-1) ==
+                                                                                  ours.argmax(-1)).mean())
 
 
 def main(argv=None) -> int:
@@ -28,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--no-prefill", action="store_true")
+    p.add_argument("--check", action="store_true", help="compare the f32 GGUF's logits with ours, then stop")
     args = p.parse_args(argv)
     if not llamacpp.available():
         p.error("llama_cpp is not installed: run `python -m bench.llamacpp_setup`")
@@ -36,6 +51,11 @@ def main(argv=None) -> int:
     if not all(os.path.exists(f) for f in files.values()):
         files = llamacpp.convert(args.hf_dir, args.hf_dir)
     prompt = np.random.default_rng(1).integers(3, BENCH_CONFIG.vocab_size, PROMPT).tolist()
+    if args.check:
+        diff, scale, agree = check_logits(model, files["f32"], prompt[:16])
+        print(f"llama.cpp f32 vs ours, 16-token prompt: max |diff| {diff:.2e} (logits up to {scale:.2f}), "
+              f"argmax agrees at {agree:.0%} of positions")
+        return 0
     engines = {"ours fp32": None, **{f"llama.cpp {t}": f for t, f in files.items()}}
     runs: dict[str, dict[str, list[float]]] = {"decode_b1": {}, "prefill": {}}
     for r in range(args.rounds):
