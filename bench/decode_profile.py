@@ -105,7 +105,7 @@ def loop_rate(sampler: Sampler, prompt, steps: int, reps: int) -> float:
 def profile(sampler: Sampler, prompt, steps: int, top: int) -> None:
     """Traces decode steps only: the trace starts at the first streamed token (after the prefill)."""
     with tempfile.TemporaryDirectory() as d:
-        sampler(prompt, steps, stop_tokens=[], stream=lambda *_: None)  # compiled before tracing
+        sampler(prompt, steps + 1, stop_tokens=[], stream=lambda *_: None)  # compiled before tracing
         seen = []
 
         def start_after_prefill(*_):
@@ -130,6 +130,11 @@ def profile(sampler: Sampler, prompt, steps: int, top: int) -> None:
           "(ms per step, count per step):")
     for name, ns in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
         print(f"{ns / 1e6 / steps:9.3f}  {counts[name] / steps:7.1f}  {name}")
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for name, ns in totals.items():  # dot.497 -> dot, cond.10.clone.6 -> cond, ThunkExecutor::Execute kept
+        kinds[name if "::" in name else name.split(".")[0]] += ns
+    print("by kind (ms per step): " + ", ".join(f"{k} {v / 1e6 / steps:.2f}"
+                                                for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]))
 
 
 def _self_times(events):
