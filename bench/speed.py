@@ -1,6 +1,6 @@
 """Decode and prefill speed against transformers, llama.cpp and this machine's limits, in one run.
 
-    python -m bench --quick          # ratios for the targets, under two minutes on 2 CPU cores
+    python -m bench --quick          # ratios for the targets, ~2 min on 2 quiet cores (+~1 min with llama.cpp)
     python -m bench                  # the full table (also batch 64 and every transformers setting)
 
 The model is Mixtral-shaped and random (dim 512, 8 layers, 8 heads / 2 KV heads, FFN 1792, 8 experts
