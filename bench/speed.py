@@ -1,14 +1,16 @@
-"""Decode and prefill speed against transformers and against this machine's limits, in one run.
+"""Decode and prefill speed against transformers, llama.cpp and this machine's limits, in one run.
 
-    python -m bench --quick          # ratios for the targets, under two minutes on 2 CPU cores
+    python -m bench --quick          # ratios for the targets, ~2 min on 2 quiet cores (+~1 min with llama.cpp)
     python -m bench                  # the full table (also batch 64 and every transformers setting)
 
 The model is Mixtral-shaped and random (dim 512, 8 layers, 8 heads / 2 KV heads, FFN 1792, 8 experts
 top-2, vocab 32000, fp32): transformers builds it, `save_pretrained` writes it, our reader loads the same
 weights. Decode tokens/s after a 128-token prompt = batch x steps / time between the first and the last
 streamed step (both sides stream; the prompt's prefill is left out); prefill is one 1024-token forward
-pass. Limits measured in the same run: memory
-bandwidth (large array copy) for decode, fp32 matmul peak for prefill. The last line is JSON.
+pass. When llama-cpp-python is installed (`python -m bench.llamacpp_setup`), llama.cpp runs the same
+weights, converted to GGUF f32 and q8_0 by its own converter (bench/llamacpp.py). Limits measured in the
+same run: memory bandwidth for decode (the best of several streaming methods, bench/bandwidth.py), fp32
+matmul peak for prefill. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench import bandwidth as bandwidth_probe
+from bench import llamacpp
 from mixtral_jax import MixtralConfig, load_hf
 from mixtral_jax import sampler as sampler_lib
 from mixtral_jax.sampler import Sampler
@@ -45,14 +49,6 @@ def _best(fn, reps: int) -> float:
 
 
 # --------------------------------------------------------------------------------- machine limits
-def memory_bandwidth(n_bytes: int = 256 * 2**20) -> float:
-    """Bytes/s of a large copy (read + write counted), the ceiling for weight-streaming decode."""
-    src = np.ones(n_bytes // 8, np.float64)
-    dst = np.empty_like(src)
-    t = _best(lambda: np.copyto(dst, src), 5)
-    return 2 * n_bytes / t
-
-
 def matmul_peak(n: int = 2048) -> float:
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
@@ -187,15 +183,59 @@ def hf_prefill(hf, tokens: int, reps: int) -> float:
     return tokens / _best(run, reps)
 
 
+# ------------------------------------------------------------------------------------- llama.cpp
+def llamacpp_peer(hf_dir: str, new: int, reps: int, prefill_tokens: int) -> dict | None:
+    """llama.cpp's decode b1 and prefill tokens/s for GGUF f32 and q8_0 of the saved model; None when
+    llama-cpp-python is not installed (CI) or its converter is not found.
+
+    Each figure is llama.cpp's best over n_threads = every core and 1: its threads spin at barriers, so
+    on a busy shared machine one thread can beat two; the peer gets whichever is faster in this run."""
+    if not llamacpp.available():
+        return None
+    if llamacpp.find_converter() is None:
+        print("llama_cpp is installed but convert_hf_to_gguf.py is not: run `python -m bench.llamacpp_setup`")
+        return None
+    files = llamacpp.convert(hf_dir, hf_dir)
+    prompt = np.random.default_rng(1).integers(3, BENCH_CONFIG.vocab_size, PROMPT).tolist()  # ours' b1 prompt
+    out: dict = {"decode_b1": {}, "prefill": {}, "threads": {}}
+    for outtype, path in files.items():
+        for threads in sorted({os.cpu_count() or 1, 1}, reverse=True):
+            decode = llamacpp.decode(path, prompt, new, max(reps, 2), threads)
+            fill = llamacpp.prefill(path, prefill_tokens, reps + 1, threads)
+            out["threads"][f"{outtype} x{threads}"] = {"decode_b1": decode, "prefill": fill}
+            out["decode_b1"][outtype] = max(out["decode_b1"].get(outtype, 0.0), decode)
+            out["prefill"][outtype] = max(out["prefill"].get(outtype, 0.0), fill)
+    return out
+
+
+def _print_llamacpp(peer: dict, ours_decode: float, ours_prefill: float, prefill_tokens: int) -> None:
+    import llama_cpp
+
+    types = list(peer["decode_b1"])
+    print(f"\nllama.cpp {llama_cpp.__version__} (GGUF by its convert_hf_to_gguf.py; best of n_threads "
+          f"{os.cpu_count()} and 1: " + ", ".join(f"{k} {v['decode_b1']:.1f}/{v['prefill']:.1f}"
+                                                  for k, v in peer["threads"].items()) + " decode/prefill)")
+    print(f"{'tokens/s':<14}{'ours':>10}" + "".join(f"{'llama ' + t:>12}" for t in types) + f"{'vs f32':>9}")
+    for label, key, o in (("decode b1", "decode_b1", ours_decode),
+                          (f"prefill {prefill_tokens}", "prefill", ours_prefill)):
+        figures = "".join(f"{peer[key][t]:>12.1f}" for t in types)
+        print(f"{label:<14}{o:>10.1f}{figures}{o / peer[key]['f32']:>8.2f}x")
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
-    import torch
-    import transformers
-
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as hf_dir:  # kept for llama.cpp's converter
+        return _run(args, hf_dir)
+
+
+def _run(args, hf_dir: str) -> int:
+    import torch
+    import transformers
+
     quick = args.quick
     reps = 1 if quick else 3
     new = 16 if quick else 64
@@ -204,15 +244,16 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**BENCH_CONFIG.to_hf())).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        model = load_hf(d, show_progress=False)
+    hf.save_pretrained(hf_dir)
+    model = load_hf(hf_dir, show_progress=False)
 
-    bandwidth, peak = memory_bandwidth(), matmul_peak()
+    method, bandwidth, methods = bandwidth_probe.probe()
+    peak = matmul_peak()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
           f"{jax.default_backend()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"limits: memory bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 matmul {peak / 1e9:.1f} GFLOP/s")
-    results: dict = {"bandwidth_gbs": bandwidth / 1e9, "matmul_gflops": peak / 1e9}
+    print(f"limits: {bandwidth_probe.describe(method, methods)}, fp32 matmul {peak / 1e9:.1f} GFLOP/s")
+    results: dict = {"bandwidth_gbs": bandwidth / 1e9, "bandwidth_method": method,
+                     "bandwidth_methods_gbs": {k: v / 1e9 for k, v in methods.items()}, "matmul_gflops": peak / 1e9}
     rows = []
     for batch in batches:
         ours = ours_decode(model, batch, new, reps)
@@ -231,6 +272,9 @@ def main(argv=None) -> int:
     limit = peak / active_flops_per_token(BENCH_CONFIG, prefill_tokens)
     rows.append((f"prefill {prefill_tokens}", ours, peers, limit))
     results["prefill"] = dict(ours=ours, hf=peers, matmul_limit=limit)
+    llama = llamacpp_peer(hf_dir, new, reps, prefill_tokens)
+    if llama is not None:
+        results["llamacpp"] = llama
 
     from bench.moe_strategies import measure
 
@@ -243,6 +287,8 @@ def main(argv=None) -> int:
         print(f"{label:<14}{o:>10.1f}{peer[best]:>10.1f}  {best:<20}{o / peer[best]:>10.2f}x{o / limit:>9.0%}")
         print(f"{'':<14}hf: " + ", ".join(f"{n} {v:.1f}" for n, v in peer.items()))
     print("MoE strategies at prefill (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in moe.items()))
+    if llama is not None:
+        _print_llamacpp(llama, results["decode_b1"]["ours"], results["prefill"]["ours"], prefill_tokens)
     best_hf = {label: max(peer.values()) for label, _, peer, _ in rows}
     summary = {
         "decode_b1_vs_hf": results["decode_b1"]["ours"] / best_hf["decode b1"],
@@ -251,6 +297,9 @@ def main(argv=None) -> int:
         "prefill_vs_hf": results["prefill"]["ours"] / best_hf[f"prefill {prefill_tokens}"],
         "moe_best_vs_dense": moe["dense"] / min(v for k, v in moe.items() if k != "dense"),
     }
+    if llama is not None:  # ours fp32 against llama.cpp f32 (q8_0's figures are in the results)
+        summary["decode_b1_vs_llamacpp"] = results["decode_b1"]["ours"] / llama["decode_b1"]["f32"]
+        summary["prefill_vs_llamacpp"] = results["prefill"]["ours"] / llama["prefill"]["f32"]
     results["summary"] = summary
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,88 @@
+"""The parts of the llama.cpp peer and the bandwidth probe that run without llama-cpp-python (CI has none)."""
+
+import os
+import sys
+
+import pytest
+import sentencepiece
+
+from bench import bandwidth, llamacpp, llamacpp_setup, speed, vs_llamacpp
+
+
+def test_bandwidth_probe_picks_the_best_method():
+    figures = {"slow": 1e9, "fast": 3e9, "middle": 2e9}
+    methods = {name: (lambda n, reps, v=v: v) for name, v in figures.items()}
+    best, value, results = bandwidth.probe(2**20, 1, methods)
+    assert (best, value) == ("fast", 3e9)
+    assert results == figures
+    assert "memory bandwidth 3.0 GB/s" in bandwidth.describe(best, results)
+
+
+def test_bandwidth_probe_leaves_out_a_failing_method_and_rejects_a_cache_sized_buffer():
+    def broken(n, reps):
+        raise MemoryError("no room")
+
+    best, _, results = bandwidth.probe(2**20, 1, {"broken": broken, "ok": lambda n, reps: 5e9})
+    assert best == "ok" and set(results) == {"ok"}
+    with pytest.raises(RuntimeError, match="every bandwidth method failed"):
+        bandwidth.probe(2**20, 1, {"broken": broken})
+    with pytest.raises(ValueError, match="at least 1 MiB"):
+        bandwidth.probe(1000, 1)
+
+
+@pytest.mark.parametrize("name", sorted(bandwidth.METHODS))
+def test_every_bandwidth_method_measures_a_positive_rate(name):
+    rate = bandwidth.METHODS[name](4 * 2**20, 1)  # small: fast; a rate, not a limit
+    assert 1e8 < rate < 1e13
+
+
+def test_convert_command_is_llamacpps_converter_with_its_outtype():
+    cmd = llamacpp.convert_command("/src/convert_hf_to_gguf.py", "/hf", "/out/m.gguf", "q8_0")
+    assert cmd == [sys.executable, "/src/convert_hf_to_gguf.py", "/hf", "--outtype", "q8_0", "--outfile", "/out/m.gguf"]
+    with pytest.raises(ValueError, match="outtype must be one of f32, q8_0"):
+        llamacpp.convert_command("c.py", "/hf", "/out/m.gguf", "q4_0")
+
+
+def test_find_converter_looks_where_the_setup_script_unpacks(tmp_path, monkeypatch):
+    monkeypatch.delenv(llamacpp.CONVERTER_ENV, raising=False)
+    assert llamacpp.find_converter(str(tmp_path)) is None
+    tree = llamacpp_setup.source_dir(str(tmp_path))
+    converter = os.path.join(tree, "vendor", "llama.cpp", "convert_hf_to_gguf.py")
+    os.makedirs(os.path.dirname(converter))
+    open(converter, "w").close()
+    assert llamacpp.find_converter(str(tmp_path)) == converter
+    monkeypatch.setenv(llamacpp.CONVERTER_ENV, str(tmp_path / "missing.py"))
+    with pytest.raises(FileNotFoundError, match="LLAMACPP_CONVERTER"):
+        llamacpp.find_converter(str(tmp_path))
+
+
+def test_convert_without_a_converter_says_how_to_get_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(llamacpp.CONVERTER_ENV, raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="bench.llamacpp_setup"):
+        llamacpp.convert(str(tmp_path), str(tmp_path))
+
+
+def test_add_tokenizer_gives_the_converter_a_vocab_of_the_bench_size(tmp_path):
+    path = llamacpp.add_tokenizer(str(tmp_path))
+    sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    assert sp.vocab_size() == speed.BENCH_CONFIG.vocab_size
+
+
+def test_setup_builds_natively_from_the_pinned_sdist():
+    download = llamacpp_setup.download_command("/d")
+    assert f"llama-cpp-python=={llamacpp_setup.VERSION}" in download and ":all:" in download
+    cmd, env = llamacpp_setup.install_command("/d/tree")
+    assert cmd[-1] == "/d/tree" and env["CMAKE_ARGS"] == "-DGGML_NATIVE=ON"
+
+
+def test_the_bench_runs_without_llamacpp(monkeypatch, tmp_path):
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    assert speed.llamacpp_peer(str(tmp_path), 4, 1, 16) is None
+
+
+def test_the_alternating_comparison_says_how_to_install_llamacpp(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    with pytest.raises(SystemExit):
+        vs_llamacpp.main(["--hf-dir", str(tmp_path)])
+    assert "bench.llamacpp_setup" in capsys.readouterr().err
