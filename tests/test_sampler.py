@@ -247,3 +247,19 @@ def test_text_api_with_the_demo_model():
     assert tok.decode(ids[0]) == out[0]
     reply = mixtral_jax.chat(model, [{"role": "user", "content": "Hi"}], max_new_tokens=4)
     assert isinstance(reply, str)
+
+
+def test_a_later_request_reuses_the_compiled_programs(pair):
+    """The graph is a once-hashed static argument: equal graphs from new requests (and new Samplers) hit
+    jit's cache instead of compiling again."""
+    import mixtral_jax.sampler as sampler_module
+
+    _, model = pair
+    Sampler(model)([[5, 6, 7]], 3)
+    list(Sampler(model).stream([[5, 6, 7]], 3))
+    sizes = (sampler_module.prefill._cache_size(), sampler_module.decode._cache_size(),
+             sampler_module.decode_step._cache_size())
+    Sampler(model)([[9, 8, 7]], 3)
+    list(Sampler(model).stream([[1, 2, 3]], 3))
+    assert (sampler_module.prefill._cache_size(), sampler_module.decode._cache_size(),
+            sampler_module.decode_step._cache_size()) == sizes
