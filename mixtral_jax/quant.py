@@ -26,6 +26,7 @@ from .errors import ConfigError
 
 QUANTIZE_MODES = ("int8",)
 SCALE_SUFFIX = "_scale"
+_INV_127 = np.float32(1 / 127)  # a multiplication, as XLA would rewrite a division, so numpy and jax agree
 
 
 def check_quantize(value: str | None) -> str | None:
@@ -40,7 +41,7 @@ def quantize(w: np.ndarray, contract: tuple[int, ...]) -> tuple[np.ndarray, np.n
     symmetric, round to nearest. A channel of zeros gets scale 1 (its values are 0 either way)."""
     wf = np.asarray(w, dtype=np.float32)
     amax = np.max(np.abs(wf), axis=contract, keepdims=True)
-    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    scale = np.where(amax > 0, amax * _INV_127, np.float32(1)).astype(np.float32)
     q = np.clip(np.rint(wf / scale), -127, 127).astype(np.int8)
     return q, np.squeeze(scale, axis=contract)
 
@@ -49,7 +50,7 @@ def quantize_jax(w: jax.Array, contract: tuple[int, ...]) -> tuple[jax.Array, ja
     """`quantize` in jax (traceable: random initialisation under `nnx.eval_shape`); same formula."""
     wf = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(wf), axis=contract, keepdims=True)
-    scale = jnp.where(amax > 0, amax / 127, 1).astype(jnp.float32)
+    scale = jnp.where(amax > 0, amax * _INV_127, 1).astype(jnp.float32)
     q = jnp.clip(jnp.rint(wf / scale), -127, 127).astype(jnp.int8)
     return q, jnp.squeeze(scale, axis=contract)
 
