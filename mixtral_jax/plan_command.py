@@ -19,6 +19,7 @@ from . import plan
 from .config import MixtralConfig
 from .convert.orbax_io import read_info
 from .errors import ConfigError
+from .quant import QUANTIZE_MODES
 from .sharding.distributed import on_cloud_tpu_vm
 from .topologies import GIB, TOPOLOGIES, get_topology
 
@@ -65,9 +66,10 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def format_reports(config: MixtralConfig, topology, reports) -> str:
+def format_reports(config: MixtralConfig, topology, reports, quantize: str | None = None) -> str:
     chip = topology.chip
-    lines = [f"{_params(config.param_count())}-parameter Mixtral on {topology.name}: {topology.chips} x "
+    lines = [f"{_params(config.param_count())}-parameter Mixtral{f' ({quantize} weights)' if quantize else ''} on "
+             f"{topology.name}: {topology.chips} x "
              f"{chip.name} ({chip.hbm_bytes / GIB:.2f} GiB HBM each), {topology.hosts} host(s), mesh "
              f"{reports[0].mesh if reports else '-'}",
              "",
@@ -130,11 +132,11 @@ def run_plan(args) -> int:
     topology = get_topology(args.topology)  # a bad name fails before anything loads
     config = model_config(args.model)
     jobs = workloads(args)
-    reports = plan.plan(config, topology, args.mesh, jobs, dtype=args.dtype)
+    reports = plan.plan(config, topology, args.mesh, jobs, dtype=args.dtype, quantize=args.quantize)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=1))
     else:
-        print(format_reports(config, topology, reports))
+        print(format_reports(config, topology, reports, args.quantize))
     return 0
 
 
@@ -150,6 +152,7 @@ def register(subparsers):
     p.add_argument("--model", default="8x7b", help=f"{', '.join(PRESETS)}, a checkpoint, or a config JSON "
                                                   "(default: 8x7b)")
     p.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default: bfloat16)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8 expert and attention weights (serving plans)")
     p.add_argument("--prefill", type=int, help="prefill prompts of this many tokens")
     p.add_argument("--prefill-batch", type=int, default=1, help="prompts per prefill (default: 1)")
     p.add_argument("--decode-batch", type=int, help="sequences decoded together")
