@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax import MixtralConfig, load_hf
+from mixtral_jax.placement import quantize_model
 from mixtral_jax.sampler import Sampler
 
 BENCH_CONFIG = MixtralConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
@@ -215,6 +216,8 @@ def main(argv=None) -> int:
         limit = bandwidth / decode_bytes_per_step(BENCH_CONFIG, batch, PROMPT + new // 2)
         rows.append((f"decode b{batch}", ours, peers, batch * limit))
         results[f"decode_b{batch}"] = dict(ours=ours, hf=peers, bandwidth_limit=batch * limit)
+    # int8 weights (experts and attention; LM head fp32), batch 1, measured right after the fp32 row
+    results["decode_b1_int8"] = ours_decode(quantize_model(model), 1, new, reps)
     ours = ours_prefill(model, prefill_tokens, reps + 1)  # the first run after compiling still faults pages in
     peers = {}
     for name, setting in hf_settings(hf).items():
@@ -234,11 +237,14 @@ def main(argv=None) -> int:
         best = max(peer, key=peer.get)
         print(f"{label:<14}{o:>10.1f}{peer[best]:>10.1f}  {best:<20}{o / peer[best]:>10.2f}x{o / limit:>9.0%}")
         print(f"{'':<14}hf: " + ", ".join(f"{n} {v:.1f}" for n, v in peer.items()))
+    print(f"decode b1 int8 weights: {results['decode_b1_int8']:.1f} tokens/s "
+          f"({results['decode_b1_int8'] / results['decode_b1']['ours']:.2f}x fp32)")
     print("MoE strategies at prefill (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in moe.items()))
     best_hf = {label: max(peer.values()) for label, _, peer, _ in rows}
     summary = {
         "decode_b1_vs_hf": results["decode_b1"]["ours"] / best_hf["decode b1"],
         "decode_b1_vs_bandwidth": results["decode_b1"]["ours"] / results["decode_b1"]["bandwidth_limit"],
+        "decode_b1_int8_vs_fp32": results["decode_b1_int8"] / results["decode_b1"]["ours"],
         "decode_b8_vs_hf": results["decode_b8"]["ours"] / best_hf["decode b8"],
         "prefill_vs_hf": results["prefill"]["ours"] / best_hf[f"prefill {prefill_tokens}"],
         "moe_best_vs_dense": moe["dense"] / min(v for k, v in moe.items() if k != "dense"),
