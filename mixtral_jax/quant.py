@@ -120,5 +120,7 @@ def ragged_dot(x: jax.Array, w, group_sizes: jax.Array, row_group: jax.Array | N
     scales (`row_group` (rows,): the group of each row, sorted as the groups are)."""
     if not isinstance(w, QArray):
         return jax.lax.ragged_dot(x, w, group_sizes)
-    y = jax.lax.ragged_dot(x, w.q.astype(x.dtype), group_sizes)
-    return y * w.scale[row_group].astype(y.dtype)
+    # int8 straight into the grouped matmul: a cast first would write a float copy of every local expert
+    # per step (XLA:TPU's ragged-dot kernel does not fuse it)
+    y = jax.lax.ragged_dot(x, w.q, group_sizes, preferred_element_type=jnp.float32)
+    return (y * w.scale[row_group]).astype(x.dtype)
