@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from hf_reference import hf_logits, save_hf
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
+from mixtral_jax import plan as plan_lib
 from mixtral_jax.cli import main as command_main
 from mixtral_jax.config import ConfigError, RuntimeConfig
 from mixtral_jax.convert import convert, orbax_io
@@ -25,6 +28,7 @@ from mixtral_jax.convert.verify import VerificationError, verify
 from mixtral_jax.loading import load, load_hf
 from mixtral_jax.params import assemble_model, model_arrays, param_specs
 from mixtral_jax.placement import quantize_model, shard_model
+from mixtral_jax.plan_command import PRESETS
 from mixtral_jax.quant import QArray, dequantize, qeinsum, quantize, quantize_jax
 from mixtral_jax.sampler import Sampler
 
@@ -199,8 +203,6 @@ def test_converted_int8_checkpoint_loads_to_the_logits_of_quantizing_while_loadi
 
 
 def test_verify_catches_a_tampered_int8_scale(converted, tmp_path):
-    import shutil
-
     src, int8_dst, _ = converted
     dst = shutil.copytree(int8_dst, tmp_path / "copy")
     stored = orbax_io.stored_tree(dst)
@@ -239,3 +241,20 @@ def test_bad_quantize_values_are_one_line_errors(converted, capsys, tmp_path):
     assert not (tmp_path / "y").exists()
     with open(f"{float_dst}/mixtral_jax.json") as f:
         assert "quantize" not in json.load(f)
+
+
+# ------------------------------------------------------------------------------------ TPU plans
+def test_plan_compiles_int8_weights_for_a_tpu_slice_at_about_half_the_bytes():
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    config = PRESETS["tiny"]()
+    (report,) = plan_lib.plan(config, "v5e-4", "expert=2,tensor=2", [plan_lib.decode(8, 256)], quantize="int8")
+    # by hand: int8 attention and experts (+ f32 scales), bf16 router, norms, embedding and LM head
+    d, h, k, x, ff, e, v = (config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.hidden_dim,
+                            config.n_experts, config.vocab_size)
+    attention = (2 * d * h * x + 2 * d * k * x) // 2 + 4 * (h * x // 2 + 2 * k * x // 2 + d)
+    experts = 3 * e * d * ff // 4 + 4 * (2 * e * ff // 4 + e * d // 2)
+    layer = attention + experts + 2 * (2 * d + d * e)
+    assert report.weight_bytes == config.n_layers * layer + 2 * (2 * v * d // 2 + d)
+    assert report.fits and not report.xla_error
+    with pytest.raises(plan_lib.PlanError, match="training updates float weights"):
+        plan_lib.plan(config, "v5e-4", "expert=2,tensor=2", [plan_lib.train(8, 128)], quantize="int8")
