@@ -25,6 +25,7 @@ from mixtral_jax.cli import main as command_main
 from mixtral_jax.config import ConfigError, RuntimeConfig
 from mixtral_jax.convert import convert, orbax_io
 from mixtral_jax.convert.verify import VerificationError, verify
+from mixtral_jax.engine import Engine, EngineConfig, SamplingParams
 from mixtral_jax.loading import load, load_hf
 from mixtral_jax.params import assemble_model, model_arrays, param_specs
 from mixtral_jax.placement import quantize_model, shard_model
@@ -258,3 +259,20 @@ def test_plan_compiles_int8_weights_for_a_tpu_slice_at_about_half_the_bytes():
     assert report.fits and not report.xla_error
     with pytest.raises(plan_lib.PlanError, match="training updates float weights"):
         plan_lib.plan(config, "v5e-4", "expert=2,tensor=2", [plan_lib.train(8, 128)], quantize="int8")
+
+
+# ---------------------------------------------------------------------------------------- serving
+def test_engine_serves_an_int8_model_as_generate_does(qmodel):
+    """The server's continuous-batching engine on int8 weights: concurrent greedy answers equal each
+    request generated alone."""
+    ids = [np.random.default_rng(s).integers(3, 120, n).tolist() for s, n in ((0, 5), (1, 19), (2, 9))]
+    solo = [mixtral_jax.generate(qmodel, [p], max_new_tokens=12, stop_tokens=[])[0] for p in ids]
+    engine = Engine(qmodel, EngineConfig(max_batch=2, max_context=64, prefill_chunk=16))
+    outs = [[] for _ in ids]
+    for p, out in zip(ids, outs, strict=True):
+        engine.submit(p, SamplingParams(max_tokens=12, stop_tokens=()), on_token=out.append)
+    for _ in range(500):
+        if engine.idle:
+            break
+        engine.step()
+    assert engine.idle and outs == solo
