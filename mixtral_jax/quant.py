@@ -38,7 +38,11 @@ def check_quantize(value: str | None) -> str | None:
 
 def quantize(w: np.ndarray, contract: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(int8 values of w's shape, float32 scales of w's shape without `contract`): per output channel,
-    symmetric, round to nearest. A channel of zeros gets scale 1 (its values are 0 either way)."""
+    symmetric, round to nearest. A channel of zeros gets scale 1 (its values are 0 either way). Stacked
+    experts go one at a time, so the float32 temporaries are one expert's, not the whole stack's."""
+    if w.ndim > 1 and 0 not in contract:
+        parts = [quantize(w[i], tuple(a - 1 for a in contract)) for i in range(w.shape[0])]
+        return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
     wf = np.asarray(w, dtype=np.float32)
     amax = np.max(np.abs(wf), axis=contract, keepdims=True)
     scale = np.where(amax > 0, amax * _INV_127, np.float32(1)).astype(np.float32)
