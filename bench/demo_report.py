@@ -1,6 +1,6 @@
 """The embedded demo model's held-out loss and a picture of which experts its router picks for which tokens.
 
-    python -m bench.demo_report [--sequences 32]
+    python -m bench.demo_report [--sequences 32] [--quantize int8 [--quantize-lm-head]]
 
 Held-out text: the standard library's own test files (`test/` directories), which `bench.train_demo`
 leaves out of training. Token kinds come from Python's tokenizer on the decoded piece; the picture is a
@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax.demo import default_model, has_trained_model
+from mixtral_jax.placement import quantize_model
+from mixtral_jax.quant import QUANTIZE_MODES
 from mixtral_jax.tokenizer import load_tokenizer
 
 SHADES = " .:-=+*#%@"
@@ -50,6 +52,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--sequences", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="also the loss with int8 weights, and the difference")
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: the LM head in int8 too")
     args = p.parse_args(argv)
     if not has_trained_model():
         raise SystemExit("the trained demo model is not in this tree (mixtral_jax/assets/demo_model)")
@@ -63,16 +67,27 @@ def main(argv=None) -> int:
             break
     batch = np.asarray(ids[: args.sequences * args.seq_len]).reshape(args.sequences, args.seq_len)
     forward = nnx.jit(lambda m, t: m(t, return_router_logits=True))
-    losses, kinds, first, last = [], [], [], []
+    quantized = quantize_model(model, args.quantize, lm_head=args.quantize_lm_head) if args.quantize else None
+    losses, q_losses, kinds, first, last = [], [], [], [], []
+
+    def loss(logits, row):
+        logp = jax.nn.log_softmax(logits[0, :-1], -1)
+        return float(-jnp.take_along_axis(logp, jnp.asarray(row[1:, None]), -1).mean())
+
     for row in batch:
         logits, router = forward(model, row[None])
-        logp = jax.nn.log_softmax(logits[0, :-1], -1)
-        losses.append(float(-jnp.take_along_axis(logp, jnp.asarray(row[1:, None]), -1).mean()))
+        losses.append(loss(logits, row))
+        if quantized is not None:
+            q_losses.append(loss(forward(quantized, row[None])[0], row))
         first += np.asarray(jnp.argmax(router[0, 0], -1)).tolist()
         last += np.asarray(jnp.argmax(router[-1, 0], -1)).tolist()
         kinds += [kind_of(tok.decode([int(t)]) if t > 2 else "") for t in row]
     print(f"held-out loss (stdlib test files, {args.sequences} x {args.seq_len} tokens): {np.mean(losses):.3f} "
           f"nats/token (perplexity {np.exp(np.mean(losses)):.1f})")
+    if quantized is not None:
+        head = "experts, attention and LM head" if args.quantize_lm_head else "experts and attention"
+        print(f"with {args.quantize} weights ({head}): {np.mean(q_losses):.4f} nats/token, "
+              f"{np.mean(q_losses) - np.mean(losses):+.4f} vs {np.mean(losses):.4f}")
     n_experts = model.config.n_experts
     names = sorted(set(kinds))
     for label, chosen in (("layer 0", first), (f"layer {model.config.n_layers - 1}", last)):

@@ -31,6 +31,7 @@ from bench import bandwidth as bandwidth_probe
 from bench import llamacpp
 from mixtral_jax import MixtralConfig, load_hf
 from mixtral_jax import sampler as sampler_lib
+from mixtral_jax.placement import quantize_model
 from mixtral_jax.sampler import Sampler
 
 BENCH_CONFIG = MixtralConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
@@ -264,6 +265,8 @@ def _run(args, hf_dir: str) -> int:
         limit = bandwidth / decode_bytes_per_step(BENCH_CONFIG, batch, PROMPT + new // 2)
         rows.append((f"decode b{batch}", ours, peers, batch * limit))
         results[f"decode_b{batch}"] = dict(ours=ours, hf=peers, bandwidth_limit=batch * limit)
+    # int8 weights (experts and attention; LM head fp32), batch 1, measured right after the fp32 row
+    results["decode_b1_int8"] = ours_decode(quantize_model(model), 1, new, reps)
     ours = ours_prefill(model, prefill_tokens, reps + 1)  # the first run after compiling still faults pages in
     peers = {}
     for name, setting in hf_settings(hf).items():
@@ -286,6 +289,8 @@ def _run(args, hf_dir: str) -> int:
         best = max(peer, key=peer.get)
         print(f"{label:<14}{o:>10.1f}{peer[best]:>10.1f}  {best:<20}{o / peer[best]:>10.2f}x{o / limit:>9.0%}")
         print(f"{'':<14}hf: " + ", ".join(f"{n} {v:.1f}" for n, v in peer.items()))
+    print(f"decode b1 int8 weights: {results['decode_b1_int8']:.1f} tokens/s "
+          f"({results['decode_b1_int8'] / results['decode_b1']['ours']:.2f}x fp32)")
     print("MoE strategies at prefill (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in moe.items()))
     if llama is not None:
         _print_llamacpp(llama, results["decode_b1"]["ours"], results["prefill"]["ours"], prefill_tokens)
@@ -293,6 +298,7 @@ def _run(args, hf_dir: str) -> int:
     summary = {
         "decode_b1_vs_hf": results["decode_b1"]["ours"] / best_hf["decode b1"],
         "decode_b1_vs_bandwidth": results["decode_b1"]["ours"] / results["decode_b1"]["bandwidth_limit"],
+        "decode_b1_int8_vs_fp32": results["decode_b1_int8"] / results["decode_b1"]["ours"],
         "decode_b8_vs_hf": results["decode_b8"]["ours"] / best_hf["decode b8"],
         "prefill_vs_hf": results["prefill"]["ours"] / best_hf[f"prefill {prefill_tokens}"],
         "moe_best_vs_dense": moe["dense"] / min(v for k, v in moe.items() if k != "dense"),

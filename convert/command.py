@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mixtral_jax.quant import QUANTIZE_MODES
+
 from .converter import convert
 from .verify import VerificationError, verify
 
@@ -22,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction):
     p.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
     p.add_argument("--format", choices=("hf", "mistral"), default=None, help="source format (default: detected)")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="cast every weight (default: keep each tensor's)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                   help="store the experts' and attention projections' weights as int8 with per-channel scales")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DST, once the new checkpoint is complete")
     p.add_argument("--tokenizer", default=None,
@@ -46,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction):
 def _run_convert(args) -> int:
     report = convert(args.src, args.dst, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
                      show_progress=not args.no_progress, tokenizer=args.tokenizer,
-                     buffer_bytes=max(args.buffer_mb, 1) << 20, compress=not args.no_compression)
+                     buffer_bytes=max(args.buffer_mb, 1) << 20, compress=not args.no_compression,
+                     quantize=args.quantize)
     print(report)
     return 0
 

@@ -38,8 +38,9 @@ import numpy as np
 
 from mixtral_jax.config import MixtralConfig, RuntimeConfig, as_dtype
 from mixtral_jax.errors import CheckpointError
-from mixtral_jax.params import param_specs
+from mixtral_jax.params import param_specs, quantized_weights
 from mixtral_jax.progress import progress
+from mixtral_jax.quant import SCALE_SUFFIX, check_quantize, quantize
 
 from . import orbax_io
 from .hf import HFCheckpoint
@@ -137,6 +138,10 @@ class Plan:
     dtypes: dict                # name -> dtype stored in the checkpoint
     source_bytes: int
     cast: np.dtype | None
+    quantize: str | None = None
+    contract: dict = dataclasses.field(default_factory=dict)   # quantized weight -> its contracted axes
+    float_dtypes: dict = dataclasses.field(default_factory=dict)
+    _pending: dict = dataclasses.field(default_factory=dict)   # a quantized weight's values or scales, not yet built
 
     @property
     def total_bytes(self) -> int:
@@ -146,12 +151,28 @@ class Plan:
         return int(np.prod(self.specs[name].shape, dtype=np.int64)) * self.dtypes[name].itemsize
 
     def build(self, name) -> np.ndarray:
+        """One parameter as stored: quantized weights (`quant.quantize`) hand out their int8 values and
+        their scales from one read of the source (the second of the two comes from `_pending`)."""
+        base = name[:-len(SCALE_SUFFIX)] if name.endswith(SCALE_SUFFIX) else name
+        if base not in self.contract:
+            return self.build_float(name)
+        if base not in self._pending:
+            self._pending[base] = list(quantize(self.build_float(base), self.contract[base]))
+        pair = self._pending[base]
+        i = 0 if name == base else 1
+        value, pair[i] = pair[i], None
+        if pair[0] is None and pair[1] is None:
+            del self._pending[base]
+        return value
+
+    def build_float(self, name) -> np.ndarray:
         """One parameter in our layout, in memory of its own; the source's pages are dropped as we go.
 
         (`keymap.assemble`, but reading each source tensor in one go into a reused buffer, copying
         transposed views in cache-sized tiles, and releasing the source after every tensor, so building
         a parameter from eight experts holds one expert's source at a time, not eight.)"""
-        spec, dtype, parts, source = self.specs[name], self.dtypes[name], self.by_target[name], self.source
+        spec, parts, source = self.specs[name], self.by_target[name], self.source
+        dtype = self.float_dtypes.get(name, self.dtypes[name])
         out = np.empty(spec.shape, dtype)
         for key, p in parts:
             tiled_copy(out[p.index], p.transform(source.read(key)))
@@ -177,7 +198,8 @@ def tiled_copy(dst: np.ndarray, src: np.ndarray, block: int = 128):
     np.copyto(dst, src, casting="unsafe")
 
 
-def make_plan(source: Source, dtype=None) -> Plan:
+def make_plan(source: Source, dtype=None, quantize: str | None = None) -> Plan:
+    check_quantize(quantize)
     cast = as_dtype(dtype) if dtype is not None else None
     specs = param_specs(source.config, RuntimeConfig())
     by_target = plan(source.tensors, source.rules, source.config, specs)
@@ -202,7 +224,13 @@ def make_plan(source: Source, dtype=None) -> Plan:
             raise CheckpointError(f"tensor {keys[0]!r} has dtype {d}; only float32, bfloat16 and float16 are kept "
                                   f"as they are (pass --dtype to cast)")
         dtypes[name] = d
-    return Plan(source, specs, by_target, dtypes, source_bytes, cast)
+    if quantize is None:
+        return Plan(source, specs, by_target, dtypes, source_bytes, cast)
+    specs = param_specs(source.config, RuntimeConfig(quantize=quantize))
+    contract = quantized_weights(specs)
+    float_dtypes = {name: dtypes[name] for name in contract}
+    stored = {name: np.dtype(np.int8) if name in contract else dtypes.get(name, np.dtype(np.float32)) for name in specs}
+    return Plan(source, specs, by_target, stored, source_bytes, cast, quantize, contract, float_dtypes)
 
 
 # --------------------------------------------------------------------------------------- the driver
@@ -230,7 +258,7 @@ class ConversionReport:
 
 def convert(src, dst, format: str | None = None, dtype=None, overwrite: bool = False, show_progress: bool = True,
             *, tokenizer: str | None = None, buffer_bytes: int = 64 << 20, compress: bool = True,
-            log: Callable[[str], None] | None = None) -> ConversionReport:
+            log: Callable[[str], None] | None = None, quantize: str | None = None) -> ConversionReport:
     """Convert the checkpoint directory `src` into a mixtral-jax Orbax checkpoint at `dst`.
 
     `format`: 'hf' or 'mistral' (default: detected). `dtype`: cast every parameter to it (default: keep
@@ -238,7 +266,9 @@ def convert(src, dst, format: str | None = None, dtype=None, overwrite: bool = F
     is complete). `tokenizer`: recorded in the checkpoint (default: the mistral-common tokenizer matching
     the vocabulary). `buffer_bytes`: how much to gather before each write; peak memory is about
     `max(buffer_bytes, largest parameter)` plus a constant. Every problem with the input is a
-    `CheckpointError` raised before anything is written.
+    `CheckpointError` raised before anything is written. `quantize='int8'`: store the experts' and
+    attention projections' weights as int8 with per-output-channel scales (`mixtral_jax.quant`), each
+    quantized from the source (after `dtype`) as it is built.
     """
     t0 = time.perf_counter()
     say = log if log is not None else ((lambda m: print(m, file=sys.stderr)) if show_progress else (lambda m: None))
@@ -247,12 +277,12 @@ def convert(src, dst, format: str | None = None, dtype=None, overwrite: bool = F
         raise CheckpointError(f"destination {dst} already exists; pass --overwrite (overwrite=True) to replace it")
     source = open_source(src, format)
     say(f"found {source.description}")
-    p = make_plan(source, dtype)
+    p = make_plan(source, dtype, quantize)
     if os.path.lexists(dst) and not orbax_io.may_replace(dst):
         raise CheckpointError(f"destination {dst} exists and is not a mixtral-jax checkpoint; refusing to replace "
                               f"it even with --overwrite")
     metadata = orbax_io.checkpoint_metadata(
-        source.config, p.specs, p.dtypes, tokenizer=tokenizer,
+        source.config, p.specs, p.dtypes, tokenizer=tokenizer, quantize=quantize,
         source={"path": src, "format": source.format, "layout": source.description,
                 "cast_to": p.cast.name if p.cast is not None else None})
     total, start, done = p.total_bytes, time.perf_counter(), 0
@@ -274,4 +304,5 @@ def convert(src, dst, format: str | None = None, dtype=None, overwrite: bool = F
         source.release()
     return ConversionReport(src, dst, source.format, source.description, len(p.specs),
                             len(source.tensors.keys()), p.total_bytes, time.perf_counter() - t0,
-                            p.cast.name if p.cast is not None else metadata["dtype"])
+                            (p.cast.name if p.cast is not None else metadata["dtype"])
+                            + (f" + {quantize} weights" if quantize else ""))

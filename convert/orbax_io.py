@@ -201,14 +201,16 @@ def default_tokenizer(config: MixtralConfig) -> str | None:
 
 
 def checkpoint_metadata(config: MixtralConfig, specs: Mapping[str, Any], dtypes: Mapping[str, np.dtype], *,
-                        source: Mapping[str, Any], tokenizer: str | None = None) -> dict:
+                        source: Mapping[str, Any], tokenizer: str | None = None,
+                        quantize: str | None = None) -> dict:
     """`mixtral_jax.json` for parameters `specs` (`param_specs`) stored in `dtypes`: the one schema that
     converted, exported and trained checkpoints share. `tokenizer` None: `default_tokenizer(config)`.
-    The default load dtype is the one most of the bytes have."""
+    The default load dtype is the float dtype most of the bytes have; `quantize` ('int8') records that
+    the weights with a `_scale` parameter are quantized (`mixtral_jax.quant`)."""
     nbytes = {name: int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(dtypes[name]).itemsize
               for name, spec in specs.items()}
     by_dtype: dict = {}
-    for name in specs:
+    for name in (n for n in specs if np.dtype(dtypes[n]).kind not in "iu"):
         by_dtype[np.dtype(dtypes[name])] = by_dtype.get(np.dtype(dtypes[name]), 0) + nbytes[name]
     return {
         "format": FORMAT_NAME,
@@ -216,6 +218,7 @@ def checkpoint_metadata(config: MixtralConfig, specs: Mapping[str, Any], dtypes:
         "config": config.to_dict(),
         "tokenizer": tokenizer if tokenizer is not None else default_tokenizer(config),
         "dtype": max(by_dtype, key=by_dtype.get).name,
+        **({"quantize": quantize} if quantize is not None else {}),
         "params": {n: {"shape": list(s.shape), "dtype": np.dtype(dtypes[n]).name, "logical_axes": list(s.logical_axes)}
                    for n, s in specs.items()},
         "source": dict(source),
@@ -279,6 +282,15 @@ class CheckpointInfo:
     dtype: np.dtype                               # default parameter dtype when loading
     params: dict[str, tuple[tuple[int, ...], np.dtype]]
     metadata: dict                                # the whole of mixtral_jax.json
+
+    @property
+    def quantize(self) -> str | None:
+        """'int8' for a checkpoint of quantized weights (`convert --quantize int8`), else None."""
+        return self.metadata.get("quantize")
+
+    @property
+    def quantize_lm_head(self) -> bool:
+        return "lm_head_scale" in self.params
 
 
 def is_checkpoint(path) -> bool:

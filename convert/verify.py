@@ -16,6 +16,7 @@ import numpy as np
 
 from mixtral_jax.errors import CheckpointError
 from mixtral_jax.progress import progress
+from mixtral_jax.quant import SCALE_SUFFIX
 
 from . import orbax_io
 from .converter import make_plan, open_source
@@ -48,7 +49,7 @@ def verify(src, dst, format: str | None = None, show_progress: bool = True) -> V
         diff = [f"{k}: checkpoint {a[k]!r} vs source {b[k]!r}" for k in a if a[k] != b[k]]
         raise VerificationError(f"config differs from the source's: {'; '.join(diff)}")
     cast = info.metadata.get("source", {}).get("cast_to")
-    p = make_plan(source, cast)
+    p = make_plan(source, cast, info.quantize)
     orbax_io.check_specs(info, p.specs)
     stored = orbax_io.stored_tree(dst)
     if set(stored) != set(p.specs):
@@ -62,7 +63,8 @@ def verify(src, dst, format: str | None = None, show_progress: bool = True) -> V
         for name in p.specs:
             expected = p.build(name)
             actual = orbax_io.restore(dst, {name: stored[name]}, partial=True)[name]
-            _compare(name, [k for k, _ in p.by_target[name]], np.asarray(actual), expected)
+            parts = p.by_target.get(name) or p.by_target[name.removesuffix(SCALE_SUFFIX)]  # scales: their weight's
+            _compare(name, [k for k, _ in parts], np.asarray(actual), expected)
             checked += expected.nbytes
             del expected, actual
             source.release()

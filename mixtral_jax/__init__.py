@@ -13,7 +13,7 @@ from .loading import load, load_checkpoint, load_hf
 from .model import Mixtral
 from .moe import load_balancing_loss
 from .params import ParamSpec, assemble_model, model_arrays, param_specs
-from .placement import shard_model
+from .placement import quantize_model, shard_model
 from .sampler import Sampler, SamplingError
 from .tokenizer import load_tokenizer
 from .train import TrainConfig, Trainer, loss_terms
@@ -23,5 +23,5 @@ __all__ = [
     "CheckpointError", "ConfigError", "Mixtral", "PackedDataset", "TrainConfig", "Trainer", "loss_terms",
     "MixtralConfig", "ParamSpec", "RuntimeConfig",
     "Sampler", "SamplingError", "__version__", "assemble_model", "chat", "generate", "load", "load_balancing_loss",
-    "load_checkpoint", "load_hf", "load_tokenizer", "model_arrays", "param_specs", "shard_model",
+    "load_checkpoint", "load_hf", "load_tokenizer", "model_arrays", "param_specs", "quantize_model", "shard_model",
 ]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from .errors import ConfigError
+from .quant import check_quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +248,9 @@ class RuntimeConfig:
     on GPU, blockwise for long sequences elsewhere, all exact). `mesh` (a
     `jax.sharding.Mesh`, e.g. from `mixtral_jax.sharding.make_mesh("expert=4,tensor=2")`, checked against
     the model by `mixtral_jax.placement.sharded_runtime`) runs the MoE expert-parallel
-    (`mixtral_jax.sharding.expert_parallel`); None runs it on one device.
+    (`mixtral_jax.sharding.expert_parallel`); None runs it on one device. `quantize='int8'` stores the
+    experts' and attention projections' weights as int8 with per-output-channel scales
+    (`mixtral_jax.quant`); `quantize_lm_head` the LM head too.
     """
 
     param_dtype: Any = jnp.float32
@@ -256,8 +259,13 @@ class RuntimeConfig:
     capacity_factor: float = 2.0
     mesh: Any = None
     attention: str = "auto"
+    quantize: str | None = None
+    quantize_lm_head: bool = False
 
     def __post_init__(self):
+        check_quantize(self.quantize)
+        if self.quantize_lm_head and self.quantize is None:
+            raise ConfigError("quantize_lm_head needs quantize (e.g. quantize='int8')")
         if self.mesh is not None and not isinstance(self.mesh, Mesh):
             raise ConfigError(f"RuntimeConfig.mesh must be a jax.sharding.Mesh or None, got {self.mesh!r}; "
                               f"build one with mixtral_jax.sharding.make_mesh(spec)")

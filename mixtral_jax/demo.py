@@ -36,7 +36,7 @@ def default_model(runtime: RuntimeConfig | None = None, seed: int = 0, trained: 
     runtime = runtime or RuntimeConfig()
     if trained or (trained is None and has_trained_model()):
         return load(DEMO_CHECKPOINT, mesh=runtime.mesh, dtype=runtime.param_dtype, moe_strategy=runtime.moe_strategy,
-                    compute_dtype=runtime.compute_dtype)
+                    compute_dtype=runtime.compute_dtype, quantize=runtime.quantize)
     if runtime.mesh is None:
         return Mixtral(DEMO_CONFIG, runtime, rngs=nnx.Rngs(seed))
     return shard_model(Mixtral(DEMO_CONFIG, dataclasses.replace(runtime, mesh=None), rngs=nnx.Rngs(seed)), runtime.mesh)

@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .generate import chat, check_tokenizer, generate
 from .loading import load_checkpoint
 from .penalties import make_penalties
+from .quant import QUANTIZE_MODES
 from .sampler import make_strategy
 from .sharding import make_mesh
 from .tokenizer import load_tokenizer, tokenizer_for
@@ -43,8 +44,8 @@ def _load_model(args):
               f"{DEMO_DECODING['temperature']}, top-p {DEMO_DECODING['top_p']} (--temperature 0: greedy)",
               file=sys.stderr)
         mesh = make_mesh(args.mesh) if args.mesh else None
-        return default_model(RuntimeConfig(param_dtype=args.dtype or "float32", mesh=mesh))
-    return load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
+        return default_model(RuntimeConfig(param_dtype=args.dtype or "float32", mesh=mesh, quantize=args.quantize))
+    return load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=args.mesh, quantize=args.quantize)
 
 
 def _add_common(p: argparse.ArgumentParser):
@@ -52,6 +53,8 @@ def _add_common(p: argparse.ArgumentParser):
                                         "(default: the embedded demo model)")
     p.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8 weights for the experts and attention, "
+                                                              "quantized while loading (default: as stored)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     for flag, kind, meaning in _DECODING_FLAGS:
         default = "none" if _API_DEFAULTS[flag] is None else _API_DEFAULTS[flag]

@@ -11,6 +11,7 @@ carry their config and the name of their tokenizer, which `load` hands to the mo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -22,33 +23,43 @@ from .convert import orbax_io
 from .convert.hf import HFCheckpoint
 from .convert.keymap import HF_RULES, assemble, plan
 from .model import Mixtral
-from .params import assemble_model, param_specs
+from .params import assemble_model, param_specs, quantized_weights, quantizing
 from .placement import sharded_runtime
 from .progress import progress
+from .quant import SCALE_SUFFIX, check_quantize
 from .sharding import param_shardings
 
 
 def load(path: str | os.PathLike, mesh: Mesh | str | dict | None = None, dtype=None, moe_strategy: str = "auto",
-         *, compute_dtype=None) -> Mixtral:
+         *, compute_dtype=None, quantize: str | None = None) -> Mixtral:
     """Load a checkpoint written by `mixtral-jax convert` (see `mixtral_jax.convert.orbax_io`).
 
     `mesh`: a `jax.sharding.Mesh`, or a spec such as `"expert=4,tensor=2"` for `make_mesh`; None puts
     everything on the default device. `dtype`: the parameter dtype (default: the checkpoint's own, so
     bf16 stays bf16; anything else is cast while reading). `compute_dtype`: the matmul dtype (default:
-    `dtype`). `moe_strategy`: see `RuntimeConfig`.
+    `dtype`). `moe_strategy`: see `RuntimeConfig`. `quantize='int8'`: int8 weights (`mixtral_jax.quant`),
+    quantized while reading, one weight at a time (a checkpoint converted with `--quantize int8` is
+    read as it is, quantized or not).
     """
+    check_quantize(quantize)
     info = orbax_io.read_info(path)
     runtime = RuntimeConfig(param_dtype=as_dtype(dtype) if dtype is not None else info.dtype,
-                            compute_dtype=compute_dtype, moe_strategy=moe_strategy)
+                            compute_dtype=compute_dtype, moe_strategy=moe_strategy,
+                            quantize=info.quantize or quantize, quantize_lm_head=info.quantize_lm_head)
     if mesh is not None:  # checks the mesh can hold this model; the MoE then runs expert-parallel
         runtime = sharded_runtime(info.config, runtime, mesh)
     specs = param_specs(info.config, runtime)
-    orbax_io.check_specs(info, specs)
+    quantizing_now = runtime.quantize is not None and info.quantize is None  # a float checkpoint, to quantize
+    orbax_io.check_specs(info, param_specs(info.config, dataclasses.replace(runtime, quantize=None,
+                                                                            quantize_lm_head=False))
+                         if quantizing_now else specs)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = {name: device for name in specs}
     else:
         shardings = param_shardings(specs, runtime.mesh)
+    if quantizing_now:
+        return _load_quantizing(info, runtime, shardings)
     abstract = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings[name])
                 for name, spec in specs.items()}
     arrays = orbax_io.restore(info.path, abstract)
@@ -57,26 +68,66 @@ def load(path: str | os.PathLike, mesh: Mesh | str | dict | None = None, dtype=N
     return model
 
 
+def _load_quantizing(info, runtime: RuntimeConfig, shardings) -> Mixtral:
+    """A float checkpoint into an int8 model: the unquantized parameters in one restore, each weight to
+    quantize on its own (as numpy, then placed), so one float weight at a time is in memory."""
+    specs = param_specs(info.config, runtime)
+    stored = orbax_io.stored_tree(info.path)
+    weights = quantized_weights(specs)
+    plain = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings[name])
+             for name, spec in specs.items() if name in stored and name not in weights}
+    arrays = orbax_io.restore(info.path, plain, partial=True)
+
+    def get_float(name, spec):
+        if name in arrays:
+            return arrays.pop(name)
+        value = np.asarray(orbax_io.restore(info.path, {name: stored[name]}, partial=True)[name])
+        return value.astype(spec.dtype)
+
+    get = quantizing(info.config, runtime, get_float)
+    def get_array(name, spec):
+        value = get(name, spec)
+        return value if isinstance(value, jax.Array) else _place(value, shardings[name])  # restored already placed
+
+    model = assemble_model(info.config, runtime, get_array)
+    model.tokenizer_name = info.tokenizer
+    return model
+
+
 def load_hf(path: str | os.PathLike, dtype=None, *, compute_dtype=None, moe_strategy: str = "auto",
-            mesh: Mesh | str | dict | None = None, show_progress: bool = True) -> Mixtral:
+            mesh: Mesh | str | dict | None = None, show_progress: bool = True,
+            quantize: str | None = None) -> Mixtral:
     """Build a `Mixtral` from a Hugging Face checkpoint, one tensor at a time.
 
     `dtype` is the parameter dtype (default: the checkpoint's own, so bf16 stays bf16);
     `compute_dtype` the matmul dtype (default: `dtype`). With `mesh` (a Mesh or a spec such as
     "expert=4,tensor=2") each parameter is placed as the sharding rules say and each process reads,
-    from the memory-mapped files, only the slices its own devices hold.
+    from the memory-mapped files, only the slices its own devices hold. `quantize='int8'`: int8 weights,
+    each quantized as it is read (on a mesh each process then reads every expert of the weights it
+    quantizes: a scale needs the whole output channel).
     """
+    check_quantize(quantize)
     ckpt = HFCheckpoint(path)
     param_dtype = as_dtype(dtype) if dtype is not None else ckpt.floating_dtype()
-    runtime = RuntimeConfig(param_dtype=param_dtype, compute_dtype=compute_dtype, moe_strategy=moe_strategy)
+    runtime = RuntimeConfig(param_dtype=param_dtype, compute_dtype=compute_dtype, moe_strategy=moe_strategy,
+                            quantize=quantize)
     if mesh is not None:
         runtime = sharded_runtime(ckpt.config, runtime, mesh)
     specs = param_specs(ckpt.config, runtime)
     shardings = param_shardings(specs, runtime.mesh) if mesh is not None else None
-    by_target = plan(ckpt, HF_RULES, ckpt.config, specs)
+    float_specs = param_specs(ckpt.config, dataclasses.replace(runtime, quantize=None))
+    by_target = plan(ckpt, HF_RULES, ckpt.config, float_specs)
     bar = progress(total=len(specs), description="loading", unit="tensors", enabled=show_progress)
+    to_quantize = {n for w in quantized_weights(specs) for n in (w, w + SCALE_SUFFIX)}
+    quantized = quantizing(ckpt.config, runtime, lambda name, spec: assemble(ckpt, by_target[name], spec.shape,
+                                                                             spec.dtype))
 
     def get_array(name, spec):
+        if name in to_quantize:
+            value = quantized(name, spec)  # an int8 weight or its scales
+            array = jax.device_put(value) if shardings is None else _place(value, shardings[name])
+            bar.advance()
+            return array
         parts = by_target[name]
         if shardings is None:
             array = jax.device_put(assemble(ckpt, parts, spec.shape, spec.dtype))
@@ -93,6 +144,12 @@ def load_hf(path: str | os.PathLike, dtype=None, *, compute_dtype=None, moe_stra
         return assemble_model(ckpt.config, runtime, get_array)
 
 
+def _place(value, sharding) -> jax.Array:
+    """A host array (the same on every process) into `sharding`: each process puts only its own blocks."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
 def _slice_experts(ckpt, parts, spec, idx):
     """The block `idx` of a stacked expert parameter, reading only the experts it covers."""
     experts = range(*idx[0].indices(spec.shape[0]))
@@ -107,8 +164,8 @@ def is_hf_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype=None, mesh: Mesh | str | dict | None = None,
-                    moe_strategy: str = "auto") -> Mixtral:
+                    moe_strategy: str = "auto", quantize: str | None = None) -> Mixtral:
     """A Hugging Face directory (it has `config.json`) with `load_hf`, else one of ours with `load`."""
     if is_hf_checkpoint(path):
-        return load_hf(path, dtype=dtype, mesh=mesh, moe_strategy=moe_strategy)
-    return load(path, mesh=mesh, dtype=dtype, moe_strategy=moe_strategy)
+        return load_hf(path, dtype=dtype, mesh=mesh, moe_strategy=moe_strategy, quantize=quantize)
+    return load(path, mesh=mesh, dtype=dtype, moe_strategy=moe_strategy, quantize=quantize)

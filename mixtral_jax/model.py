@@ -23,6 +23,7 @@ from flax import nnx
 from .attention import Span, attention
 from .config import KV_CACHE_DTYPES, MixtralConfig, RuntimeConfig
 from .moe import expert_views, resolve_strategy, route, run_experts
+from .quant import qeinsum, quantize_jax, read
 from .sharding.expert_parallel import moe_expert_parallel
 from .sharding.rules import ACTIVATION_AXES, CACHE_ROW_AXES, KV_CACHE_AXES, KV_SCALE_AXES, constrain
 
@@ -35,6 +36,24 @@ def _param(rngs: nnx.Rngs, shape, dtype, axes, init="normal") -> nnx.Param:
     else:
         value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, logical_axes=axes)
+
+
+def _weight(module: nnx.Module, name: str, rngs, shape, dtype, axes, contract: tuple[int, ...], quantize: bool):
+    """Set `module.<name>` to a weight; quantized, an int8 `<name>` and a float32 `<name>_scale` whose
+    logical axes are the weight's minus the contracted ones (`mixtral_jax.quant`)."""
+    if not quantize:
+        setattr(module, name, _param(rngs, shape, dtype, axes))
+        return
+    q, scale = quantize_jax(_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32), contract)
+    setattr(module, name, nnx.Param(q, logical_axes=axes))
+    setattr(module, name + "_scale",
+            nnx.Param(scale, logical_axes=tuple(a for i, a in enumerate(axes) if i not in contract)))
+
+
+def _read(module: nnx.Module, name: str, dtype):
+    """A weight for `qeinsum` and the MoE strategies: a `QArray` when quantized, else cast to `dtype`."""
+    scale = getattr(module, name + "_scale", None)
+    return read(getattr(module, name)[...], None if scale is None else scale[...], dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -66,11 +85,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 class Attention(nnx.Module):
     def __init__(self, cfg: MixtralConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
-        pd = rt.param_dtype
-        self.wq = _param(rngs, (cfg.dim, cfg.n_heads, cfg.head_dim), pd, ("embed", "q_heads", "head_dim"))
-        self.wk = _param(rngs, (cfg.dim, cfg.n_kv_heads, cfg.head_dim), pd, ("embed", "kv_heads", "head_dim"))
-        self.wv = _param(rngs, (cfg.dim, cfg.n_kv_heads, cfg.head_dim), pd, ("embed", "kv_heads", "head_dim"))
-        self.wo = _param(rngs, (cfg.n_heads, cfg.head_dim, cfg.dim), pd, ("q_heads", "head_dim", "embed"))
+        pd, quant = rt.param_dtype, rt.quantize is not None
+        _weight(self, "wq", rngs, (cfg.dim, cfg.n_heads, cfg.head_dim), pd, ("embed", "q_heads", "head_dim"), (0,),
+                quant)
+        _weight(self, "wk", rngs, (cfg.dim, cfg.n_kv_heads, cfg.head_dim), pd, ("embed", "kv_heads", "head_dim"), (0,),
+                quant)
+        _weight(self, "wv", rngs, (cfg.dim, cfg.n_kv_heads, cfg.head_dim), pd, ("embed", "kv_heads", "head_dim"), (0,),
+                quant)
+        _weight(self, "wo", rngs, (cfg.n_heads, cfg.head_dim, cfg.dim), pd, ("q_heads", "head_dim", "embed"), (0, 1),
+                quant)
         self.window = cfg.sliding_window
         self.impl = rt.attention
         self.mesh = rt.mesh
@@ -78,13 +101,13 @@ class Attention(nnx.Module):
     def project_qkv(self, x, cos, sin):
         """q (b, t, h, x); k, v in the cache layout (b, k, t, x)."""
         dt = x.dtype
-        q = apply_rope(jnp.einsum("btd,dhx->bthx", x, self.wq[...].astype(dt)), cos, sin)
-        k = apply_rope(jnp.einsum("btd,dkx->btkx", x, self.wk[...].astype(dt)), cos, sin)
-        v = jnp.einsum("btd,dkx->bktx", x, self.wv[...].astype(dt))
-        return q, jnp.swapaxes(k, 1, 2), v
+        q = apply_rope(qeinsum("btd,dhx->bthx", x, _read(self, "wq", dt)), cos, sin)
+        k = apply_rope(qeinsum("btd,dkx->btkx", x, _read(self, "wk", dt)), cos, sin)
+        v = qeinsum("btd,dkx->btkx", x, _read(self, "wv", dt))  # then swapped: an einsum into bktx copied wv
+        return q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
     def project_out(self, out):
-        return jnp.einsum("bthx,hxd->btd", out, self.wo[...].astype(out.dtype))
+        return qeinsum("bthx,hxd->btd", out, _read(self, "wo", out.dtype))
 
     def __call__(self, x, cos, sin, span: Span, cache=None, start=None):
         """Without a cache: self-attention over `x`'s own tokens. With `cache` = this layer's `LayerKV`,
@@ -102,12 +125,12 @@ class Attention(nnx.Module):
 
 class MoE(nnx.Module):
     def __init__(self, cfg: MixtralConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
-        pd = rt.param_dtype
+        pd, quant = rt.param_dtype, rt.quantize is not None
         e, d, f = cfg.n_experts, cfg.dim, cfg.hidden_dim
         self.router = _param(rngs, (d, e), pd, ("embed", "router"))
-        self.w1 = _param(rngs, (e, d, f), pd, ("expert", "embed", "mlp"))
-        self.w3 = _param(rngs, (e, d, f), pd, ("expert", "embed", "mlp"))
-        self.w2 = _param(rngs, (e, f, d), pd, ("expert", "mlp", "embed"))
+        _weight(self, "w1", rngs, (e, d, f), pd, ("expert", "embed", "mlp"), (1,), quant)
+        _weight(self, "w3", rngs, (e, d, f), pd, ("expert", "embed", "mlp"), (1,), quant)
+        _weight(self, "w2", rngs, (e, f, d), pd, ("expert", "mlp", "embed"), (1,), quant)
         self.top_k = cfg.top_k
         self.strategy = rt.moe_strategy
         self.capacity_factor = rt.capacity_factor
@@ -121,7 +144,7 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         dt = x.dtype
-        w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = (_read(self, name, dt) for name in ("w1", "w3", "w2"))
         if self.mesh is not None:
             out, logits = moe_expert_parallel(flat, self.router[...], w1, w3, w2, top_k=self.top_k, mesh=self.mesh,
                                               strategy=self.strategy, capacity_factor=self.capacity_factor)
@@ -165,7 +188,8 @@ class Mixtral(nnx.Module):
         self.embed = _param(rngs, (config.vocab_size, config.dim), rt.param_dtype, ("vocab", "embed"))
         self.layers = nnx.List([DecoderLayer(config, rt, rngs=rngs) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.dim, config.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
-        self.lm_head = _param(rngs, (config.dim, config.vocab_size), rt.param_dtype, ("embed", "vocab"))
+        _weight(self, "lm_head", rngs, (config.dim, config.vocab_size), rt.param_dtype, ("embed", "vocab"), (0,),
+                rt.quantize is not None and rt.quantize_lm_head)
         self.remat = False  # recompute each layer in the backward pass (training sets it: `TrainConfig.remat`)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -173,7 +197,7 @@ class Mixtral(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
-        return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
+        return qeinsum("btd,dv->btv", h, _read(self, "lm_head", h.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, return_router_logits: bool = False):
@@ -202,7 +226,7 @@ class Mixtral(nnx.Module):
             return None
         if resolve_strategy(self.runtime.moe_strategy) != "grouped":
             return None
-        views = tuple(tuple(expert_views(w[...]) for w in (layer.moe.w1, layer.moe.w3, layer.moe.w2))
+        views = tuple(tuple(expert_views(_read(layer.moe, name, None)) for name in ("w1", "w3", "w2"))
                       for layer in self.layers)
         return None if any(v is None for layer in views for v in layer) else views
 

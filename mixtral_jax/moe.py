@@ -29,6 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import quant
+from .quant import QArray, qeinsum
+
 
 class Routing(NamedTuple):
     logits: jax.Array      # (t, e) float32, the router's raw output (for the aux loss)
@@ -45,8 +48,8 @@ def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
 
 def _swiglu(x, w1, w3, w2, spec_in: str, spec_w: str, spec_h: str, spec_w2: str, spec_out: str):
     up = f"{spec_in},{spec_w}->{spec_h}"
-    h = jax.nn.silu(jnp.einsum(up, x, w1)) * jnp.einsum(up, x, w3)
-    return jnp.einsum(f"{spec_h},{spec_w2}->{spec_out}", h, w2)
+    h = jax.nn.silu(qeinsum(up, x, w1)) * qeinsum(up, x, w3)
+    return qeinsum(f"{spec_h},{spec_w2}->{spec_out}", h, w2)
 
 
 def moe_dense(x, routing: Routing, w1, w3, w2) -> jax.Array:
@@ -63,8 +66,10 @@ def moe_ragged(x, routing: Routing, w1, w3, w2) -> jax.Array:
     token_of = order // k
     group_sizes = jnp.bincount(flat_experts, length=w1.shape[0]).astype(jnp.int32)
     xs = x[token_of]                                                       # (t*k, d)
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w1, group_sizes)) * jax.lax.ragged_dot(xs, w3, group_sizes)
-    ys = jax.lax.ragged_dot(h, w2, group_sizes)                            # (t*k, d)
+    row_expert = flat_experts[order]                                       # int8: each row's scales
+    h = jax.nn.silu(quant.ragged_dot(xs, w1, group_sizes, row_expert)) * quant.ragged_dot(xs, w3, group_sizes,
+                                                                                          row_expert)
+    ys = quant.ragged_dot(h, w2, group_sizes, row_expert)                  # (t*k, d)
     ys = ys * routing.weights.reshape(-1)[order][:, None].astype(ys.dtype)
     return jnp.zeros_like(x).at[token_of].add(ys)
 
@@ -163,7 +168,7 @@ def moe_grouped(x, routing: Routing, w1, w3, w2, expert_weights=None) -> jax.Arr
             weights = jax.lax.dynamic_slice_in_dim(weight_of, start, size)
             weights = jnp.where(jnp.arange(size) < count, weights, 0).astype(x.dtype)  # other experts' rows
             xs = rows[tokens]
-            y = (jax.nn.silu(xs @ w1[e]) * (xs @ w3[e])) @ w2[e]
+            y = quant.matmul(jax.nn.silu(quant.matmul(xs, w1[e])) * quant.matmul(xs, w3[e]), w2[e])
             return out.at[tokens].add(y * weights[:, None])
         return run
 
@@ -184,14 +189,18 @@ def moe_grouped(x, routing: Routing, w1, w3, w2, expert_weights=None) -> jax.Arr
     return out[:t]
 
 
-def expert_views(w: jax.Array) -> tuple[jax.Array, ...] | None:
+def expert_views(w) -> tuple | None:
     """One array per expert sharing `w`'s memory, or None where that is not possible.
 
     XLA:CPU copies a slice `w[e]` before a matmul can use it; a decode step that reads two experts then
     spends more time copying than multiplying. Separate arrays that alias the stacked parameter (a CPU
     buffer seen through numpy, put back without a copy) let each `grouped` branch read its expert in
     place. Anything that would need a copy (accelerators, sharded arrays) returns None: never 2x memory.
+    An int8 `QArray` gives per-expert `QArray`s (views of its values and of its scales).
     """
+    if isinstance(w, QArray):
+        q, scale = expert_views(w.q), expert_views(w.scale)
+        return None if q is None or scale is None else tuple(QArray(a, b) for a, b in zip(q, scale, strict=True))
     devices = w.devices() if isinstance(w, jax.Array) else ()
     if len(devices) != 1 or next(iter(devices)).platform != "cpu":
         return None

@@ -16,6 +16,7 @@ from flax import nnx
 
 from .config import MixtralConfig, RuntimeConfig
 from .model import Mixtral
+from .quant import SCALE_SUFFIX, contracted_axes, quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +63,36 @@ def assemble_model(config: MixtralConfig, runtime: RuntimeConfig,
 def model_arrays(model: Mixtral) -> Mapping[str, jax.Array]:
     """The model's parameters by name (the inverse of `assemble_model`)."""
     return {_path_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def quantized_weights(specs: Mapping[str, ParamSpec]) -> dict[str, tuple[int, ...]]:
+    """`{weight name: contracted axes}` of the quantized weights in `specs` (those with a `_scale`)."""
+    return {name: contracted_axes(spec.logical_axes, specs[name + SCALE_SUFFIX].logical_axes)
+            for name, spec in specs.items() if name + SCALE_SUFFIX in specs}
+
+
+def quantizing(config: MixtralConfig, runtime: RuntimeConfig,
+               get_float: Callable[[str, ParamSpec], np.ndarray]) -> Callable[[str, ParamSpec], np.ndarray]:
+    """A `get_array` for `assemble_model(config, runtime, ...)` from one that returns the unquantized
+    parameters (by the unquantized specs): each quantized weight is read once, as float, and quantized
+    (`mixtral_jax.quant.quantize`), its int8 values and scales handed out in turn; one weight at a time."""
+    specs = param_specs(config, runtime)
+    float_specs = param_specs(config, dataclasses.replace(runtime, quantize=None, quantize_lm_head=False))
+    contract = quantized_weights(specs)
+    pending: dict[str, list] = {}
+
+    def get(name: str, spec: ParamSpec):
+        base = name[:-len(SCALE_SUFFIX)] if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in contract \
+            else name
+        if base not in contract:
+            return get_float(name, spec)
+        if base not in pending:
+            pending[base] = list(quantize(np.asarray(get_float(base, float_specs[base])), contract[base]))
+        pair = pending[base]
+        i = 1 if name != base else 0
+        value, pair[i] = pair[i], None
+        if pair[0] is None and pair[1] is None:
+            del pending[base]
+        return value
+
+    return get

@@ -9,11 +9,12 @@ import dataclasses
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from .config import MixtralConfig, RuntimeConfig
 from .model import Mixtral
-from .params import assemble_model, model_arrays, param_specs
+from .params import assemble_model, model_arrays, param_specs, quantizing
 from .sharding import DEFAULT_RULES, Rule, ShardingError, make_mesh, param_shardings
 
 
@@ -45,3 +46,21 @@ def shard_model(model: Mixtral, mesh: Mesh | str | dict, rules: Mapping[str, Rul
     shardings = param_shardings(param_specs(model.config, runtime), runtime.mesh, rules)
     arrays = model_arrays(model)
     return assemble_model(model.config, runtime, lambda name, spec: jax.device_put(arrays[name], shardings[name]))
+
+
+def quantize_model(model: Mixtral, quantize: str = "int8", *, lm_head: bool = False) -> Mixtral:
+    """A copy of `model` with int8 weights (experts and attention projections; the LM head with
+    `lm_head`), laid out as `model` is (same device or mesh). One weight at a time, on the host."""
+    runtime = dataclasses.replace(model.runtime, quantize=quantize, quantize_lm_head=lm_head)
+    arrays = model_arrays(model)
+    get = quantizing(model.config, runtime, lambda name, spec: np.asarray(arrays[name]))
+    if runtime.mesh is None:
+        device = next(iter(arrays.values())).sharding
+        out = assemble_model(model.config, runtime, lambda name, spec: jax.device_put(get(name, spec), device))
+    else:
+        shardings = param_shardings(param_specs(model.config, runtime), runtime.mesh)
+        out = assemble_model(model.config, runtime,
+                             lambda name, spec: jax.device_put(get(name, spec), shardings[name]))
+    if hasattr(model, "tokenizer_name"):
+        out.tokenizer_name = model.tokenizer_name
+    return out

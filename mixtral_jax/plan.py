@@ -34,6 +34,7 @@ from .model import KVCache, Mixtral
 from .moe import resolve_strategy
 from .params import param_specs
 from .placement import check_mesh
+from .quant import check_quantize
 from .sharding.mesh import make_mesh, parse_mesh_spec
 from .sharding.rules import (
     CACHE_ROW_AXES,
@@ -318,18 +319,23 @@ def compile_workload(config: MixtralConfig, runtime: RuntimeConfig, workload: Wo
                   est_bound="compute" if compute_s >= memory_s else "memory")
 
 
-def plan_runtime(mesh: Mesh, dtype="bfloat16", backend: str = "tpu") -> RuntimeConfig:
-    """bf16 weights and compute, the MoE strategy `auto` picks on the target backend (not on this CPU)."""
+def plan_runtime(mesh: Mesh, dtype="bfloat16", backend: str = "tpu", quantize: str | None = None) -> RuntimeConfig:
+    """bf16 weights and compute (int8 expert and attention weights with `quantize`), the MoE strategy
+    `auto` picks on the target backend (not on this CPU)."""
     return RuntimeConfig(param_dtype=dtype, moe_strategy=resolve_strategy("auto", backend=backend),
-                         mesh=mesh)
+                         mesh=mesh, quantize=quantize)
 
 
 def plan(config: MixtralConfig, topology: str | Topology, mesh: str, workloads: Sequence[Workload], *,
-         dtype="bfloat16", kv_cache_dtype=None) -> list[Report]:
+         dtype="bfloat16", quantize: str | None = None, kv_cache_dtype=None) -> list[Report]:
     """Compile each workload for `topology` (a Cloud name such as "v5e-8") on `mesh`; one report each.
+    `quantize='int8'`: int8 expert and attention weights (serving only: training needs float weights).
     `kv_cache_dtype` (e.g. "int8"): the sampler's KV cache, default `dtype`."""
+    check_quantize(quantize)
+    if quantize is not None and any(w.kind == "train" for w in workloads):
+        raise PlanError("--quantize plans prefill and decode only: training updates float weights")
     topo = get_topology(topology) if isinstance(topology, str) else topology
-    runtime = plan_runtime(slice_mesh(config, topo, mesh), dtype)
+    runtime = plan_runtime(slice_mesh(config, topo, mesh), dtype, quantize=quantize)
     return [compile_workload(config, runtime, w, topo, mesh, kv_cache_dtype) for w in workloads]
 
 

@@ -19,6 +19,7 @@ from . import plan
 from .config import KV_CACHE_DTYPES, MixtralConfig
 from .convert.orbax_io import read_info
 from .errors import ConfigError
+from .quant import QUANTIZE_MODES
 from .sharding.distributed import on_cloud_tpu_vm
 from .sharding.mesh import parse_mesh_spec
 from .topologies import GIB, TOPOLOGIES, get_topology
@@ -67,9 +68,10 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def format_reports(config: MixtralConfig, topology, reports) -> str:
+def format_reports(config: MixtralConfig, topology, reports, quantize: str | None = None) -> str:
     chip = topology.chip
-    lines = [f"{_params(config.param_count())}-parameter Mixtral on {topology.name}: {topology.chips} x "
+    lines = [f"{_params(config.param_count())}-parameter Mixtral{f' ({quantize} weights)' if quantize else ''} on "
+             f"{topology.name}: {topology.chips} x "
              f"{chip.name} ({chip.hbm_bytes / GIB:.2f} GiB HBM each), {topology.hosts} host(s), mesh "
              f"{reports[0].mesh if reports else '-'}",
              "",
@@ -137,11 +139,12 @@ def run_plan(args) -> int:
     topology = get_topology(args.topology)  # a bad name fails before anything loads
     config = model_config(args.model)
     jobs = workloads(args)
-    reports = plan.plan(config, topology, args.mesh, jobs, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+    reports = plan.plan(config, topology, args.mesh, jobs, dtype=args.dtype, quantize=args.quantize,
+                        kv_cache_dtype=args.kv_cache_dtype)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=1))
     else:
-        print(format_reports(config, topology, reports))
+        print(format_reports(config, topology, reports, args.quantize))
     return 0
 
 
@@ -157,6 +160,7 @@ def register(subparsers):
     p.add_argument("--model", default="8x7b", help=f"{', '.join(PRESETS)}, a checkpoint, or a config JSON "
                                                   "(default: 8x7b)")
     p.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default: bfloat16)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8 expert and attention weights (serving plans)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
                    help="the sampler's KV cache (default: --dtype; int8 halves bf16's bytes)")
     p.add_argument("--prefill", type=int, help="prefill prompts of this many tokens")

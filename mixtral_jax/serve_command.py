@@ -15,18 +15,19 @@ from .config import KV_CACHE_DTYPES, RuntimeConfig
 from .demo import DEMO_CHECKPOINT, default_model, has_trained_model
 from .engine import Engine, EngineConfig
 from .loading import load_checkpoint
+from .quant import QUANTIZE_MODES
 from .serve import create_app, run_server
 from .tokenizer import load_tokenizer
 
 
 def _load_model(args):
     if args.checkpoint is not None:
-        return load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
+        return load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=args.mesh, quantize=args.quantize)
     what = "trained on Python's standard library" if has_trained_model() else "random weights: checkpoint absent"
     print(f"serving the embedded demo model ({what})", file=sys.stderr)
     if args.mesh and has_trained_model():
-        return load_checkpoint(DEMO_CHECKPOINT, dtype=args.dtype or "float32", mesh=args.mesh)
-    return default_model(RuntimeConfig(param_dtype=args.dtype or "float32"))
+        return load_checkpoint(DEMO_CHECKPOINT, dtype=args.dtype or "float32", mesh=args.mesh, quantize=args.quantize)
+    return default_model(RuntimeConfig(param_dtype=args.dtype or "float32", quantize=args.quantize))
 
 
 def run_serve(args) -> int:
@@ -52,6 +53,8 @@ def register(sub):
                                         "(default: the embedded demo model)")
     s.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
+    s.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8 weights for the experts and attention, "
+                                                              "quantized while loading (default: as stored)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch", type=int, default=16, help="decode slots (requests decoded together)")

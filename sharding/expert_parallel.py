@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from mixtral_jax.moe import Routing, assign_buckets, bucket_capacity, route, run_experts
+from mixtral_jax.quant import QArray
 
 from .rules import DEFAULT_RULES, Rule, ShardingError, mesh_axes
 
@@ -64,6 +65,8 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
     token_axes = _token_axes(mesh, n_tokens, mesh_axes("batch", mesh, rules))
     tok = P(token_axes, None)
     w_in, w_out = P(expert_axis, None, hidden), P(expert_axis, hidden, None)
+    if isinstance(w1, QArray):  # int8 experts: the scales (e, f) / (e, d) split with their output channels
+        w_in, w_out = QArray(w_in, P(expert_axis, hidden)), QArray(w_out, P(expert_axis, None))
     summed = (*expert_axes, *hidden_axes)
     all_axes = tuple(mesh.axis_names)
 
