@@ -112,7 +112,7 @@ def test_auto_picks_by_platform_and_size():
     assert resolve("splash", (1, 1, 4, 128), (1, 2, 256, 128), jnp.bfloat16, False) == "plain"  # a cache
     assert resolve("splash", (1, 100, 4, 128), (1, 2, 100, 128), jnp.bfloat16, True) == "blockwise"  # odd length
     assert resolve("cudnn", (1, 256, 4, 128), (1, 2, 256, 128), jnp.float32, True) == "blockwise"  # no fp32
-    assert tile_sizes(6, "cpu") == (64, 512) and tile_sizes(32, "cpu") == (16, 512)
+    assert tile_sizes(6, "cpu") == (128, 1024) and tile_sizes(32, "cpu") == (16, 1024)
     assert tile_sizes(32, "tpu") == (512, 512)
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         attention(*_inputs(1, 4, 4, 2, 1, 8)[:4], impl="flash")
