@@ -1,6 +1,6 @@
 """The embedded demo model's held-out loss and a picture of which experts its router picks for which tokens.
 
-    python -m bench.demo_report [--sequences 32] [--quantize int8 [--quantize-lm-head]]
+    python -m bench.demo_report [--sequences 32] [--quantize int8 [--quantize-lm-head]] [--kv-cache-dtype int8]
 
 Held-out text: the standard library's own test files (`test/` directories), which `bench.train_demo`
 leaves out of training. Token kinds come from Python's tokenizer on the decoded piece; the picture is a
@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixtral_jax.config import KV_CACHE_DTYPES
 from mixtral_jax.demo import default_model, has_trained_model
+from mixtral_jax.model import KVCache
 from mixtral_jax.placement import quantize_model
 from mixtral_jax.quant import QUANTIZE_MODES
 from mixtral_jax.tokenizer import load_tokenizer
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help="also the loss with int8 weights, and the difference")
     p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: the LM head in int8 too")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="compute the compared loss through a KV cache of this dtype (int8: the int8 cache's numbers)")
     args = p.parse_args(argv)
     if not has_trained_model():
         raise SystemExit("the trained demo model is not in this tree (mixtral_jax/assets/demo_model)")
@@ -68,6 +72,12 @@ def main(argv=None) -> int:
     batch = np.asarray(ids[: args.sequences * args.seq_len]).reshape(args.sequences, args.seq_len)
     forward = nnx.jit(lambda m, t: m(t, return_router_logits=True))
     quantized = quantize_model(model, args.quantize, lm_head=args.quantize_lm_head) if args.quantize else None
+    if args.kv_cache_dtype and quantized is None:
+        quantized = model
+    if args.kv_cache_dtype:  # every position's logits from one prefill into a cache of that dtype
+        compared = nnx.jit(lambda m, t: m.extend(KVCache.empty(m.config, 1, t.shape[1], args.kv_cache_dtype), t)[0])
+    else:
+        compared = lambda m, t: forward(m, t)[0]  # noqa: E731
     losses, q_losses, kinds, first, last = [], [], [], [], []
 
     def loss(logits, row):
@@ -78,7 +88,7 @@ def main(argv=None) -> int:
         logits, router = forward(model, row[None])
         losses.append(loss(logits, row))
         if quantized is not None:
-            q_losses.append(loss(forward(quantized, row[None])[0], row))
+            q_losses.append(loss(compared(quantized, row[None]), row))
         first += np.asarray(jnp.argmax(router[0, 0], -1)).tolist()
         last += np.asarray(jnp.argmax(router[-1, 0], -1)).tolist()
         kinds += [kind_of(tok.decode([int(t)]) if t > 2 else "") for t in row]
@@ -86,7 +96,9 @@ def main(argv=None) -> int:
           f"nats/token (perplexity {np.exp(np.mean(losses)):.1f})")
     if quantized is not None:
         head = "experts, attention and LM head" if args.quantize_lm_head else "experts and attention"
-        print(f"with {args.quantize} weights ({head}): {np.mean(q_losses):.4f} nats/token, "
+        what = f"{args.quantize} weights ({head})" if args.quantize else "float weights"
+        what += f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype else ""
+        print(f"with {what}: {np.mean(q_losses):.4f} nats/token, "
               f"{np.mean(q_losses) - np.mean(losses):+.4f} vs {np.mean(losses):.4f}")
     n_experts = model.config.n_experts
     names = sorted(set(kinds))
