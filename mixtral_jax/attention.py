@@ -3,11 +3,12 @@
 All implementations give the plain one's numbers (causal by position, left padding, sliding window, grouped
 query heads, an int8 KV cache's scales); they differ in memory and speed:
 
-- `plain`:     the whole (queries x keys) score matrix at once. Fastest for short sequences and decode.
-- `blockwise`: an online softmax over key blocks inside a `lax` loop (per query block, also a loop), so
-               temporaries are one (query block x key block) tile, never (t x s); a key block that the
-               causal mask, the window or the padding hides entirely (or a cache slot not yet written) is
-               skipped by a `lax.cond` on its position summary. Any backend; differentiable.
+- `plain`:     the whole (queries x keys) score matrix at once. For decode (a few queries).
+- `blockwise`: an online softmax over key tiles inside a `lax` loop (per query tile, a `lax.map`), so
+               temporaries are one (query tile x key tile), never (t x s). From each tile's position
+               summary a `lax.switch` skips a tile that the causal mask, the window, padding or unwritten
+               cache slots hide entirely, and drops the mask where the tile is fully visible. Any
+               backend; differentiable (tiles are recomputed in the backward pass).
 - `splash`:    Pallas splash attention on TPU (`jax.experimental.pallas.ops.tpu.splash_attention`) for a
                sequence attending to itself (the full forward pass, training). Runs under `shard_map` on a
                mesh (batch and heads split as the rules say). `interpret=True` runs it on CPU for tests.
