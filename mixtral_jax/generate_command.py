@@ -48,21 +48,26 @@ def _load_model(args):
     return load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=args.mesh, quantize=args.quantize)
 
 
-def _add_common(p: argparse.ArgumentParser):
+def add_model_flags(p: argparse.ArgumentParser):
+    """The flags that choose and place a model and its KV cache (shared with `serve`)."""
     p.add_argument("--checkpoint", help="Hugging Face directory or converted Orbax checkpoint "
                                         "(default: the embedded demo model)")
     p.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8 weights for the experts and attention, "
                                                               "quantized while loading (default: as stored)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's dtype (default: the compute dtype; int8 halves bf16's bytes)")
+
+
+def _add_common(p: argparse.ArgumentParser):
+    add_model_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     for flag, kind, meaning in _DECODING_FLAGS:
         default = "none" if _API_DEFAULTS[flag] is None else _API_DEFAULTS[flag]
         demo = f", {DEMO_DECODING[flag]} with the demo model" if flag in DEMO_DECODING else ""
         p.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{meaning} (default: {default}{demo})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
-                   help="the KV cache's dtype (default: the compute dtype; int8 halves bf16's bytes)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--tokenizer", help="v1, v3 or a SentencePiece model file (default: the checkpoint's own; "
                                        "by vocabulary: 32768 tokens is v3, else v1)")

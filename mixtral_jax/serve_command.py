@@ -11,11 +11,11 @@ import sys
 
 import jax
 
-from .config import KV_CACHE_DTYPES, RuntimeConfig
+from .config import RuntimeConfig
 from .demo import DEMO_CHECKPOINT, default_model, has_trained_model
 from .engine import Engine, EngineConfig
+from .generate_command import add_model_flags
 from .loading import load_checkpoint
-from .quant import QUANTIZE_MODES
 from .serve import create_app, run_server
 from .tokenizer import load_tokenizer
 
@@ -49,20 +49,13 @@ def run_serve(args) -> int:
 
 def register(sub):
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching", allow_abbrev=False)
-    s.add_argument("--checkpoint", help="Hugging Face directory or converted Orbax checkpoint "
-                                        "(default: the embedded demo model)")
-    s.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
-    s.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8 weights for the experts and attention, "
-                                                              "quantized while loading (default: as stored)")
+    add_model_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch", type=int, default=16, help="decode slots (requests decoded together)")
     s.add_argument("--max-context", type=int, help="prompt + completion tokens per request "
                                                    "(default: the model's, at most 4096)")
     s.add_argument("--prefill-chunk", type=int, default=256, help="longest prefill call (a power of two)")
-    s.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
-                   help="the KV cache's dtype (default: the compute dtype; int8 halves bf16's bytes)")
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     s.add_argument("--tokenizer", help="SentencePiece model file (default: Mixtral's v1 tokenizer)")
     s.add_argument("--drain-seconds", type=float, default=10.0,
