@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import cpu_kernels
 from .attention import Span, attention
 from .config import KV_CACHE_DTYPES, MixtralConfig, RuntimeConfig
 from .moe import expert_views, resolve_strategy, route, run_experts
@@ -101,13 +102,14 @@ class Attention(nnx.Module):
     def project_qkv(self, x, cos, sin):
         """q (b, t, h, x); k, v in the cache layout (b, k, t, x)."""
         dt = x.dtype
-        q = apply_rope(qeinsum("btd,dhx->bthx", x, _read(self, "wq", dt)), cos, sin)
-        k = apply_rope(qeinsum("btd,dkx->btkx", x, _read(self, "wk", dt)), cos, sin)
-        v = qeinsum("btd,dkx->btkx", x, _read(self, "wv", dt))  # then swapped: an einsum into bktx copied wv
+        kernel = self.mesh is None  # decode-sized products on one CPU device: mixtral_jax.cpu_kernels
+        q = apply_rope(qeinsum("btd,dhx->bthx", x, _read(self, "wq", dt), cpu_kernel=kernel), cos, sin)
+        k = apply_rope(qeinsum("btd,dkx->btkx", x, _read(self, "wk", dt), cpu_kernel=kernel), cos, sin)
+        v = qeinsum("btd,dkx->btkx", x, _read(self, "wv", dt), cpu_kernel=kernel)  # then swapped (see wv's note)
         return q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
     def project_out(self, out):
-        return qeinsum("bthx,hxd->btd", out, _read(self, "wo", out.dtype))
+        return qeinsum("bthx,hxd->btd", out, _read(self, "wo", out.dtype), cpu_kernel=self.mesh is None)
 
     def __call__(self, x, cos, sin, span: Span, cache=None, start=None):
         """Without a cache: self-attention over `x`'s own tokens. With `cache` = this layer's `LayerKV`,
@@ -150,7 +152,8 @@ class MoE(nnx.Module):
                                               strategy=self.strategy, capacity_factor=self.capacity_factor)
         else:
             routing = route(flat, self.router[...], self.top_k)
-            out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, expert_weights)
+            out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, expert_weights,
+                              cpu_kernel=True)
             logits = routing.logits
         return out.reshape(b, t, d), logits.reshape(b, t, -1)
 
@@ -197,7 +200,8 @@ class Mixtral(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
-        return qeinsum("btd,dv->btv", h, _read(self, "lm_head", h.dtype), preferred_element_type=jnp.float32)
+        return qeinsum("btd,dv->btv", h, _read(self, "lm_head", h.dtype), preferred_element_type=jnp.float32,
+                       cpu_kernel=self.runtime.mesh is None)
 
     def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, return_router_logits: bool = False):
@@ -224,8 +228,8 @@ class Mixtral(nnx.Module):
         `mixtral_jax.moe.expert_views`). Build them again after the parameters change."""
         if self.runtime.mesh is not None or jnp.dtype(self.runtime.param_dtype) != jnp.dtype(self.runtime.dtype):
             return None
-        if resolve_strategy(self.runtime.moe_strategy) != "grouped":
-            return None
+        if resolve_strategy(self.runtime.moe_strategy) != "grouped" or cpu_kernels.usable(1):
+            return None  # the CPU kernels read the stacked experts in place
         views = tuple(tuple(expert_views(_read(layer.moe, name, None)) for name in ("w1", "w3", "w2"))
                       for layer in self.layers)
         return None if any(v is None for layer in views for v in layer) else views

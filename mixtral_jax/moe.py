@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import quant
+from . import cpu_kernels, quant
 from .quant import QArray, qeinsum
 
 
@@ -235,10 +235,13 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
 
 
 def run_experts(x, routing: Routing, w1, w3, w2, strategy: str = "auto", capacity_factor: float = 2.0,
-                expert_weights=None):
+                expert_weights=None, cpu_kernel: bool = False):
     """Apply the experts to `x` (t, d) with the chosen strategy; `expert_weights` (see `expert_views`)
-    serve `grouped` and are ignored by the others."""
+    serve `grouped` and are ignored by the others. `cpu_kernel`: `x` is on one device; `grouped` then
+    runs a decode-sized `x` through `cpu_kernels.moe` where the kernels are usable."""
     strategy = resolve_strategy(strategy)
+    if cpu_kernel and strategy == "grouped" and cpu_kernels.usable(x.shape[0]):
+        return moe_kernel(x, routing, w1, w3, w2)
     # Eagerly, jit: `lax.switch` would otherwise compile its branches on every call. Under an outer jit,
     # call straight through: a nested jit boundary costs the decode step ~20% on XLA:CPU.
     run = _run_experts if isinstance(x, jax.core.Tracer) else _run_experts_jit
@@ -251,6 +254,19 @@ def _run_experts(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weigh
     if strategy == "grouped":
         return moe_grouped(x, routing, w1, w3, w2, expert_weights)
     return STRATEGIES[strategy](x, routing, w1, w3, w2)
+
+
+@jax.custom_jvp
+def moe_kernel(x, routing: Routing, w1, w3, w2) -> jax.Array:
+    """`cpu_kernels.moe`: one custom call per layer that reads only the experts in use (no conditional
+    per expert, no copies); its derivative is `moe_gather`'s, which computes the same function."""
+    return cpu_kernels.moe(x, routing.expert_ids, routing.weights, w1, w3, w2)
+
+
+@moe_kernel.defjvp
+def _moe_kernel_jvp(primals, tangents):
+    _, tangent = jax.jvp(moe_gather, primals, tangents)
+    return moe_kernel(*primals), tangent
 
 
 _run_experts_jit = jax.jit(_run_experts, static_argnames=("strategy", "capacity_factor"))

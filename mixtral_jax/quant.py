@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpu_kernels
 from .errors import ConfigError
 
 QUANTIZE_MODES = ("int8",)
@@ -99,9 +100,12 @@ def read(w, scale=None, dtype=None):
     return w if dtype is None else w.astype(dtype)
 
 
-def qeinsum(spec: str, x: jax.Array, w, **kwargs) -> jax.Array:
+def qeinsum(spec: str, x: jax.Array, w, *, cpu_kernel: bool = False, **kwargs) -> jax.Array:
     """`jnp.einsum(spec, x, w)` where `w` may be a `QArray`: int8 cast to x's dtype in the jitted step,
-    scales applied to the product (every scale letter is an output letter)."""
+    scales applied to the product (every scale letter is an output letter). `cpu_kernel`: the caller runs
+    on one device; a decode-sized product then goes through `cpu_kernels` where they are usable."""
+    if cpu_kernel and (y := cpu_kernels.einsum(spec, x, w, **kwargs)) is not None:
+        return y
     if not isinstance(w, QArray):
         return jnp.einsum(spec, x, w, **kwargs)
     inputs, out = spec.split("->")

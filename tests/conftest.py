@@ -8,3 +8,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests import their reference helpers (hf_reference.py, ...) as plain modules.
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def xla_only(monkeypatch):
+    """Decode-sized products through XLA's own ops, not mixtral_jax.cpu_kernels (their fallback path)."""
+    from mixtral_jax import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "usable", lambda rows, mesh=None: False)

@@ -22,7 +22,7 @@ PACKAGE_DIRS = {"mixtral_jax": "mixtral_jax", "mixtral_jax.convert": "convert", 
 LAYERS = [
     ("foundation", ["mixtral_jax.errors", "mixtral_jax.version", "mixtral_jax.config", "mixtral_jax.progress",
                     "mixtral_jax.chat_v3", "mixtral_jax.tokenizer", "mixtral_jax.tool_calls", "mixtral_jax.data",
-                    "mixtral_jax.penalties", "mixtral_jax.quant"]),
+                    "mixtral_jax.penalties", "mixtral_jax.cpu_kernels", "mixtral_jax.quant"]),
     ("moe", ["mixtral_jax.moe"]),
     ("sharding", ["mixtral_jax.sharding", "mixtral_jax.sharding.*"]),
     ("model", ["mixtral_jax.attention", "mixtral_jax.model", "mixtral_jax.params"]),

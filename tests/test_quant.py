@@ -141,7 +141,7 @@ def test_every_moe_strategy_takes_int8_experts_and_equals_dense(qmodel, strategy
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
 
-def test_decode_reads_int8_expert_views_in_place_and_generates_as_the_full_forward(qmodel):
+def test_decode_reads_int8_expert_views_in_place_and_generates_as_the_full_forward(qmodel, xla_only):
     model = _with_strategy(qmodel, "grouped")
     views = model.expert_views()
     assert views is not None

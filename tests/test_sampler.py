@@ -77,7 +77,7 @@ def test_prefill_into_a_cache_skips_nothing_it_needs(pair, monkeypatch, impl):
         np.testing.assert_allclose(np.asarray(logits)[valid], full[valid], atol=1e-5, err_msg=f"cache {size}")
 
 
-def test_expert_views_share_the_parameters_and_change_nothing(pair):
+def test_expert_views_share_the_parameters_and_change_nothing(pair, xla_only):
     """On CPU the per-expert views alias the stacked weights (no copy) and give the same logits."""
     _, model = pair
     views = model.expert_views()

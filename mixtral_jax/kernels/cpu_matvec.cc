@@ -1,0 +1,411 @@
+// Small-batch matrix products for XLA:CPU through the XLA FFI: the decode step's weight reads.
+//
+// Why: a decode step on CPU is a stream of weight reads (one or a few activation rows against every
+// weight matrix). XLA:CPU's dot reaches ~60% of the memory bandwidth on a matrix-vector product and
+// never fuses an int8 -> float convert into it (it writes a float copy of the weight first), and the
+// grouped MoE pays a conditional per expert. These kernels stream each weight once, contiguously, in
+// its stored dtype (float32, bfloat16 or int8 with per-column scales), on XLA's own intra-op threads.
+//
+// Numbers: float32 accumulation; int8 products are scaled per output column after the sum, as
+// mixtral_jax.quant does. The loops are plain C++ written for the compiler's auto-vectoriser
+// (built with -O3 -march=native by mixtral_jax/cpu_kernels.py).
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Work sharing. XLA's intra-op pool wakes a sleeping thread too late for a 50-microsecond product (a
+// helper scheduled there picked up ~10% of the chunks), so the kernels keep their own workers, as
+// llama.cpp and OpenMP do: after a call they spin for a while (the next product of a decode step comes
+// within microseconds), then sleep. One call at a time uses them; a concurrent call (XLA running two
+// independent products at once) runs alone. Chunks are claimed from an atomic counter, so a worker
+// that is late costs nothing: the caller does what is left.
+
+class Workers {
+ public:
+  static Workers& get() {
+    static Workers* w = new Workers();  // never destroyed: workers may be spinning at exit
+    return *w;
+  }
+
+  int64_t size() const { return static_cast<int64_t>(threads_.size()) + 1; }
+
+  void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (n <= 1 || threads_.empty() || !busy.owns_lock()) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    fn_ = &fn;
+    n_ = n;
+    next_.store(0, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(sleep_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    run();
+    while (done_.load(std::memory_order_acquire) < n || active_.load(std::memory_order_acquire) > 0) pause();
+    fn_ = nullptr;
+  }
+
+ private:
+  Workers() {
+    unsigned cores = std::thread::hardware_concurrency();
+    if (const char* env = std::getenv("MIXTRAL_JAX_KERNEL_THREADS")) cores = static_cast<unsigned>(std::atoi(env));
+    for (unsigned i = 1; i < std::max(cores, 1u); ++i) threads_.emplace_back([this] { loop(); });
+    for (auto& t : threads_) t.detach();
+  }
+
+  static void pause() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  void run() {
+    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < n_;) {
+      (*fn_)(i);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      auto start = std::chrono::steady_clock::now();
+      int spins = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        pause();
+        if (++spins % 1024 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lock(sleep_);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      active_.fetch_add(1, std::memory_order_acq_rel);
+      if (fn_ != nullptr && next_.load(std::memory_order_relaxed) < n_) run();
+      active_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  static constexpr std::chrono::microseconds kSpin{300};
+  std::vector<std::thread> threads_;
+  std::mutex busy_, sleep_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> next_{0}, done_{0}, active_{0};
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0;
+};
+
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) { Workers::get().parallel_for(n, fn); }
+
+// ---------------------------------------------------------------------------------------------
+// Weight element -> float.
+
+inline float to_float(float w) { return w; }
+inline float to_float(int8_t w) { return static_cast<float>(w); }
+inline float to_float(uint16_t bf16) {
+  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// acc[i, :] += sum_{d0 <= d < d1} x[i, d] * w[d, :] for i < m. `w` is (D, F) row-major: rows d0..d1
+// are one contiguous region, streamed once, eight rows per pass, each group of weights loaded (and
+// converted) once for all m rows of x. The accumulators (m x F floats) stay in L1/L2.
+constexpr int64_t kRows = 8;
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load16(const uint16_t* p) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#endif
+
+template <typename W>
+void accumulate_rows(const float* x, int64_t m, int64_t D, const W* w, int64_t F, int64_t d0, int64_t d1,
+                     float* acc) {
+  int64_t d = d0;
+  for (; d + kRows <= d1; d += kRows) {
+    const W* __restrict r = w + d * F;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= F; j += 16) {
+      const __m512 w0 = load16(r + j), w1 = load16(r + F + j), w2 = load16(r + 2 * F + j),
+                   w3 = load16(r + 3 * F + j), w4 = load16(r + 4 * F + j), w5 = load16(r + 5 * F + j),
+                   w6 = load16(r + 6 * F + j), w7 = load16(r + 7 * F + j);
+      for (int64_t i = 0; i < m; ++i) {
+        const float* xi = x + i * D + d;
+        float* a = acc + i * F + j;
+        __m512 s = _mm512_fmadd_ps(_mm512_set1_ps(xi[0]), w0, _mm512_loadu_ps(a));
+        __m512 t = _mm512_mul_ps(_mm512_set1_ps(xi[1]), w1);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xi[2]), w2, s);
+        t = _mm512_fmadd_ps(_mm512_set1_ps(xi[3]), w3, t);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xi[4]), w4, s);
+        t = _mm512_fmadd_ps(_mm512_set1_ps(xi[5]), w5, t);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xi[6]), w6, s);
+        t = _mm512_fmadd_ps(_mm512_set1_ps(xi[7]), w7, t);
+        _mm512_storeu_ps(a, _mm512_add_ps(s, t));
+      }
+    }
+#endif
+    for (; j < F; ++j) {
+      for (int64_t i = 0; i < m; ++i) {
+        const float* xi = x + i * D + d;
+        float s = 0.0f;
+        for (int64_t k = 0; k < kRows; ++k) s += xi[k] * to_float(r[k * F + j]);
+        acc[i * F + j] += s;
+      }
+    }
+  }
+  for (; d < d1; ++d) {
+    const W* __restrict r = w + d * F;
+    for (int64_t i = 0; i < m; ++i) {
+      const float xd = x[i * D + d];
+      float* __restrict a = acc + i * F;
+      for (int64_t j = 0; j < F; ++j) a[j] += xd * to_float(r[j]);
+    }
+  }
+}
+
+// Row chunks per product: a few per thread (a late helper leaves less behind), each a multiple of
+// kRows and at least 64 rows (a chunk's partial sums cost m x F floats to add up).
+int64_t row_chunks(int64_t D, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(2 * threads, D / 64));
+}
+
+struct Matrix {  // one weight matrix (D, F) in its stored dtype, with optional per-column scales
+  const void* data;
+  ffi::DataType dtype;
+  int64_t D, F;
+  const float* scale;
+};
+
+void accumulate_any(const float* x, int64_t m, const Matrix& w, int64_t d0, int64_t d1, float* acc) {
+  switch (w.dtype) {
+    case ffi::DataType::F32:
+      return accumulate_rows(x, m, w.D, static_cast<const float*>(w.data), w.F, d0, d1, acc);
+    case ffi::DataType::BF16:
+      return accumulate_rows(x, m, w.D, static_cast<const uint16_t*>(w.data), w.F, d0, d1, acc);
+    case ffi::DataType::S8:
+      return accumulate_rows(x, m, w.D, static_cast<const int8_t*>(w.data), w.F, d0, d1, acc);
+    default:
+      return;
+  }
+}
+
+bool supported(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::S8;
+}
+
+// Several products y_k (m_k, F_k) = x_k @ w_k in one parallel region (one wait for all of them): each
+// product's rows split into chunks with their own partial sums, added up (and scaled) at the end.
+struct Product {
+  const float* x;
+  int64_t m;
+  Matrix w;
+  float* y;
+};
+
+void run_products(const std::vector<Product>& products) {
+  const int64_t threads = Workers::get().size();
+  struct Chunk {
+    int64_t product, d0, d1;
+    float* acc;
+  };
+  std::vector<int64_t> n_chunks(products.size()), first(products.size());
+  int64_t total = 0, floats = 0;
+  for (size_t p = 0; p < products.size(); ++p) {
+    n_chunks[p] = row_chunks(products[p].w.D, threads);
+    first[p] = total;
+    total += n_chunks[p];
+    floats += n_chunks[p] * products[p].m * products[p].w.F;
+  }
+  std::vector<float> partial(static_cast<size_t>(floats), 0.0f);
+  std::vector<Chunk> chunks;
+  chunks.reserve(total);
+  float* next = partial.data();
+  for (size_t p = 0; p < products.size(); ++p) {
+    const Product& pr = products[p];
+    const int64_t groups = pr.w.D / kRows;
+    for (int64_t c = 0; c < n_chunks[p]; ++c) {
+      const int64_t d0 = groups * c / n_chunks[p] * kRows;
+      const int64_t d1 = c + 1 == n_chunks[p] ? pr.w.D : groups * (c + 1) / n_chunks[p] * kRows;
+      chunks.push_back({static_cast<int64_t>(p), d0, d1, next});
+      next += pr.m * pr.w.F;
+    }
+  }
+  parallel_for(total, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    const Product& pr = products[ch.product];
+    accumulate_any(pr.x, pr.m, pr.w, ch.d0, ch.d1, ch.acc);
+  });
+  for (size_t p = 0; p < products.size(); ++p) {
+    const Product& pr = products[p];
+    const int64_t size = pr.m * pr.w.F;
+    float* __restrict y = pr.y;
+    std::memcpy(y, chunks[first[p]].acc, sizeof(float) * size);
+    for (int64_t c = 1; c < n_chunks[p]; ++c) {
+      const float* __restrict a = chunks[first[p] + c].acc;
+      for (int64_t k = 0; k < size; ++k) y[k] += a[k];
+    }
+    if (pr.w.scale != nullptr) {
+      for (int64_t i = 0; i < pr.m; ++i) {
+        for (int64_t j = 0; j < pr.w.F; ++j) y[i * pr.w.F + j] *= pr.w.scale[j];
+      }
+    }
+  }
+}
+
+const float* scale_or_null(const ffi::AnyBuffer& s) {
+  return s.element_count() == 0 ? nullptr : static_cast<const float*>(s.untyped_data());
+}
+
+// ---------------------------------------------------------------------------------------------
+// mixtral_matvec: y (m, F) = x (m, D) @ w (D, F) [* scale (F,)]; scale empty for float weights.
+
+ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || !supported(w.element_type())) {
+    return ffi::Error::InvalidArgument("mixtral_matvec: expects x (m, D) float32 and w (D, F) f32/bf16/s8");
+  }
+  Matrix m{w.untyped_data(), w.element_type(), wd[0], wd[1], scale_or_null(scale)};
+  run_products({Product{x.typed_data(), xd[0], m, y->typed_data()}});
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// mixtral_moe: the experts' SwiGLU for a few tokens, reading only the experts they use.
+// x (m, D); ids, gates (m, K); w1, w3 (E, D, F) with scales (E, F); w2 (E, F, D) with scales (E, D).
+// out[t] = sum_k gates[t, k] * (silu(x_t @ w1[e]) * (x_t @ w3[e])) @ w2[e],  e = ids[t, k].
+
+Matrix expert(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, int64_t e) {
+  auto d = w.dimensions();
+  const int64_t bytes = static_cast<int64_t>(ffi::ByteWidth(w.element_type())) * d[1] * d[2];
+  const float* scale = scale_or_null(s);
+  return Matrix{static_cast<const char*>(w.untyped_data()) + e * bytes, w.element_type(), d[1], d[2],
+                scale == nullptr ? nullptr : scale + e * d[2]};
+}
+
+ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids,
+                   ffi::Buffer<ffi::F32> gates, ffi::AnyBuffer w1, ffi::AnyBuffer s1, ffi::AnyBuffer w3,
+                   ffi::AnyBuffer s3, ffi::AnyBuffer w2, ffi::AnyBuffer s2, ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions();
+  auto idd = ids.dimensions();
+  auto w1d = w1.dimensions();
+  auto w2d = w2.dimensions();
+  const int64_t m = xd[0], D = xd[1], K = idd[1], E = w1d[0], F = w1d[2];
+  if (w1d.size() != 3 || w1d[1] != D || w2d.size() != 3 || w2d[1] != F || w2d[2] != D ||
+      !supported(w1.element_type()) || w3.element_type() != w1.element_type() ||
+      w2.element_type() != w1.element_type()) {
+    return ffi::Error::InvalidArgument("mixtral_moe: expects x (m, D), w1/w3 (E, D, F), w2 (E, F, D) alike");
+  }
+  const int32_t* id = ids.typed_data();
+  const float* gate = gates.typed_data();
+  const float* xs = x.typed_data();
+
+  // Tokens grouped by expert: each used expert's rows gathered once, its weights read once.
+  std::vector<std::vector<int64_t>> copies(static_cast<size_t>(E));  // flat (token, k) indices
+  for (int64_t c = 0; c < m * K; ++c) {
+    const int32_t e = id[c];
+    if (e < 0 || e >= E) return ffi::Error::InvalidArgument("mixtral_moe: expert id out of range");
+    copies[e].push_back(c);
+  }
+  struct Group {
+    int64_t e, rows;
+    std::vector<float> x, h1, h3, y;
+  };
+  std::vector<Group> groups;
+  for (int64_t e = 0; e < E; ++e) {
+    if (copies[e].empty()) continue;
+    Group g{e, static_cast<int64_t>(copies[e].size()), {}, {}, {}, {}};
+    g.x.resize(g.rows * D);
+    for (int64_t r = 0; r < g.rows; ++r) std::memcpy(&g.x[r * D], xs + (copies[e][r] / K) * D, sizeof(float) * D);
+    g.h1.resize(g.rows * F);
+    g.h3.resize(g.rows * F);
+    g.y.resize(g.rows * D);
+    groups.push_back(std::move(g));
+  }
+  std::vector<Product> up;
+  for (Group& g : groups) {
+    up.push_back({g.x.data(), g.rows, expert(w1, s1, g.e), g.h1.data()});
+    up.push_back({g.x.data(), g.rows, expert(w3, s3, g.e), g.h3.data()});
+  }
+  run_products(up);
+  std::vector<Product> down;
+  for (Group& g : groups) {
+    for (int64_t i = 0; i < g.rows * F; ++i) {
+      const float a = g.h1[i];
+      g.h1[i] = a / (1.0f + std::exp(-a)) * g.h3[i];
+    }
+    down.push_back({g.h1.data(), g.rows, expert(w2, s2, g.e), g.y.data()});
+  }
+  run_products(down);
+  float* o = out->typed_data();
+  std::fill(o, o + m * D, 0.0f);
+  for (const Group& g : groups) {
+    for (int64_t r = 0; r < g.rows; ++r) {
+      const int64_t c = copies[g.e][r];
+      const float gw = gate[c];
+      float* __restrict dst = o + (c / K) * D;
+      const float* __restrict src = &g.y[r * D];
+      for (int64_t j = 0; j < D; ++j) dst[j] += gw * src[j];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralMatvec, MatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralMoe, MoeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,164 @@
+"""The XLA FFI CPU kernels (mixtral_jax/kernels/cpu_matvec.cc): exact against XLA's own ops and numpy for
+every weight dtype, shape tails and row count they take; differentiable; the model decodes through them;
+and a machine without a compiler falls back to XLA with one line of warning."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mixtral_jax import cpu_kernels
+from mixtral_jax.config import MixtralConfig, RuntimeConfig
+from mixtral_jax.model import Mixtral
+from mixtral_jax.moe import moe_dense, moe_kernel, route, run_experts
+from mixtral_jax.quant import QArray, dequantize, quantize
+from mixtral_jax.sampler import Sampler
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs a C++ compiler for the CPU kernels")
+
+
+def _weight(kind, d, f, rng):
+    w = rng.standard_normal((d, f)).astype(np.float32)
+    if kind == "int8":
+        q, s = quantize(w, (0,))
+        return QArray(jnp.asarray(q), jnp.asarray(s)), dequantize(q, s, (0,))
+    if kind == "bfloat16":
+        wb = jnp.asarray(w, jnp.bfloat16)
+        return wb, np.asarray(wb.astype(jnp.float32))
+    return jnp.asarray(w), w
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("m,d,f", [(1, 512, 1792), (1, 1792, 512), (3, 100, 37), (16, 64, 200), (5, 7, 16),
+                                   (2, 520, 33)])
+def test_matvec_equals_numpy(kind, m, d, f):
+    rng = np.random.default_rng(m * 1000 + d + f)
+    w, dense = _weight(kind, d, f, rng)
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    y = np.asarray(jax.jit(cpu_kernels.matvec)(jnp.asarray(x), w))
+    ref = x.astype(np.float64) @ dense.astype(np.float64)
+    assert np.max(np.abs(y - ref)) <= 2e-6 * np.max(np.abs(ref)) + 1e-6
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", [("btd,dhx->bthx", (2, 1, 48), (48, 4, 8)),
+                                                 ("bthx,hxd->btd", (1, 3, 4, 8), (4, 8, 48)),
+                                                 ("btd,dv->btv", (4, 1, 48), (48, 301))])
+def test_einsum_takes_the_models_shapes_and_leaves_others(spec, x_shape, w_shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+    y = cpu_kernels.einsum(spec, x, w)
+    assert y is not None and y.shape == jnp.einsum(spec, x, w).shape
+    np.testing.assert_allclose(np.asarray(y), np.asarray(jnp.einsum(spec, x, w)), rtol=1e-5, atol=1e-5)
+    assert cpu_kernels.einsum("dt,dv->tv", x.reshape(x.shape[-1], -1), w.reshape(w_shape[0], -1)) is None
+    many = jnp.zeros((cpu_kernels.MAX_ROWS + 1, *x_shape[1:]), jnp.float32)  # a prefill: XLA's dot
+    assert cpu_kernels.einsum(spec, many, w) is None
+
+
+def _experts(e, d, f, kind, rng):
+    def one(shape, contract):
+        w = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if kind == "int8":
+            q, s = quantize(w, contract)
+            return QArray(jnp.asarray(q), jnp.asarray(s))
+        return jnp.asarray(w, jnp.bfloat16 if kind == "bfloat16" else jnp.float32)
+    return one((e, d, f), (1,)), one((e, d, f), (1,)), one((e, f, d), (1,))
+
+
+def _as_float(w):
+    if isinstance(w, QArray):
+        return jnp.asarray(dequantize(np.asarray(w.q), np.asarray(w.scale), (1,)))
+    return w.astype(jnp.float32)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("tokens,top_k,e", [(1, 2, 8), (4, 2, 8), (16, 3, 6), (7, 1, 4)])
+def test_moe_kernel_equals_dense(kind, tokens, top_k, e):
+    rng = np.random.default_rng(tokens * 10 + top_k)
+    d, f = 40, 72
+    w1, w3, w2 = _experts(e, d, f, kind, rng)
+    x = jnp.asarray(rng.standard_normal((tokens, d)), jnp.float32)
+    routing = route(x, jnp.asarray(rng.standard_normal((d, e)), jnp.float32), top_k)
+    got = np.asarray(jax.jit(moe_kernel)(x, routing, w1, w3, w2))
+    want = np.asarray(moe_dense(x, routing, *(_as_float(w) for w in (w1, w3, w2))))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_run_experts_takes_the_kernel_for_decode_only():
+    rng = np.random.default_rng(1)
+    w1, w3, w2 = _experts(8, 32, 48, "float32", rng)
+    router = jnp.asarray(rng.standard_normal((32, 8)), jnp.float32)
+    for tokens in (1, cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1):
+        x = jnp.asarray(rng.standard_normal((tokens, 32)), jnp.float32)
+        routing = route(x, router, 2)
+        lowered = jax.jit(lambda x, r: run_experts(x, r, w1, w3, w2, "grouped", cpu_kernel=True)).lower(x, routing)
+        assert ("mixtral_moe" in lowered.as_text()) == (tokens <= cpu_kernels.MAX_ROWS)
+        got = run_experts(x, routing, w1, w3, w2, "grouped", cpu_kernel=True)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(moe_dense(x, routing, w1, w3, w2)), rtol=2e-5,
+                                   atol=2e-6)
+
+
+def test_gradients_through_the_kernels_equal_xlas():
+    rng = np.random.default_rng(2)
+    w1, w3, w2 = _experts(4, 16, 24, "float32", rng)
+    router = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 16)), jnp.float32)
+    wq = jnp.asarray(rng.standard_normal((16, 16)), jnp.float32)
+
+    def loss(x, wq, w1, kernel):
+        h = cpu_kernels.matvec(x, wq) if kernel else x @ wq
+        routing = route(h, router, 2)
+        out = moe_kernel(h, routing, w1, w3, w2) if kernel else moe_dense(h, routing, w1, w3, w2)
+        return jnp.sum(out ** 2)
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(x, wq, w1, True)
+    want = jax.grad(loss, argnums=(0, 1, 2))(x, wq, w1, False)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_decode_through_the_kernels_equals_xla():
+    """The sampler's cached decode (kernels: a few rows) against the full forward pass (XLA's dot: the
+    whole sequence), greedy, float32 and int8."""
+    cfg = MixtralConfig(vocab_size=96, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, hidden_dim=40,
+                        n_experts=4, top_k=2, max_seq_len=64)
+    for quantize_mode in (None, "int8"):
+        model = Mixtral(cfg, RuntimeConfig(quantize=quantize_mode),
+                        rngs=nnx.Rngs(3))
+        prompt = [5, 17, 33, 2, 71]
+        out = Sampler(model)([prompt], 8, stop_tokens=[])[0]
+        full = model(jnp.asarray([prompt + out[:-1]]))
+        assert out == np.asarray(jnp.argmax(full[0, len(prompt) - 1:], -1)).tolist()
+        graphdef, state = nnx.split(model)
+        forward = jax.jit(lambda s, t, g=graphdef: nnx.merge(g, s)(t))
+        assert "mixtral_matvec" in forward.lower(state, jnp.asarray([prompt])).as_text()
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+
+
+def test_no_compiler_falls_back_to_xla_with_one_warning(tmp_path):
+    code = ("import jax.numpy as jnp; from mixtral_jax import cpu_kernels as k; "
+            "print('usable', k.usable(1)); print(k.einsum('td,dv->tv', jnp.ones((1, 4)), jnp.ones((4, 3))))")
+    done = _python(code, CXX=str(tmp_path / "no-such-compiler"), MIXTRAL_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert "usable False" in done.stdout and "None" in done.stdout
+    assert "CPU kernels unavailable, using XLA's dot" in done.stderr
+    off = _python(code, MIXTRAL_JAX_CPU_KERNELS="0")
+    assert "usable False" in off.stdout and "unavailable" not in off.stderr
+
+
+def test_the_build_is_cached_by_source_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXTRAL_JAX_CACHE", str(tmp_path))
+    first = cpu_kernels.build()
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels.build() == first and first.stat().st_mtime_ns == stamp  # not compiled again
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no half-written files left
