@@ -216,7 +216,11 @@ class _Request(NamedTuple):
 
 
 class _Steps:
-    """Iterate a request's decode steps (one jitted `decode_step` each); `result` holds (out, n_out) at the end."""
+    """Iterate a request's decode steps (one jitted `decode_step` each); `result` holds (out, n_out) at the end.
+
+    Each step is dispatched before the previous one's tokens are read back, so Python's dispatch and the
+    host copy overlap the device's work instead of adding to it (~1.5 ms of a ~10 ms CPU step). The one
+    step run past the end emits and keeps nothing (`_step`), so `result` is the same either way."""
 
     def __init__(self, sampler: Sampler, r: _Request):
         self._sampler, self._r, self.result = sampler, r, None
@@ -226,12 +230,18 @@ class _Steps:
         graphdef, state, weights, first, cache, key, prompt_counts = self._sampler._prefill(r)
         carry = start_decoding(first, cache, key, max_new=r.max_new)
         limit = jnp.int32(r.limit)
-        running = True
-        while running:
-            carry, emitted, more = decode_step(graphdef, state, weights, carry, r.stop_tokens, r.stop_seqs,
-                                               prompt_counts, r.penalties, limit, strategy=r.strategy)
+        def step(carry):
+            return decode_step(graphdef, state, weights, carry, r.stop_tokens, r.stop_seqs, prompt_counts,
+                               r.penalties, limit, strategy=r.strategy)
+
+        carry, emitted, more = step(carry)
+        while True:
+            ahead = step(carry)  # dispatched now, runs while this step's tokens are read back
             yield to_host(emitted)
-            running = bool(to_host(more))
+            carry, emitted, running = ahead[0], ahead[1], bool(to_host(more))
+            if not running:
+                break
+            more = ahead[2]
         self.result = (to_host(carry.out), to_host(carry.n_out))
 
 
@@ -314,9 +324,10 @@ def _start(first, cache, key, max_new: int) -> DecodeState:
 
 
 def _step(model: Mixtral, expert_weights, s: DecodeState, stop_tokens, stop_seqs, prompt_counts, penalties,
-          strategy) -> tuple[DecodeState, jax.Array]:
+          strategy, limit) -> tuple[DecodeState, jax.Array]:
     """Write the last token (or end its row), feed it through the model, choose the next one. Returns the
-    new state and this step's emitted tokens (-1 for rows already done)."""
+    new state and this step's emitted tokens (-1 for rows already done). A step at `limit` or after every
+    row ended emits and keeps nothing (streaming runs one such step ahead; see `_Steps`)."""
     window = stop_seqs.shape[1]
 
     def finished(tok, out, i):
@@ -329,7 +340,7 @@ def _step(model: Mixtral, expert_weights, s: DecodeState, stop_tokens, stop_seqs
 
     i, tok = s.step, s.token
     is_stop, _ = finished(tok, s.out, i)
-    keep = s.alive & ~is_stop
+    keep = s.alive & ~is_stop & (i < limit)
     emitted = jnp.where(keep, tok, -1)
     out = s.out.at[:, i].set(emitted)
     n_out = s.n_out + keep.astype(jnp.int32)
@@ -355,7 +366,7 @@ def decode(graphdef, state, expert_weights, first, cache, key, stop_tokens, stop
     model = nnx.merge(HashedOnce.unwrap(graphdef), state)
 
     def body(s):
-        return _step(model, expert_weights, s, stop_tokens, stop_seqs, prompt_counts, penalties, strategy)[0]
+        return _step(model, expert_weights, s, stop_tokens, stop_seqs, prompt_counts, penalties, strategy, limit)[0]
 
     final = jax.lax.while_loop(lambda s: _running(s, limit), body, _start(first, cache, key, max_new))
     return final.out, final.n_out, final.cache
@@ -372,7 +383,7 @@ def decode_step(graphdef, state, expert_weights, s: DecodeState, stop_tokens, st
                 limit, *, strategy) -> tuple[DecodeState, jax.Array, jax.Array]:
     """One iteration of `decode`'s loop body: (new state, emitted tokens (b,), whether to go on)."""
     model = nnx.merge(HashedOnce.unwrap(graphdef), state)
-    s, emitted = _step(model, expert_weights, s, stop_tokens, stop_seqs, prompt_counts, penalties, strategy)
+    s, emitted = _step(model, expert_weights, s, stop_tokens, stop_seqs, prompt_counts, penalties, strategy, limit)
     return s, emitted, _running(s, limit)
 
 

@@ -129,6 +129,17 @@ def test_streaming_delivers_the_same_tokens(pair):
         assert streamed[row][streamed[row] >= 0].tolist() == o
 
 
+def test_streaming_runs_one_step_ahead_without_changing_the_answer(pair):
+    """The stream dispatches each step before reading the last one back: it still yields exactly the
+    steps that emit something, and the step run past the limit adds no token."""
+    _, model = pair
+    sampler = Sampler(model)
+    for limit in (1, 10, 16):  # below, at and on the output bucket
+        steps = list(sampler.stream([[1, 2, 3], [4]], limit, stop_tokens=[]))
+        assert len(steps) == limit and all((s >= 0).all() for s in steps)
+        assert sampler([[1, 2, 3], [4]], limit, stop_tokens=[]) == np.stack(steps, axis=1).tolist()
+
+
 def test_streamed_steps_equal_the_compiled_loop_when_sampling_with_penalties(pair):
     """`stream` runs the decode step one jitted call at a time; `__call__` without it runs the same step
     inside one `lax.while_loop`: the same tokens, random draws and penalties included."""
