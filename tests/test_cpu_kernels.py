@@ -139,6 +139,32 @@ def test_decode_through_the_kernels_equals_xla():
         assert "mixtral_matvec" in forward.lower(state, jnp.asarray([prompt])).as_text()
 
 
+def test_concurrent_calls_from_threads_each_get_their_own_answer():
+    """Several products at once (a server's threads; XLA running independent products together) share
+    the kernels' workers: each call still gets exactly its own result."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    jobs = [(rng.standard_normal((2, 300)).astype(np.float32), rng.standard_normal((300, 700)).astype(np.float32))
+            for _ in range(4)]
+    product = jax.jit(cpu_kernels.matvec)
+    wrong = []
+
+    def run(x, w):
+        want = x.astype(np.float64) @ w.astype(np.float64)
+        for _ in range(30):
+            got = np.asarray(product(jnp.asarray(x), jnp.asarray(w)))
+            if np.max(np.abs(got - want)) > 1e-4:
+                wrong.append(np.max(np.abs(got - want)))
+
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", **env})

@@ -38,9 +38,9 @@ namespace {
 // Work sharing. XLA's intra-op pool wakes a sleeping thread too late for a 50-microsecond product (a
 // helper scheduled there picked up ~10% of the chunks), so the kernels keep their own workers, as
 // llama.cpp and OpenMP do: after a call they spin for a while (the next product of a decode step comes
-// within microseconds), then sleep. One call at a time uses them; a concurrent call (XLA running two
-// independent products at once) runs alone. Chunks are claimed from an atomic counter, so a worker
-// that is late costs nothing: the caller does what is left.
+// within microseconds), then sleep. Each call's chunks are claimed from that call's own counter, so a
+// worker that is late costs nothing (the caller does what is left), and concurrent calls (XLA running
+// two independent products at once) stay correct: the workers help the latest.
 
 class Workers {
  public:
@@ -52,26 +52,37 @@ class Workers {
   int64_t size() const { return static_cast<int64_t>(threads_.size()) + 1; }
 
   void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (n <= 1 || threads_.empty() || !busy.owns_lock()) {
+    if (n <= 1 || threads_.empty()) {
       for (int64_t i = 0; i < n; ++i) fn(i);
       return;
     }
-    fn_ = &fn;
-    n_ = n;
-    next_.store(0, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
+    auto work = std::make_shared<Work>(&fn, n);
     {
-      std::lock_guard<std::mutex> lock(sleep_);
+      std::lock_guard<std::mutex> lock(mutex_);
+      current_ = work;
       generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
-    run();
-    while (done_.load(std::memory_order_acquire) < n || active_.load(std::memory_order_acquire) > 0) pause();
-    fn_ = nullptr;
+    work->run();
+    // Every chunk was claimed; wait for the ones a worker is still on. A worker that comes late finds
+    // none left and never touches `fn` (its counter belongs to this call's `Work`, which it keeps alive).
+    while (work->done.load(std::memory_order_acquire) < n) pause();
   }
 
  private:
+  struct Work {
+    Work(const std::function<void(int64_t)>* f, int64_t count) : fn(f), n(count) {}
+    void run() {
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+        (*fn)(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+    const std::function<void(int64_t)>* fn;
+    const int64_t n;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+
   Workers() {
     unsigned cores = std::thread::hardware_concurrency();
     if (const char* env = std::getenv("MIXTRAL_JAX_KERNEL_THREADS")) cores = static_cast<unsigned>(std::atoi(env));
@@ -87,40 +98,34 @@ class Workers {
 #endif
   }
 
-  void run() {
-    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < n_;) {
-      (*fn_)(i);
-      done_.fetch_add(1, std::memory_order_release);
-    }
-  }
-
   void loop() {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+    uint64_t seen = 0;
     for (;;) {
       auto start = std::chrono::steady_clock::now();
       int spins = 0;
       while (generation_.load(std::memory_order_acquire) == seen) {
         pause();
         if (++spins % 1024 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
-          std::unique_lock<std::mutex> lock(sleep_);
+          std::unique_lock<std::mutex> lock(mutex_);
           wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
         }
       }
-      seen = generation_.load(std::memory_order_acquire);
-      active_.fetch_add(1, std::memory_order_acq_rel);
-      if (fn_ != nullptr && next_.load(std::memory_order_relaxed) < n_) run();
-      active_.fetch_sub(1, std::memory_order_acq_rel);
+      std::shared_ptr<Work> work;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        work = current_;
+        seen = generation_.load(std::memory_order_acquire);
+      }
+      if (work) work->run();
     }
   }
 
   static constexpr std::chrono::microseconds kSpin{300};
   std::vector<std::thread> threads_;
-  std::mutex busy_, sleep_;
+  std::mutex mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> next_{0}, done_{0}, active_{0};
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0;
+  std::shared_ptr<Work> current_;  // the latest call's work (guarded by mutex_)
 };
 
 void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) { Workers::get().parallel_for(n, fn); }
