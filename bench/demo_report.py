@@ -1,6 +1,7 @@
 """The embedded demo model's held-out loss and a picture of which experts its router picks for which tokens.
 
     python -m bench.demo_report [--sequences 32] [--quantize int8 [--quantize-lm-head]] [--kv-cache-dtype int8]
+    python -m bench.demo_report --checkpoint RUN/final      # a model `bench.train_demo` trained, before embedding it
 
 Held-out text: the standard library's own test files (`test/` directories), which `bench.train_demo`
 leaves out of training. Token kinds come from Python's tokenizer on the decoded piece; the picture is a
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixtral_jax import load
 from mixtral_jax.config import KV_CACHE_DTYPES
 from mixtral_jax.demo import default_model, has_trained_model
 from mixtral_jax.model import KVCache
@@ -58,10 +60,14 @@ def main(argv=None) -> int:
     p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: the LM head in int8 too")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
                    help="compute the compared loss through a KV cache of this dtype (int8: the int8 cache's numbers)")
+    p.add_argument("--checkpoint", help="report on this checkpoint instead of the embedded demo model")
     args = p.parse_args(argv)
-    if not has_trained_model():
+    if args.checkpoint:
+        model = load(args.checkpoint, dtype=jnp.float32)  # as default_model() loads the embedded one
+    elif has_trained_model():
+        model = default_model()
+    else:
         raise SystemExit("the trained demo model is not in this tree (mixtral_jax/assets/demo_model)")
-    model = default_model()
     tok = load_tokenizer()
     ids: list[int] = []
     for path in heldout_files():

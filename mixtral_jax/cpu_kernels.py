@@ -115,7 +115,8 @@ def _operand(w):
     return w, jnp.zeros((0,), jnp.float32)
 
 
-def _weight_ok(w) -> bool:
+def weight_ok(w) -> bool:
+    """Whether the kernels read this weight's dtype (float32, bfloat16, or an int8 `QArray`)."""
     values = w.q if hasattr(w, "q") else w
     return values.dtype in (jnp.float32, jnp.bfloat16, jnp.int8)
 
@@ -126,6 +127,8 @@ def matvec(x: jax.Array, w, out_dtype=None) -> jax.Array:
     XLA's dot)."""
     lead, d = x.shape[:-1], x.shape[-1]
     values, scale = _operand(w)
+    if values.ndim != 2 or values.shape[0] != d or scale.shape not in ((0,), (values.shape[1],)):
+        raise ValueError(f"matvec: x (..., {d}) needs w ({d}, F) and scales (F,); got {values.shape}, {scale.shape}")
     rows = x.reshape(-1, d).astype(jnp.float32)
     y = _matvec(rows, values, scale)
     return y.reshape(*lead, values.shape[1]).astype(out_dtype or x.dtype)
@@ -141,11 +144,14 @@ def _matvec(x, values, scale):
 @_matvec.defjvp
 def _matvec_jvp(primals, tangents):
     x, values, scale = primals
-    dx, dvalues, _ = tangents
+    dx, dvalues, dscale = tangents
     y = _matvec(x, values, scale)
-    w = values.astype(jnp.float32) * (scale if scale.shape[0] else 1)
+    quantized = scale.shape[0] > 0
+    w = values.astype(jnp.float32) * (scale if quantized else 1)
     dy = dx @ w
-    if jnp.issubdtype(values.dtype, jnp.floating):  # int8 values have no tangent
+    if quantized:  # int8 values have no tangent; the scales do
+        dy = dy + (x @ values.astype(jnp.float32)) * dscale
+    else:
         dy = dy + x @ dvalues.astype(jnp.float32)
     return y, dy
 
@@ -166,13 +172,16 @@ def einsum(spec: str, x: jax.Array, w, preferred_element_type=None, **other) -> 
     """`matvec` for an einsum of the model's weight shapes (`btd,dhx->bthx`, `bthx,hxd->btd`,
     `btd,dv->btv`: x's contracted letters last, w's first, in the same order) with few rows, where the
     kernels are usable; else None (the caller then runs the einsum)."""
-    if other:
+    if other or "->" not in spec or "." in spec:
         return None
     inputs, out = spec.split("->")
     xs, ws = inputs.split(",")
+    if any(len(set(letters)) != len(letters) for letters in (xs, ws, out)):
+        return None
     n = len(xs) - len(xs.rstrip("".join(c for c in xs if c in ws)))  # trailing letters shared with w
     contracted = xs[len(xs) - n:]
-    if not n or not ws.startswith(contracted) or out != xs[: len(xs) - n] + ws[n:] or not _weight_ok(w):
+    if (not n or not ws.startswith(contracted) or out != xs[: len(xs) - n] + ws[n:]
+            or set(xs[: len(xs) - n]) & set(ws) or not weight_ok(w)):
         return None
     values = w.q if hasattr(w, "q") else w
     d = 1
@@ -186,6 +195,6 @@ def einsum(spec: str, x: jax.Array, w, preferred_element_type=None, **other) -> 
     else:
         w2d = values.reshape(d, f)
     lead = x.shape[: len(xs) - n]
-    if not usable(math.prod(lead)):
+    if not 0 < math.prod(lead) or not usable(math.prod(lead)):
         return None
     return matvec(x.reshape(*lead, d), w2d, preferred_element_type).reshape(*lead, *values.shape[n:])

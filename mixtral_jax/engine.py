@@ -152,7 +152,7 @@ class Engine:
         self.size = self.max_context + config.prefill_chunk  # room to insert a padded prompt ending anywhere
         self.eos_id = mc.eos_id
         self._graphdef, self._state = nnx.split(model)
-        self._experts = model.expert_views()
+        self._experts = model.expert_views(rows=max(config.max_batch, config.prefill_chunk))
         self._cache_dtype = jnp.dtype(config.cache_dtype or model.runtime.dtype)
         self._put = replicator(model.runtime.mesh)
         self._empty = jax.jit(KVCache.empty, static_argnums=(0, 1, 2, 3),

@@ -222,14 +222,17 @@ class Mixtral(nnx.Module):
         logits = self.logits(h)
         return (logits, router_logits) if return_router_logits else logits
 
-    def expert_views(self) -> tuple | None:
+    def expert_views(self, rows: int | None = None) -> tuple | None:
         """Per layer, (w1, w3, w2) as tuples of per-expert arrays sharing the parameters' memory, for
         `extend(..., expert_weights=)`; None where they would not help or would cost a copy (see
-        `mixtral_jax.moe.expert_views`). Build them again after the parameters change."""
+        `mixtral_jax.moe.expert_views`), or where a decode of `rows` tokens takes the CPU kernels, which
+        read the stacked experts in place. Build them again after the parameters change."""
         if self.runtime.mesh is not None or jnp.dtype(self.runtime.param_dtype) != jnp.dtype(self.runtime.dtype):
             return None
-        if resolve_strategy(self.runtime.moe_strategy) != "grouped" or cpu_kernels.usable(1):
-            return None  # the CPU kernels read the stacked experts in place
+        if resolve_strategy(self.runtime.moe_strategy) != "grouped":
+            return None
+        if rows is not None and cpu_kernels.usable(rows):
+            return None
         views = tuple(tuple(expert_views(_read(layer.moe, name, None)) for name in ("w1", "w3", "w2"))
                       for layer in self.layers)
         return None if any(v is None for layer in views for v in layer) else views

@@ -173,7 +173,7 @@ class Sampler:
     def _prefill(self, r: _Request):
         graphdef, state = nnx.split(self.model)
         graphdef = HashedOnce(graphdef)
-        weights = self.model.expert_views()
+        weights = self.model.expert_views(rows=r.tokens.shape[0])
         first, cache, key, prompt_counts = prefill(
             graphdef, state, weights, r.tokens, r.valid, r.key, r.penalties, strategy=r.strategy, max_new=r.max_new,
             cache_dtype=jnp.dtype(self.cache_dtype or self.model.runtime.dtype))

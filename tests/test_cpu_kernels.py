@@ -60,6 +60,43 @@ def test_einsum_takes_the_models_shapes_and_leaves_others(spec, x_shape, w_shape
     assert cpu_kernels.einsum(spec, many, w) is None
 
 
+@pytest.mark.parametrize("spec", ["bd,dd->bd", "bdd,ddv->bv", "btd,dvb->btvb", "...d,dv->...v", "td,dv", "td,vd->tv"])
+def test_einsum_refuses_specs_it_would_get_wrong(spec):
+    x, w = jnp.ones((2, 4, 4)), jnp.ones((4, 4, 4))
+    assert cpu_kernels.einsum(spec, x, w) is None
+
+
+def test_matvec_refuses_scales_of_the_wrong_shape():
+    q = QArray(jnp.ones((8, 5), jnp.int8), jnp.ones((4,), jnp.float32))
+    with pytest.raises(ValueError, match="scales"):
+        cpu_kernels.matvec(jnp.ones((1, 8)), q)
+
+
+def test_int8_gradients_reach_the_scales():
+    """A quantized weight's scales are parameters: the kernel's tangent includes theirs, as XLA's does."""
+    rng = np.random.default_rng(9)
+    q, s = quantize(rng.standard_normal((16, 12)).astype(np.float32), (0,))
+    x = jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)
+
+    def loss(scale, kernel):
+        w = QArray(jnp.asarray(q), scale)
+        y = cpu_kernels.matvec(x, w) if kernel else (x @ w.q.astype(jnp.float32)) * w.scale
+        return jnp.sum(jnp.sin(y))
+
+    got, want = (jax.grad(loss)(jnp.asarray(s), k) for k in (True, False))
+    assert np.abs(np.asarray(want)).max() > 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+def test_float16_weights_decode_through_xla():
+    """The kernels read float32, bfloat16 and int8; a float16 model decodes through XLA's ops instead."""
+    cfg = MixtralConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=24,
+                        n_experts=4, top_k=2, max_seq_len=32)
+    model = Mixtral(cfg, RuntimeConfig(param_dtype=jnp.float16), rngs=nnx.Rngs(0))
+    out = Sampler(model)([[3, 4, 5]], 4, stop_tokens=[])[0]
+    assert len(out) == 4
+
+
 def _experts(e, d, f, kind, rng):
     def one(shape, contract):
         w = (rng.standard_normal(shape) * 0.1).astype(np.float32)

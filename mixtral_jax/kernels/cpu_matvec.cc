@@ -16,6 +16,10 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
+#include <system_error>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -84,9 +88,18 @@ class Workers {
   };
 
   Workers() {
-    unsigned cores = std::thread::hardware_concurrency();
-    if (const char* env = std::getenv("MIXTRAL_JAX_KERNEL_THREADS")) cores = static_cast<unsigned>(std::atoi(env));
-    for (unsigned i = 1; i < std::max(cores, 1u); ++i) threads_.emplace_back([this] { loop(); });
+    int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+#if defined(__linux__)
+    cpu_set_t allowed;  // the cores this process may use (taskset, containers), not the machine's
+    if (sched_getaffinity(0, sizeof allowed, &allowed) == 0) cores = std::max(1, CPU_COUNT(&allowed));
+#endif
+    if (const char* env = std::getenv("MIXTRAL_JAX_KERNEL_THREADS")) {
+      cores = std::clamp<int64_t>(std::atoll(env), 1, cores);
+    }
+    try {
+      for (int64_t i = 1; i < cores; ++i) threads_.emplace_back([this] { loop(); });
+    } catch (const std::system_error&) {  // fewer workers (or none): the caller does the rest
+    }
     for (auto& t : threads_) t.detach();
   }
 
@@ -279,6 +292,7 @@ void run_products(const std::vector<Product>& products) {
   for (size_t p = 0; p < products.size(); ++p) {
     const Product& pr = products[p];
     const int64_t size = pr.m * pr.w.F;
+    if (size == 0) continue;
     float* __restrict y = pr.y;
     std::memcpy(y, chunks[first[p]].acc, sizeof(float) * size);
     for (int64_t c = 1; c < n_chunks[p]; ++c) {
@@ -293,6 +307,12 @@ void run_products(const std::vector<Product>& products) {
   }
 }
 
+// Scales are float32, one per output column of every matrix, exactly when the weights are int8.
+bool scales_fit(const ffi::AnyBuffer& s, ffi::DataType weights, int64_t columns) {
+  if (weights != ffi::DataType::S8) return s.element_count() == 0;
+  return s.element_type() == ffi::DataType::F32 && static_cast<int64_t>(s.element_count()) == columns;
+}
+
 const float* scale_or_null(const ffi::AnyBuffer& s) {
   return s.element_count() == 0 ? nullptr : static_cast<const float*>(s.untyped_data());
 }
@@ -304,8 +324,10 @@ ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer 
                       ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || !supported(w.element_type())) {
-    return ffi::Error::InvalidArgument("mixtral_matvec: expects x (m, D) float32 and w (D, F) f32/bf16/s8");
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || !supported(w.element_type()) ||
+      !scales_fit(scale, w.element_type(), wd.size() == 2 ? wd[1] : 0)) {
+    return ffi::Error::InvalidArgument(
+        "mixtral_matvec: expects x (m, D) float32, w (D, F) f32/bf16/s8, and F float32 scales exactly for s8");
   }
   Matrix m{w.untyped_data(), w.element_type(), wd[0], wd[1], scale_or_null(scale)};
   run_products({Product{x.typed_data(), xd[0], m, y->typed_data()}});
@@ -330,13 +352,23 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids,
                    ffi::AnyBuffer s3, ffi::AnyBuffer w2, ffi::AnyBuffer s2, ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions();
   auto idd = ids.dimensions();
+  auto gd = gates.dimensions();
   auto w1d = w1.dimensions();
+  auto w3d = w3.dimensions();
   auto w2d = w2.dimensions();
+  if (xd.size() != 2 || idd.size() != 2 || gd.size() != 2 || w1d.size() != 3 || w3d.size() != 3 ||
+      w2d.size() != 3) {
+    return ffi::Error::InvalidArgument("mixtral_moe: expects x, ids, gates 2-D and w1, w3, w2 3-D");
+  }
   const int64_t m = xd[0], D = xd[1], K = idd[1], E = w1d[0], F = w1d[2];
-  if (w1d.size() != 3 || w1d[1] != D || w2d.size() != 3 || w2d[1] != F || w2d[2] != D ||
-      !supported(w1.element_type()) || w3.element_type() != w1.element_type() ||
-      w2.element_type() != w1.element_type()) {
-    return ffi::Error::InvalidArgument("mixtral_moe: expects x (m, D), w1/w3 (E, D, F), w2 (E, F, D) alike");
+  const ffi::DataType t = w1.element_type();
+  if (idd[0] != m || gd[0] != m || gd[1] != K || w1d[1] != D || w3d[0] != E || w3d[1] != D || w3d[2] != F ||
+      w2d[0] != E || w2d[1] != F || w2d[2] != D || !supported(t) || w3.element_type() != t ||
+      w2.element_type() != t || !scales_fit(s1, t, E * F) || !scales_fit(s3, t, E * F) ||
+      !scales_fit(s2, t, E * D)) {
+    return ffi::Error::InvalidArgument(
+        "mixtral_moe: expects x (m, D), ids and gates (m, K), w1/w3 (E, D, F) and w2 (E, F, D) of one dtype, "
+        "float32 scales exactly for s8");
   }
   const int32_t* id = ids.typed_data();
   const float* gate = gates.typed_data();
