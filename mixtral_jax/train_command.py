@@ -71,8 +71,8 @@ def run_train(args) -> int:
     trainer = Trainer(model, tc)
     del model
     if args.skip_sequences and not existing:  # e.g. the part of the stream an --init-from model already saw
-        if not 0 <= args.skip_sequences < len(data):
-            raise ConfigError(f"--skip-sequences must be in [0, {len(data)}), got {args.skip_sequences}")
+        if args.skip_sequences < 0:  # past one epoch is fine: each epoch has its own order
+            raise ConfigError(f"--skip-sequences must be >= 0, got {args.skip_sequences}")
         trainer.data_position = args.skip_sequences
     if existing:
         trainer.restore(existing[-1])
@@ -103,7 +103,8 @@ def register(subparsers):
     p.add_argument("--config", default="tiny", help="tiny, demo, or a config JSON file (default: tiny)")
     p.add_argument("--init-from", help="start from these weights (HF directory or mixtral-jax checkpoint)")
     p.add_argument("--skip-sequences", type=int, default=0,
-                   help="start the data stream at this sequence (to continue an --init-from model on unseen data)")
+                   help="start the data stream at this sequence (to continue an --init-from model on unseen data; "
+                        "past one epoch, later epochs continue in their own orders)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--seq-len", type=int, default=256)
