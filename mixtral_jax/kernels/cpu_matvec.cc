@@ -217,10 +217,13 @@ void accumulate_rows(const float* x, int64_t m, int64_t D, const W* w, int64_t F
   }
 }
 
-// Row chunks per product: a few per thread (a late helper leaves less behind), each a multiple of
-// kRows and at least 64 rows (a chunk's partial sums cost m x F floats to add up).
-int64_t row_chunks(int64_t D, int64_t threads) {
-  return std::max<int64_t>(1, std::min<int64_t>(2 * threads, D / 64));
+// Row chunks per product: two per thread (a late worker leaves less behind), each at least 64 rows,
+// and few enough that their partial sums (m x F floats each, added up by the caller) stay under a
+// quarter of the weight's own bytes: many cores and 16 rows of a wide LM head would otherwise write
+// and re-read more partial sums than weights.
+int64_t row_chunks(int64_t D, int64_t threads, int64_t m, int64_t F, int64_t weight_bytes) {
+  const int64_t by_size = weight_bytes / 4 / std::max<int64_t>(1, m * F * static_cast<int64_t>(sizeof(float)));
+  return std::max<int64_t>(1, std::min({2 * threads, D / 64, by_size}));
 }
 
 struct Matrix {  // one weight matrix (D, F) in its stored dtype, with optional per-column scales
@@ -265,7 +268,9 @@ void run_products(const std::vector<Product>& products) {
   std::vector<int64_t> n_chunks(products.size()), first(products.size());
   int64_t total = 0, floats = 0;
   for (size_t p = 0; p < products.size(); ++p) {
-    n_chunks[p] = row_chunks(products[p].w.D, threads);
+    const Product& pr = products[p];
+    n_chunks[p] = row_chunks(pr.w.D, threads, pr.m, pr.w.F,
+                             pr.w.D * pr.w.F * static_cast<int64_t>(ffi::ByteWidth(pr.w.dtype)));
     first[p] = total;
     total += n_chunks[p];
     floats += n_chunks[p] * products[p].m * products[p].w.F;
