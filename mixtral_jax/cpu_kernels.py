@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import math
 import os
 import platform
@@ -32,8 +31,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "cpu_matvec.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -96,7 +93,6 @@ def available() -> bool:
         for name, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
-        log.warning("CPU kernels unavailable, using XLA's dot: %s", e)
         print(f"mixtral-jax: CPU kernels unavailable, using XLA's dot ({e})", file=sys.stderr)
         return False
     return True
