@@ -35,6 +35,7 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).parent / "kernels" / "cpu_matvec.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 MAX_ROWS = 16  # rows of x up to which a kernel beats XLA's dot (a decode batch, an expert's bucket)
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)  # weight dtypes the kernels read
 _TARGETS = {"mixtral_matvec": "MixtralMatvec", "mixtral_moe": "MixtralMoe"}
 
 
@@ -98,10 +99,17 @@ def available() -> bool:
     return True
 
 
-def usable(rows: int, mesh=None) -> bool:
-    """Whether a product with `rows` rows of activations should go through the kernels: on the CPU
-    backend, one device (no mesh: a custom call has no sharding rule), a few rows, kernels built."""
-    return mesh is None and rows <= MAX_ROWS and jax.default_backend() == "cpu" and available()
+def usable(rows: int, *weights) -> bool:
+    """Whether a product of `rows` rows of activations (with these weights, when given) should go through
+    the kernels: a few rows, weights of a dtype they read, the CPU backend, kernels built. The caller
+    vouches for one device (a custom call has no sharding rule)."""
+    return (0 < rows <= MAX_ROWS and all(_values(w).dtype in _DTYPES for w in weights)
+            and jax.default_backend() == "cpu" and available())
+
+
+def _values(w):
+    """The stored array of a float weight or an int8 `QArray` (quant imports this module: duck-typed)."""
+    return w.q if hasattr(w, "q") else w
 
 
 def _operand(w):
@@ -109,12 +117,6 @@ def _operand(w):
     if hasattr(w, "q"):
         return w.q, w.scale.astype(jnp.float32)
     return w, jnp.zeros((0,), jnp.float32)
-
-
-def weight_ok(w) -> bool:
-    """Whether the kernels read this weight's dtype (float32, bfloat16, or an int8 `QArray`)."""
-    values = w.q if hasattr(w, "q") else w
-    return values.dtype in (jnp.float32, jnp.bfloat16, jnp.int8)
 
 
 def matvec(x: jax.Array, w, out_dtype=None) -> jax.Array:
@@ -154,8 +156,8 @@ def _matvec_jvp(primals, tangents):
 
 def moe(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w1, w3, w2) -> jax.Array:
     """`sum_k gates[t, k] * swiglu_{expert_ids[t, k]}(x_t)` for x (t, D), reading only the experts used.
-    w1, w3 (E, D, F) and w2 (E, F, D): float arrays or int8 `QArray`s, all alike. Not differentiable:
-    for decode-sized inputs (training takes XLA's path)."""
+    w1, w3 (E, D, F) and w2 (E, F, D): float arrays or int8 `QArray`s, all alike. No derivative of its
+    own: `moe.moe_kernel` gives it one."""
     v1, s1 = _operand(w1)
     v3, s3 = _operand(w3)
     v2, s2 = _operand(w2)
@@ -176,13 +178,12 @@ def einsum(spec: str, x: jax.Array, w, preferred_element_type=None, **other) -> 
         return None
     n = len(xs) - len(xs.rstrip("".join(c for c in xs if c in ws)))  # trailing letters shared with w
     contracted = xs[len(xs) - n:]
+    lead = x.shape[: len(xs) - n]
     if (not n or not ws.startswith(contracted) or out != xs[: len(xs) - n] + ws[n:]
-            or set(xs[: len(xs) - n]) & set(ws) or not weight_ok(w)):
+            or set(xs[: len(xs) - n]) & set(ws) or not usable(math.prod(lead), w)):
         return None
-    values = w.q if hasattr(w, "q") else w
-    d = 1
-    for s in values.shape[:n]:
-        d *= s
+    values = _values(w)
+    d = math.prod(values.shape[:n])
     f = values.size // d
     if hasattr(w, "q"):
         if w.scale.shape != values.shape[n:]:
@@ -190,7 +191,4 @@ def einsum(spec: str, x: jax.Array, w, preferred_element_type=None, **other) -> 
         w2d = type(w)(values.reshape(d, f), w.scale.reshape(f))
     else:
         w2d = values.reshape(d, f)
-    lead = x.shape[: len(xs) - n]
-    if not 0 < math.prod(lead) or not usable(math.prod(lead)):
-        return None
     return matvec(x.reshape(*lead, d), w2d, preferred_element_type).reshape(*lead, *values.shape[n:])

@@ -231,10 +231,10 @@ class Mixtral(nnx.Module):
             return None
         if resolve_strategy(self.runtime.moe_strategy) != "grouped":
             return None
-        if rows is not None and cpu_kernels.usable(rows):
+        experts = [[_read(layer.moe, name, None) for name in ("w1", "w3", "w2")] for layer in self.layers]
+        if rows is not None and cpu_kernels.usable(rows, *experts[0]):
             return None
-        views = tuple(tuple(expert_views(_read(layer.moe, name, None)) for name in ("w1", "w3", "w2"))
-                      for layer in self.layers)
+        views = tuple(tuple(expert_views(w) for w in layer) for layer in experts)
         return None if any(v is None for layer in views for v in layer) else views
 
     def _decoder(self, tokens, positions, span: Span, cache: KVCache | None = None, expert_weights=None):

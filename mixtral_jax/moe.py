@@ -240,8 +240,7 @@ def run_experts(x, routing: Routing, w1, w3, w2, strategy: str = "auto", capacit
     serve `grouped` and are ignored by the others. `cpu_kernel`: `x` is on one device; `grouped` then
     runs a decode-sized `x` through `cpu_kernels.moe` where the kernels are usable."""
     strategy = resolve_strategy(strategy)
-    if (cpu_kernel and strategy == "grouped" and cpu_kernels.usable(x.shape[0])
-            and all(cpu_kernels.weight_ok(w) for w in (w1, w3, w2))):
+    if cpu_kernel and strategy == "grouped" and cpu_kernels.usable(x.shape[0], w1, w3, w2):
         return moe_kernel(x, routing, w1, w3, w2)
     # Eagerly, jit: `lax.switch` would otherwise compile its branches on every call. Under an outer jit,
     # call straight through: a nested jit boundary costs the decode step ~20% on XLA:CPU.

@@ -230,18 +230,18 @@ class _Steps:
         graphdef, state, weights, first, cache, key, prompt_counts = self._sampler._prefill(r)
         carry = start_decoding(first, cache, key, max_new=r.max_new)
         limit = jnp.int32(r.limit)
+
         def step(carry):
             return decode_step(graphdef, state, weights, carry, r.stop_tokens, r.stop_seqs, prompt_counts,
                                r.penalties, limit, strategy=r.strategy)
 
         carry, emitted, more = step(carry)
-        while True:
+        running = True
+        while running:
             ahead = step(carry)  # dispatched now, runs while this step's tokens are read back
             yield to_host(emitted)
-            carry, emitted, running = ahead[0], ahead[1], bool(to_host(more))
-            if not running:
-                break
-            more = ahead[2]
+            running = bool(to_host(more))
+            carry, emitted, more = ahead
         self.result = (to_host(carry.out), to_host(carry.n_out))
 
 

@@ -13,20 +13,21 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <cstdlib>
-#include <mutex>
-#include <system_error>
-#if defined(__linux__)
-#include <sched.h>
-#endif
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -158,7 +159,7 @@ inline float to_float(uint16_t bf16) {
 // acc[i, :] += sum_{d0 <= d < d1} x[i, d] * w[d, :] for i < m. `w` is (D, F) row-major: rows d0..d1
 // are one contiguous region, streamed once, eight rows per pass, each group of weights loaded (and
 // converted) once for all m rows of x. The accumulators (m x F floats) stay in L1/L2.
-constexpr int64_t kRows = 8;
+constexpr int64_t kRows = 8;  // the AVX-512 loop below names its eight rows (w0..w7)
 
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
