@@ -24,6 +24,7 @@ from flax import nnx
 from mixtral_jax import load
 from mixtral_jax.config import KV_CACHE_DTYPES
 from mixtral_jax.demo import default_model, has_trained_model
+from mixtral_jax.errors import CheckpointError
 from mixtral_jax.model import KVCache
 from mixtral_jax.placement import quantize_model
 from mixtral_jax.quant import QUANTIZE_MODES
@@ -63,7 +64,10 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="report on this checkpoint instead of the embedded demo model")
     args = p.parse_args(argv)
     if args.checkpoint:
-        model = load(args.checkpoint, dtype=jnp.float32)  # as default_model() loads the embedded one
+        try:
+            model = load(args.checkpoint, dtype=jnp.float32)  # as default_model() loads the embedded one
+        except CheckpointError as e:
+            raise SystemExit(f"demo_report: {e}") from None
     elif has_trained_model():
         model = default_model()
     else:
