@@ -32,6 +32,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import Mesh, PartitionSpec
 
+from . import cpu_kernels
 from .config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from .sharding.rules import activation_spec
 
@@ -71,6 +72,8 @@ def attention(q, k, v, span: Span, *, window: int | None = None, k_scale=None, v
     see `resolve`."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+    if impl == "auto" and mesh is None and _cpu_kernel_takes(q, k):
+        return attend_cpu_kernel(q, k, v, make_mask(*span, window), k_scale, v_scale)
     impl = resolve(impl, q.shape, k.shape, q.dtype, self_attention and k_scale is None, mesh)
     if impl == "blockwise":
         return attend_blockwise(q, k, v, span, window, k_scale, v_scale, platform=_platform(mesh))
@@ -124,11 +127,36 @@ def tile_sizes(n_heads: int, platform: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------ plain
+def _cpu_kernel_takes(q, k) -> bool:
+    """Decode on one CPU device in float32: `cpu_kernels.attend` (one call, no copy of the keys, the
+    cache's unwritten slots skipped) where the kernels are built."""
+    return (q.shape[1] <= PLAIN_MAX_QUERIES and q.dtype == jnp.float32 and q.shape[2] % k.shape[1] == 0
+            and cpu_kernels.usable(q.shape[1], k))
+
+
+@jax.custom_jvp
+def attend_cpu_kernel(q, k, v, mask, k_scale=None, v_scale=None) -> jax.Array:
+    return cpu_kernels.attend(q, k, v, mask, k_scale, v_scale)
+
+
+@attend_cpu_kernel.defjvp
+def _attend_cpu_kernel_jvp(primals, tangents):  # XLA's tangent: training through a short sequence
+    q, k, v, mask, k_scale, v_scale = primals
+    dq, dk, dv, _, dks, dvs = tangents
+    out = attend_cpu_kernel(*primals)
+    _, dout = jax.jvp(lambda q, k, v, ks, vs: _attend_masked(q, k, v, mask, ks, vs), (q, k, v, k_scale, v_scale),
+                      (dq, dk, dv, dks, dvs))
+    return out, dout
+
+
 def attend_plain(q, k, v, span: Span, window=None, k_scale=None, v_scale=None) -> jax.Array:
+    return _attend_masked(q, k, v, make_mask(*span, window), k_scale, v_scale)
+
+
+def _attend_masked(q, k, v, mask, k_scale=None, v_scale=None) -> jax.Array:
     b, t, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
     dt = q.dtype
-    mask = make_mask(*span, window)
     qg = q.reshape(b, t, n_kv, n_heads // n_kv, head_dim)
     scores = jnp.einsum("btkgx,bksx->bkgts", qg, k.astype(dt), preferred_element_type=jnp.float32) * head_dim**-0.5
     if k_scale is not None:

@@ -97,6 +97,7 @@ class Sampler:
         if self.cache_dtype is not None and jnp.dtype(self.cache_dtype).name not in KV_CACHE_DTYPES:
             raise SamplingError(f"unknown KV cache dtype {self.cache_dtype!r}; choose from "
                                 f"{', '.join(KV_CACHE_DTYPES)}")
+        self.model.use_huge_pages()  # on CPU: each decode step streams the weights faster
 
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,

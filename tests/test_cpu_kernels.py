@@ -35,7 +35,7 @@ def _weight(kind, d, f, rng):
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("m,d,f", [(1, 512, 1792), (1, 1792, 512), (3, 100, 37), (16, 64, 200), (5, 7, 16),
-                                   (2, 520, 33)])
+                                   (2, 520, 33), (1, 37, 50), (1, 16, 16)])
 def test_matvec_equals_numpy(kind, m, d, f):
     rng = np.random.default_rng(m * 1000 + d + f)
     w, dense = _weight(kind, d, f, rng)
@@ -225,3 +225,110 @@ def test_the_build_is_cached_by_source_and_machine(tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert cpu_kernels.build() == first and first.stat().st_mtime_ns == stamp  # not compiled again
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no half-written files left
+
+
+def _huge_pages_at(address: int) -> int:
+    """AnonHugePages (kB) of the mapping that holds `address`, from /proc/self/smaps."""
+    inside, kb = False, 0
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                kb = int(line.split()[1])
+    return kb
+
+
+def test_huge_page_copy_keeps_the_values_in_huge_pages():
+    rng = np.random.default_rng(0)
+    tree = {"w": jnp.asarray(rng.standard_normal((1024, 1024)).astype(np.float32)),
+            "q": QArray(jnp.asarray(rng.integers(-127, 128, (4096, 1024)).astype(np.int8)), jnp.ones((1024,))),
+            "small": jnp.ones((8, 8))}
+    want = jax.tree.map(np.asarray, tree)
+    moved, nbytes = cpu_kernels.huge_page_tree(tree)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), moved, want)
+    assert moved["small"] is tree["small"]  # under one huge page: left where it is
+    if not cpu_kernels.huge_pages_possible():
+        assert nbytes == 0 and moved["w"] is tree["w"]
+        return
+    assert nbytes == (4 << 20) + (4 << 20)
+    for a in (moved["w"], moved["q"].q):
+        assert a.unsafe_buffer_pointer() % cpu_kernels.HUGE_PAGE == 0
+        assert _huge_pages_at(a.unsafe_buffer_pointer()) >= 2048
+    again, more = cpu_kernels.huge_page_tree(moved)
+    assert more == 0 and again["w"] is moved["w"]
+    # an ordinary array otherwise: computed with, donated, and its memory released when it goes
+    address = moved["w"].unsafe_buffer_pointer()
+    doubled = jax.jit(lambda a: a * 2, donate_argnums=0)(moved.pop("w"))
+    np.testing.assert_array_equal(np.asarray(doubled), want["w"] * 2)
+    import gc
+
+    gc.collect()
+    assert address not in cpu_kernels._in_huge_pages
+
+
+def test_the_sampler_moves_the_weights_and_answers_the_same():
+    cfg = MixtralConfig(vocab_size=4096, dim=128, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=96,
+                        n_experts=4, top_k=2, max_seq_len=64)
+    model = Mixtral(cfg, RuntimeConfig(), rngs=nnx.Rngs(5))
+    prompt = [5, 17, 33, 2, 71]
+    full_before = np.asarray(model(jnp.asarray([prompt])))
+    out = Sampler(model)([prompt], 6, stop_tokens=[])[0]
+    embed = model.embed[...]
+    if cpu_kernels.huge_pages_possible():
+        assert embed.unsafe_buffer_pointer() % cpu_kernels.HUGE_PAGE == 0  # 2 MiB: moved
+        assert model.use_huge_pages() == 0  # already there
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray([prompt]))), full_before)
+    full = model(jnp.asarray([prompt + out[:-1]]))
+    assert out == np.asarray(jnp.argmax(full[0, len(prompt) - 1:], -1)).tolist()
+
+
+@pytest.mark.parametrize("cache", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("b,t,h,kh,s,x", [(1, 1, 8, 2, 144, 64), (2, 3, 4, 4, 37, 16), (3, 16, 6, 2, 70, 20)])
+def test_attend_equals_plain_attention(cache, b, t, h, kh, s, x):
+    """The decode attention kernel against `attend_plain` (XLA): causal, padded, windowed, part-written
+    caches, a row whose every slot is hidden, and int8 caches with their scales."""
+    from mixtral_jax.attention import Span, attend_plain, make_mask
+    from mixtral_jax.model import quantize_kv
+
+    rng = np.random.default_rng(b * 100 + t * 10 + s)
+    q = jnp.asarray(rng.standard_normal((b, t, h, x)).astype(np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((b, kh, s, x)).astype(np.float32)) for _ in range(2))
+    k_scale = v_scale = None
+    if cache == "int8":
+        (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+    elif cache == "bfloat16":
+        k, v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    written = rng.integers(t, s + 1, b)  # slots written so far, per row
+    kv_pos = np.broadcast_to(np.arange(s), (b, s)).astype(np.int32)
+    kv_valid = kv_pos < written[:, None]
+    kv_valid[0, :2] = False  # left padding
+    q_pos = (written[:, None] - t + np.arange(t)).astype(np.int32)
+    if t > 1:
+        q_pos[-1, 0] = -1  # a query that sees nothing
+    span = Span(jnp.asarray(q_pos), jnp.asarray(kv_pos), jnp.asarray(kv_valid))
+    for window in (None, 5):
+        want = attend_plain(q, k, v, span, window, k_scale, v_scale)
+        got = jax.jit(cpu_kernels.attend)(q, k, v, make_mask(*span, window), k_scale, v_scale)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+
+
+def test_attention_takes_the_kernel_for_float32_decode_with_xlas_gradient():
+    from mixtral_jax.attention import Span, attend_plain, attention
+
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((1, 2, 4, 8)).astype(np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((1, 2, 2, 8)).astype(np.float32)) for _ in range(2))
+    pos = jnp.asarray([[0, 1]], jnp.int32)
+    span = Span(pos, pos, jnp.ones((1, 2), bool))
+    lowered = jax.jit(lambda q, k, v: attention(q, k, v, span)).lower(q, k, v).as_text()
+    assert "mixtral_attend" in lowered
+    assert "mixtral_attend" not in jax.jit(lambda q, k, v: attention(q, k, v, span, impl="plain")).lower(
+        q, k, v).as_text()
+    loss = lambda f: lambda q, k, v: (f(q, k, v) ** 2).sum()  # noqa: E731
+    got = jax.grad(loss(lambda q, k, v: attention(q, k, v, span)), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: attend_plain(q, k, v, span)), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
