@@ -1,9 +1,9 @@
-"""CPU kernels for the decode step's weight reads, through the XLA FFI (`kernels/cpu_matvec.cc`).
+"""CPU kernels for the decode step, through the XLA FFI (`kernels/cpu_matvec.cc`).
 
 Why: decoding a few tokens on CPU is bound by how fast the weights stream from memory. XLA:CPU's dot
 streams a matrix-vector product at ~60% of what the machine gives, casts int8 weights into a float
 copy before every dot, and the grouped MoE pays a conditional per expert. These kernels read each weight
-once, in its stored dtype, on XLA's own intra-op threads:
+once, in its stored dtype, on their own worker threads:
 
 - `matvec(x, w)`: `x @ w` for a few rows of `x` (float32, bfloat16, or int8 `QArray` weights);
 - `moe(x, routing, w1, w3, w2)`: the experts' SwiGLU for a few tokens, reading only the experts used;
@@ -39,6 +39,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .progress import progress
 
 SOURCE = Path(__file__).parent / "kernels" / "cpu_matvec.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -152,16 +154,19 @@ def huge_page_copy(a: jax.Array) -> jax.Array:
 
 def huge_page_tree(tree):
     """`tree` with each array of at least 2 MiB on one CPU device moved by `huge_page_copy`, and the bytes
-    moved: one array at a time, so the extra memory is one array's."""
-    moved = 0
-
-    def move(a):
-        nonlocal moved
-        out = huge_page_copy(a)
-        moved += a.nbytes if out is not a else 0
-        return out
-
-    return jax.tree.map(move, tree), moved
+    moved: one array at a time, so the extra memory is one array's. Shows progress above 4 GiB (a full
+    8x7B takes ~10 s)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    candidates = sum(a.nbytes for a in leaves if isinstance(a, jax.Array) and a.nbytes >= HUGE_PAGE)
+    moved, out = 0, []
+    with progress(candidates >> 20, "moving weights into huge pages", "MiB", enabled=candidates > 4 << 30) as bar:
+        for a in leaves:
+            new = huge_page_copy(a)
+            if new is not a:
+                moved += a.nbytes
+                bar.advance(a.nbytes >> 20)
+            out.append(new)
+    return jax.tree.unflatten(treedef, out), moved
 
 
 def usable(rows: int, *weights) -> bool:

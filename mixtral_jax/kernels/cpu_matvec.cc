@@ -1,14 +1,18 @@
-// Small-batch matrix products for XLA:CPU through the XLA FFI: the decode step's weight reads.
+// The decode step's CPU work for XLA:CPU through the XLA FFI: small-batch weight reads and attention.
 //
 // Why: a decode step on CPU is a stream of weight reads (one or a few activation rows against every
 // weight matrix). XLA:CPU's dot reaches ~60% of the memory bandwidth on a matrix-vector product and
-// never fuses an int8 -> float convert into it (it writes a float copy of the weight first), and the
-// grouped MoE pays a conditional per expert. These kernels stream each weight once, contiguously, in
-// its stored dtype (float32, bfloat16 or int8 with per-column scales), on XLA's own intra-op threads.
+// never fuses an int8 -> float convert into it (it writes a float copy of the weight first), the
+// grouped MoE pays a conditional per expert, and attention over a cache is ~20 small ops plus a
+// transposed copy of the keys. These kernels stream each weight once, contiguously, in its stored
+// dtype (float32, bfloat16 or int8 with per-column scales), on their own worker threads:
+//   mixtral_matvec  y = x @ w               (attention projections, LM head)
+//   mixtral_moe     the experts' SwiGLU     (one call per layer, only the experts used are read)
+//   mixtral_attend  softmax(q k^T) v        (a few queries over a KV cache, hidden slots unread)
 //
 // Numbers: float32 accumulation; int8 products are scaled per output column after the sum, as
-// mixtral_jax.quant does. The loops are plain C++ written for the compiler's auto-vectoriser
-// (built with -O3 -march=native by mixtral_jax/cpu_kernels.py).
+// mixtral_jax.quant does. AVX-512 intrinsics where the CPU has them, portable loops elsewhere (built
+// with -O3 -march=native by mixtral_jax/cpu_kernels.py).
 
 #include <algorithm>
 #include <atomic>
