@@ -274,3 +274,18 @@ def test_a_later_request_reuses_the_compiled_programs(pair):
     list(Sampler(model).stream([[1, 2, 3]], 3))
     assert (sampler_module.prefill._cache_size(), sampler_module.decode._cache_size(),
             sampler_module.decode_step._cache_size()) == sizes
+
+
+def test_equal_graphs_share_one_wrapper_so_each_step_is_an_identity_check(pair):
+    """jit compares a static argument with its cached key on every call; one wrapper per distinct graph
+    makes that `is`, not a walk of the whole module tree each decode step."""
+    from flax import nnx
+
+    from mixtral_jax.sampler import HashedOnce
+
+    _, model = pair
+    first, second = nnx.split(model)[0], nnx.split(model)[0]
+    assert first is not second and first == second
+    assert HashedOnce.of(first) is HashedOnce.of(second)
+    other = nnx.split(mixtral_jax.Mixtral(MixtralConfig.tiny(n_layers=CONFIG.n_layers + 1), rngs=nnx.Rngs(0)))[0]
+    assert HashedOnce.of(other) is not HashedOnce.of(first)
