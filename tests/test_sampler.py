@@ -130,14 +130,33 @@ def test_streaming_delivers_the_same_tokens(pair):
 
 
 def test_streaming_runs_one_step_ahead_without_changing_the_answer(pair):
-    """The stream dispatches each step before reading the last one back: it still yields exactly the
-    steps that emit something, and the step run past the limit adds no token."""
+    """The stream dispatches each group of steps before reading the last one back: it still yields
+    exactly the steps that emit something, and nothing runs past the limit."""
     _, model = pair
     sampler = Sampler(model)
     for limit in (1, 10, 16):  # below, at and on the output bucket
         steps = list(sampler.stream([[1, 2, 3], [4]], limit, stop_tokens=[]))
         assert len(steps) == limit and all((s >= 0).all() for s in steps)
         assert sampler([[1, 2, 3], [4]], limit, stop_tokens=[]) == np.stack(steps, axis=1).tolist()
+
+
+def test_streaming_in_groups_of_steps_yields_every_step_and_stops_where_the_loop_does(pair, monkeypatch):
+    """A fast model streams several steps per dispatch (`STREAM_LATENCY`): still one yield per step,
+    ending on the same step as `__call__`, for limits inside a group and stop tokens met mid-group."""
+    import mixtral_jax.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "STREAM_LATENCY", 60.0)  # every group as large as allowed
+    _, model = pair
+    sampler = Sampler(model)
+    prompts = [[1, 2, 3], [4]]
+    free = sampler(prompts, 20, stop_tokens=[])
+    for limit, stops in ((3, []), (11, []), (20, []), (20, [free[0][6]]), (20, [free[0][9], free[1][4]])):
+        steps = list(sampler.stream(prompts, limit, stop_tokens=stops))
+        streamed = np.stack(steps, axis=1)
+        want = sampler(prompts, limit, stop_tokens=stops)
+        assert [r[r >= 0].tolist() for r in streamed] == want
+        assert len(steps) == max(len(w) for w in want) + (1 if stops and max(len(w) for w in want) < limit else 0)
+        assert all((s >= 0).any() for s in steps[:-1])
 
 
 def test_streamed_steps_equal_the_compiled_loop_when_sampling_with_penalties(pair):
@@ -269,11 +288,11 @@ def test_a_later_request_reuses_the_compiled_programs(pair):
     Sampler(model)([[5, 6, 7]], 3)
     list(Sampler(model).stream([[5, 6, 7]], 3))
     sizes = (sampler_module.prefill._cache_size(), sampler_module.decode._cache_size(),
-             sampler_module.decode_step._cache_size())
+             sampler_module.decode_steps._cache_size())
     Sampler(model)([[9, 8, 7]], 3)
     list(Sampler(model).stream([[1, 2, 3]], 3))
     assert (sampler_module.prefill._cache_size(), sampler_module.decode._cache_size(),
-            sampler_module.decode_step._cache_size()) == sizes
+            sampler_module.decode_steps._cache_size()) == sizes
 
 
 def test_equal_graphs_share_one_wrapper_so_each_step_is_an_identity_check(pair):
