@@ -209,7 +209,8 @@ def llamacpp_peer(hf_dir: str, new: int, reps: int, prefill_tokens: int) -> dict
     return out
 
 
-def _print_llamacpp(peer: dict, ours_decode: float, ours_prefill: float, prefill_tokens: int) -> None:
+def _print_llamacpp(peer: dict, ours_decode: float, ours_prefill: float, prefill_tokens: int,
+                    ours_int8: float) -> None:
     import llama_cpp
 
     types = list(peer["decode_b1"])
@@ -221,6 +222,9 @@ def _print_llamacpp(peer: dict, ours_decode: float, ours_prefill: float, prefill
                           (f"prefill {prefill_tokens}", "prefill", ours_prefill)):
         figures = "".join(f"{peer[key][t]:>12.1f}" for t in types)
         print(f"{label:<14}{o:>10.1f}{figures}{o / peer[key]['f32']:>8.2f}x")
+    if "q8_0" in peer["decode_b1"]:
+        print(f"decode b1, ours int8 (LM head too) against q8_0: {ours_int8:.1f} / {peer['decode_b1']['q8_0']:.1f} = "
+              f"{ours_int8 / peer['decode_b1']['q8_0']:.2f}x")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -268,6 +272,8 @@ def _run(args, hf_dir: str) -> int:
         results[f"decode_b{batch}"] = dict(ours=ours, hf=peers, bandwidth_limit=batch * limit)
     # int8 weights (experts and attention; LM head fp32), batch 1, measured right after the fp32 row
     results["decode_b1_int8"] = ours_decode(quantize_model(model), 1, new, decode_reps)
+    # and with the LM head int8 too: what llama.cpp's q8_0 quantizes (every matrix, the output head included)
+    results["decode_b1_int8_lm_head"] = ours_decode(quantize_model(model, lm_head=True), 1, new, decode_reps)
     ours = ours_prefill(model, prefill_tokens, reps + 1)  # the first run after compiling still faults pages in
     peers = {}
     for name, setting in hf_settings(hf).items():
@@ -291,10 +297,12 @@ def _run(args, hf_dir: str) -> int:
         print(f"{label:<14}{o:>10.1f}{peer[best]:>10.1f}  {best:<20}{o / peer[best]:>10.2f}x{o / limit:>9.0%}")
         print(f"{'':<14}hf: " + ", ".join(f"{n} {v:.1f}" for n, v in peer.items()))
     print(f"decode b1 int8 weights: {results['decode_b1_int8']:.1f} tokens/s "
-          f"({results['decode_b1_int8'] / results['decode_b1']['ours']:.2f}x fp32)")
+          f"({results['decode_b1_int8'] / results['decode_b1']['ours']:.2f}x fp32); with the LM head int8 too: "
+          f"{results['decode_b1_int8_lm_head']:.1f}")
     print("MoE strategies at prefill (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in moe.items()))
     if llama is not None:
-        _print_llamacpp(llama, results["decode_b1"]["ours"], results["prefill"]["ours"], prefill_tokens)
+        _print_llamacpp(llama, results["decode_b1"]["ours"], results["prefill"]["ours"], prefill_tokens,
+                        results["decode_b1_int8_lm_head"])
     best_hf = {label: max(peer.values()) for label, _, peer, _ in rows}
     summary = {
         "decode_b1_vs_hf": results["decode_b1"]["ours"] / best_hf["decode b1"],
@@ -307,6 +315,8 @@ def _run(args, hf_dir: str) -> int:
     if llama is not None:  # ours fp32 against llama.cpp f32 (q8_0's figures are in the results)
         summary["decode_b1_vs_llamacpp"] = results["decode_b1"]["ours"] / llama["decode_b1"]["f32"]
         summary["prefill_vs_llamacpp"] = results["prefill"]["ours"] / llama["prefill"]["f32"]
+        if "q8_0" in llama["decode_b1"]:  # int8 everywhere (LM head too) against q8_0, which quantizes everything
+            summary["decode_b1_int8_vs_llamacpp_q8_0"] = results["decode_b1_int8_lm_head"] / llama["decode_b1"]["q8_0"]
     results["summary"] = summary
     if args.json:
         with open(args.json, "w") as f:

@@ -86,3 +86,16 @@ def test_the_alternating_comparison_says_how_to_install_llamacpp(monkeypatch, tm
     with pytest.raises(SystemExit):
         vs_llamacpp.main(["--hf-dir", str(tmp_path)])
     assert "bench.llamacpp_setup" in capsys.readouterr().err
+
+
+def test_the_llamacpp_table_holds_int8_against_q8_0(monkeypatch, capsys):
+    import types
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(__version__="0.3.36"))
+    peer = {"decode_b1": {"f32": 100.0, "q8_0": 300.0}, "prefill": {"f32": 700.0, "q8_0": 900.0},
+            "threads": {"f32 x2": {"decode_b1": 100.0, "prefill": 700.0}}}
+    speed._print_llamacpp(peer, 110.0, 1050.0, 1024, 150.0)
+    out = capsys.readouterr().out
+    assert "decode b1          110.0       100.0       300.0    1.10x" in out
+    assert "prefill 1024      1050.0       700.0       900.0    1.50x" in out
+    assert "ours int8 (LM head too) against q8_0: 150.0 / 300.0 = 0.50x" in out
