@@ -95,6 +95,8 @@ class Sampler:
 
     model: Mixtral
     cache_dtype: jnp.dtype | str | None = None
+    # the last stream's seconds per decode step, by batch size: the next stream's first group is sized by it
+    _step_times: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.cache_dtype is not None and jnp.dtype(self.cache_dtype).name not in KV_CACHE_DTYPES:
@@ -225,10 +227,10 @@ class _Steps:
     The steps run in groups, one jitted `decode_steps` call each. Each group is dispatched before the
     previous one's tokens are read back, so Python's dispatch and the host copy overlap the device's
     work. A group runs as many steps as fit in `STREAM_LATENCY` seconds (at most `STREAM_GROUP`; one
-    until the step time is known): on a fast CPU model each dispatch costs ~0.4 ms of Python and ~0.5 ms
-    of launching the program, 10-15% of a 7 ms step, while tokens held back for 20 ms go unnoticed. A slow
-    model streams one step at a time. A group stops where the decode ends, so `result` is the same as
-    `__call__`'s."""
+    until the step time is known, from this stream or the sampler's last one of the same batch size): on
+    a fast CPU model each dispatch costs ~0.4 ms of Python and ~0.5 ms of launching the program, 10-30% of
+    a 3-7 ms step, while tokens held back for 20 ms go unnoticed. A slow model streams one step at a time.
+    A group stops where the decode ends, so `result` is the same as `__call__`'s."""
 
     def __init__(self, sampler: Sampler, r: _Request):
         self._sampler, self._r, self.result = sampler, r, None
@@ -245,8 +247,11 @@ class _Steps:
             return decode_steps(graphdef, treedef, leaves, weights, carry, r.stop_tokens, r.stop_seqs, prompt_counts,
                                 r.penalties, limit, jnp.int32(steps), strategy=r.strategy)
 
-        pending = group(carry, 1)
-        step_time, last, size = None, time.perf_counter(), 1
+        batch = r.tokens.shape[0]
+        known = self._sampler._step_times.get(batch)
+        size = 1 if known is None else _group_size(known)
+        pending = group(carry, size)
+        last = time.perf_counter()
         while True:
             carry, emitted, ran, more = pending
             pending = group(carry, size)  # dispatched now, runs while this group's tokens are read back
@@ -255,7 +260,8 @@ class _Steps:
             now = time.perf_counter()
             if ran:
                 step_time, last = (now - last) / ran, now
-                size = max(1, min(STREAM_GROUP, int(STREAM_LATENCY / step_time)))
+                self._sampler._step_times[batch] = step_time
+                size = _group_size(step_time)
             if not bool(to_host(more)):
                 break
         carry = pending[0]  # ran no step: the decode had ended
@@ -264,6 +270,10 @@ class _Steps:
 
 STREAM_GROUP = 8          # decode steps one streaming dispatch runs at most
 STREAM_LATENCY = 0.02     # seconds of tokens a stream may hold back so that several steps share a dispatch
+
+
+def _group_size(step_time: float) -> int:
+    return max(1, min(STREAM_GROUP, int(STREAM_LATENCY / step_time)))
 
 
 # ------------------------------------------------------------------------------- jitted pieces

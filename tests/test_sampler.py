@@ -159,6 +159,23 @@ def test_streaming_in_groups_of_steps_yields_every_step_and_stops_where_the_loop
         assert all((s >= 0).any() for s in steps[:-1])
 
 
+def test_a_later_stream_sizes_its_first_group_by_the_last_streams_step_time(pair, monkeypatch):
+    import mixtral_jax.sampler as sampler_module
+
+    _, model = pair
+    sampler = Sampler(model)
+    list(sampler.stream([[1, 2, 3]], 12, stop_tokens=[]))
+    assert 0 < sampler._step_times[1] < 60
+    sizes, real = [], sampler_module.decode_steps
+    monkeypatch.setattr(sampler_module, "decode_steps", lambda *a, **k: (sizes.append(int(a[-1])), real(*a, **k))[1])
+    monkeypatch.setattr(sampler_module, "STREAM_LATENCY", 60.0)
+    steps = list(sampler.stream([[4, 5]], 12, stop_tokens=[]))
+    assert sizes[0] == sampler_module.STREAM_GROUP and len(steps) == 12
+    before = len(sizes)
+    list(Sampler(model).stream([[4, 5]], 12, stop_tokens=[]))  # a new sampler knows nothing yet
+    assert sizes[before] == 1 and sampler_module.STREAM_GROUP in sizes[before:]
+
+
 def test_streamed_steps_equal_the_compiled_loop_when_sampling_with_penalties(pair):
     """`stream` runs the decode step one jitted call at a time; `__call__` without it runs the same step
     inside one `lax.while_loop`: the same tokens, random draws and penalties included."""
