@@ -99,3 +99,11 @@ def test_the_llamacpp_table_holds_int8_against_q8_0(monkeypatch, capsys):
     assert "decode b1          110.0       100.0       300.0    1.10x" in out
     assert "prefill 1024      1050.0       700.0       900.0    1.50x" in out
     assert "ours int8 (LM head too) against q8_0: 150.0 / 300.0 = 0.50x" in out
+
+
+def test_the_step_clock_counts_only_steps_computed_after_the_first_delivery():
+    clock = speed._StepClock()
+    clock.times = [0.0, 0.01, 0.02]  # one step per delivery
+    assert abs(clock.rate(1) - 100.0) < 1e-9
+    clock.times = [0.0, 0.00001, 0.00002, 0.01, 0.01001, 0.01002, 0.02, 0.02001, 0.02002]  # three steps a delivery
+    assert abs(clock.rate(2) - 2 * 6 / 0.02002) < 1e-9
