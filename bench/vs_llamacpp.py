@@ -22,6 +22,7 @@ import numpy as np
 from bench import llamacpp
 from bench.decode_profile import _model
 from bench.speed import BENCH_CONFIG, PROMPT, ours_decode, ours_prefill
+from mixtral_jax.placement import quantize_model
 
 
 def check_logits(model, gguf: str, prompt: list[int]) -> tuple[float, float, float]:
@@ -56,14 +57,16 @@ def main(argv=None) -> int:
         print(f"llama.cpp f32 vs ours, 16-token prompt: max |diff| {diff:.2e} (logits up to {scale:.2f}), "
               f"argmax agrees at {agree:.0%} of positions")
         return 0
-    engines = {"ours fp32": None, **{f"llama.cpp {t}": f for t, f in files.items()}}
+    ours = {"ours fp32": model, "ours int8": quantize_model(model, lm_head=True)}  # int8 everywhere, as q8_0
+    engines = {**ours, **{f"llama.cpp {t}": f for t, f in files.items()}}
     runs: dict[str, dict[str, list[float]]] = {"decode_b1": {}, "prefill": {}}
     for r in range(args.rounds):
         for name, path in engines.items():
-            d = ours_decode(model, 1, args.new, 1) if path is None else llamacpp.decode(path, prompt, args.new, 1)
+            mine = ours.get(name)
+            d = ours_decode(mine, 1, args.new, 1) if mine is not None else llamacpp.decode(path, prompt, args.new, 1)
             runs["decode_b1"].setdefault(name, []).append(d)
             if not args.no_prefill:
-                f = ours_prefill(model, 1024, 2) if path is None else llamacpp.prefill(path, 1024, 1)
+                f = ours_prefill(mine, 1024, 2) if mine is not None else llamacpp.prefill(path, 1024, 1)
                 runs["prefill"].setdefault(name, []).append(f)
             print(f"round {r + 1} {name:<16} decode b1 {d:7.1f}" + ("" if args.no_prefill else f"  prefill {f:7.1f}"),
                   flush=True)
