@@ -130,8 +130,7 @@ def tile_sizes(n_heads: int, platform: str) -> tuple[int, int]:
 def _cpu_kernel_takes(q, k) -> bool:
     """Decode on one CPU device in float32: `cpu_kernels.attend` (one call, no copy of the keys, the
     cache's unwritten slots skipped) where the kernels are built."""
-    return (q.shape[1] <= PLAIN_MAX_QUERIES and q.dtype == jnp.float32 and q.shape[2] % k.shape[1] == 0
-            and cpu_kernels.usable(q.shape[1], k))
+    return q.dtype == jnp.float32 and q.shape[2] % k.shape[1] == 0 and cpu_kernels.usable(q.shape[1], k)
 
 
 @jax.custom_jvp

@@ -156,6 +156,8 @@ def huge_page_tree(tree):
     """`tree` with each array of at least 2 MiB on one CPU device moved by `huge_page_copy`, and the bytes
     moved: one array at a time, so the extra memory is one array's. Shows progress above 4 GiB (a full
     8x7B takes ~10 s)."""
+    if not huge_pages_possible():
+        return tree, 0
     leaves, treedef = jax.tree.flatten(tree)
     candidates = sum(a.nbytes for a in leaves if isinstance(a, jax.Array) and a.nbytes >= HUGE_PAGE)
     moved, out = 0, []

@@ -240,8 +240,7 @@ class _Steps:
         graphdef, state, weights, first, cache, key, prompt_counts = self._sampler._prefill(r)
         carry = start_decoding(first, cache, key, max_new=r.max_new)
         limit = jnp.int32(r.limit)
-        leaves, treedef = jax.tree.flatten(state)  # once: an nnx State flattens in Python, a list in C++
-        treedef = HashedOnce.of(treedef)
+        treedef, leaves = flat_state(state)
 
         def group(carry, steps: int):
             return decode_steps(graphdef, treedef, leaves, weights, carry, r.stop_tokens, r.stop_seqs, prompt_counts,
@@ -323,8 +322,12 @@ def split_flat(model: Mixtral) -> tuple[HashedOnce, HashedOnce, list]:
     parts wrapped once (`HashedOnce.of`), the state flattened once (an nnx State flattens in Python on
     every call, ~70 us; a list in C++). `merge_flat` inside the jitted function undoes it."""
     graphdef, state = nnx.split(model)
+    return HashedOnce.of(graphdef), *flat_state(state)
+
+
+def flat_state(state) -> tuple[HashedOnce, list]:
     leaves, treedef = jax.tree.flatten(state)
-    return HashedOnce.of(graphdef), HashedOnce.of(treedef), leaves
+    return HashedOnce.of(treedef), leaves
 
 
 def merge_flat(graphdef, treedef, leaves) -> Mixtral:
@@ -448,7 +451,7 @@ def decode_steps(graphdef, treedef, leaves, expert_weights, s: DecodeState, stop
     """Up to `steps` (<= `STREAM_GROUP`, a traced count: one program serves every group size) iterations
     of `decode`'s loop body, stopping where the decode ends: (new state, emitted tokens
     (STREAM_GROUP, b), -1 beyond the steps run, steps run, whether to go on). The model's state comes as
-    its flat leaves and `treedef` (see `_Steps`)."""
+    its flat leaves and `treedef` (see `split_flat`)."""
     model = merge_flat(graphdef, treedef, leaves)
 
     def body(c):

@@ -181,6 +181,15 @@ inline __m512 load16(const uint16_t* p) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// The part of the next pass's sixteen rows that matches iteration j of this pass (see accumulate_rows).
+template <typename W>
+inline void fetch_next_pass(const char* next, int64_t j) {
+  const char* p = next + j * kRows * static_cast<int64_t>(sizeof(W));
+  for (int l = 0; l < 4 * static_cast<int>(sizeof(W)); ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+}
+#endif
+
 template <typename W>
 void accumulate_rows(const float* x, int64_t m, int64_t D, const W* w, int64_t F, int64_t d0, int64_t d1,
                      float* acc) {
@@ -199,10 +208,7 @@ void accumulate_rows(const float* x, int64_t m, int64_t D, const W* w, int64_t F
       __m512 xv[kRows];
       for (int k = 0; k < kRows; ++k) xv[k] = _mm512_set1_ps(x[d + k]);
       for (; j + 16 <= F; j += 16) {
-        if (fetch_next) {
-          const char* p = next + j * kRows * static_cast<int64_t>(sizeof(W));
-          for (int l = 0; l < 4 * static_cast<int>(sizeof(W)); ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
-        }
+        if (fetch_next) fetch_next_pass<W>(next, j);
         __m512 s = _mm512_loadu_ps(acc + j), t = _mm512_setzero_ps();
         for (int k = 0; k < kRows; k += 2) {
           s = _mm512_fmadd_ps(xv[k], load16(r + k * F + j), s);
@@ -212,10 +218,7 @@ void accumulate_rows(const float* x, int64_t m, int64_t D, const W* w, int64_t F
       }
     } else {  // the weights stay in registers while every row of x passes over them
       for (; j + 16 <= F; j += 16) {
-        if (fetch_next) {
-          const char* p = next + j * kRows * static_cast<int64_t>(sizeof(W));
-          for (int l = 0; l < 4 * static_cast<int>(sizeof(W)); ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
-        }
+        if (fetch_next) fetch_next_pass<W>(next, j);
         __m512 wv[kRows];
         for (int k = 0; k < kRows; ++k) wv[k] = load16(r + k * F + j);
         for (int64_t i = 0; i < m; ++i) {
@@ -266,17 +269,26 @@ struct Matrix {  // one weight matrix (D, F) in its stored dtype, with optional 
   const float* scale;
 };
 
-void accumulate_any(const float* x, int64_t m, const Matrix& w, int64_t d0, int64_t d1, float* acc) {
-  switch (w.dtype) {
+// fn(W{}) with W the element type a weight dtype is read as (bfloat16 as its 16 bits); nothing for others.
+template <typename Fn>
+void with_weight_type(ffi::DataType t, Fn&& fn) {
+  switch (t) {
     case ffi::DataType::F32:
-      return accumulate_rows(x, m, w.D, static_cast<const float*>(w.data), w.F, d0, d1, acc);
+      return fn(float{});
     case ffi::DataType::BF16:
-      return accumulate_rows(x, m, w.D, static_cast<const uint16_t*>(w.data), w.F, d0, d1, acc);
+      return fn(uint16_t{});
     case ffi::DataType::S8:
-      return accumulate_rows(x, m, w.D, static_cast<const int8_t*>(w.data), w.F, d0, d1, acc);
+      return fn(int8_t{});
     default:
       return;
   }
+}
+
+void accumulate_any(const float* x, int64_t m, const Matrix& w, int64_t d0, int64_t d1, float* acc) {
+  with_weight_type(w.dtype, [&](auto tag) {
+    using W = decltype(tag);
+    accumulate_rows(x, m, w.D, static_cast<const W*>(w.data), w.F, d0, d1, acc);
+  });
 }
 
 bool supported(ffi::DataType t) {
@@ -572,21 +584,11 @@ ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer 
     const float* ksc = k_scale == nullptr ? nullptr : k_scale + cache;
     const float* vsc = v_scale == nullptr ? nullptr : v_scale + cache;
     thread_local std::vector<float> scores;
-    switch (t) {
-      case ffi::DataType::F32:
-        return attend_one(qrow, G, reinterpret_cast<const float*>(kbase + cache * X * bytes),
-                          reinterpret_cast<const float*>(vbase + cache * X * bytes), ksc, vsc, mrow, S, X, orow, scores);
-      case ffi::DataType::BF16:
-        return attend_one(qrow, G, reinterpret_cast<const uint16_t*>(kbase + cache * X * bytes),
-                          reinterpret_cast<const uint16_t*>(vbase + cache * X * bytes), ksc, vsc, mrow, S, X, orow,
-                          scores);
-      case ffi::DataType::S8:
-        return attend_one(qrow, G, reinterpret_cast<const int8_t*>(kbase + cache * X * bytes),
-                          reinterpret_cast<const int8_t*>(vbase + cache * X * bytes), ksc, vsc, mrow, S, X, orow,
-                          scores);
-      default:
-        return;
-    }
+    with_weight_type(t, [&](auto tag) {
+      using W = decltype(tag);
+      attend_one(qrow, G, reinterpret_cast<const W*>(kbase + cache * X * bytes),
+                 reinterpret_cast<const W*>(vbase + cache * X * bytes), ksc, vsc, mrow, S, X, orow, scores);
+    });
   });
   return ffi::Error::Success();
 }
