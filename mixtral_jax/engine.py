@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import KV_CACHE_DTYPES
 from .model import KVCache, Mixtral
-from .sampler import bucket, make_strategy, merge_flat, replicator, split_flat, to_host
+from .sampler import argmax, bucket, make_strategy, merge_flat, replicator, split_flat, to_host
 
 
 class RequestError(ValueError):
@@ -458,7 +458,7 @@ def _sample(logits, temperature, top_p, keys):
 def _sample_rows(logits, temperature, top_p, seeds):
     """Per row: argmax where temperature is 0, else a draw at that row's temperature from its top_p mass,
     keyed by (seed, token index) only, so a row's draws do not depend on the other rows."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
     sampling = temperature > 0
 
     def draw(logits):

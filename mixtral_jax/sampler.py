@@ -39,10 +39,24 @@ _BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 655
 
 
 # --------------------------------------------------------------------------------- strategies
+def argmax(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` as int32 (the first of equal maxima; the first NaN where there is one),
+    as plain max/min reductions, which XLA:CPU vectorizes, where argmax's paired (value, index) reduction
+    runs element by element (a 32000-word vocabulary: 146 -> 26 us a row, 1-4% of a CPU decode step).
+    NaNs are found on their own: a vectorized max does not reliably return them."""
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    none = logits.shape[-1]
+    nan = jnp.isnan(logits)
+    top = jnp.max(jnp.where(nan, -jnp.inf, logits), axis=-1, keepdims=True)
+    first_top = jnp.min(jnp.where(logits == top, index, none), axis=-1)
+    first_nan = jnp.min(jnp.where(nan, index, none), axis=-1)
+    return jnp.where(first_nan < none, first_nan, first_top)
+
+
 @dataclasses.dataclass(frozen=True)
 class Greedy:
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import mixtral_jax
 import mixtral_jax.attention as attention_module
 from mixtral_jax import MixtralConfig
 from mixtral_jax.model import KVCache
-from mixtral_jax.sampler import Greedy, Sample, Sampler, SamplingError, make_strategy
+from mixtral_jax.sampler import Greedy, Sample, Sampler, SamplingError, argmax, make_strategy
 
 CONFIG = MixtralConfig.tiny(sliding_window=12, max_seq_len=128)
 
@@ -25,6 +25,21 @@ def _with_attention(model, impl: str):
     for layer in copy.layers:
         layer.attn.impl = impl
     return copy
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_argmax_is_numpys_with_ties_nans_and_infinities(dtype):
+    """The vectorized argmax picks what numpy's does: the first of equal maxima, the first NaN."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-4, 5, (6, 3, 300)).astype(np.float32)  # small integers: many ties
+    x[0, 0] = -np.inf
+    x[1, 1, [7, 90]] = np.nan
+    x[2, 2, 5] = np.inf
+    x[3, 0, :] = np.nan
+    x = np.asarray(jnp.asarray(x, dtype).astype(np.float32))  # the values the dtype holds
+    got = np.asarray(jax.jit(argmax)(jnp.asarray(x, dtype)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
 
 @pytest.fixture(scope="module")
