@@ -286,10 +286,13 @@ def test_the_sampler_moves_the_weights_and_answers_the_same():
 
 
 @pytest.mark.parametrize("cache", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("b,t,h,kh,s,x", [(1, 1, 8, 2, 144, 64), (2, 3, 4, 4, 37, 16), (3, 16, 6, 2, 70, 20)])
+@pytest.mark.parametrize("b,t,h,kh,s,x", [(1, 1, 8, 2, 144, 64), (2, 3, 4, 4, 37, 16), (3, 16, 6, 2, 70, 20),
+                                         (1, 1, 32, 8, 600, 128), (2, 2, 6, 2, 50, 32)])
 def test_attend_equals_plain_attention(cache, b, t, h, kh, s, x):
     """The decode attention kernel against `attend_plain` (XLA): causal, padded, windowed, part-written
-    caches, a row whose every slot is hidden, and int8 caches with their scales."""
+    caches, a row whose every slot is hidden, and int8 caches with their scales. Head sizes 16, 32, 64
+    and 128 take the vectorized path (Mixtral's 32 heads over 8 KV heads of 128 among them; 3 query
+    heads a KV head leave a partial block of rows), 20 the portable one."""
     from mixtral_jax.attention import Span, attend_plain, make_mask
     from mixtral_jax.model import quantize_kv
 

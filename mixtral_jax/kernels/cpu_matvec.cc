@@ -548,6 +548,127 @@ void attend_one(const float* q, int64_t g, const W* k, const W* v, const float* 
   }
 }
 
+#if defined(__AVX512F__)
+// e^x for x <= 0, 16 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial
+// (relative error < 2e-7 there), times 2^n. Lanes below -104 (e^x under float32's smallest denormal)
+// give 0. The softmax's one exp per slot and query row, vectorized: glibc's scalar expf was most of a
+// long cache's time.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: exact n*hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline void load_row(const float* p, __m512* out, int nv) {
+  for (int i = 0; i < nv; ++i) out[i] = _mm512_loadu_ps(p + 16 * i);
+}
+template <typename W>
+inline void load_row(const W* p, __m512* out, int nv) {
+  for (int i = 0; i < nv; ++i) out[i] = load16(p + 16 * i);
+}
+
+// attend_one's numbers for R query rows of NV * 16 dimensions at a time, with at least one slot shown:
+// each key and value row is loaded once for the R rows, the query rows and the outputs stay in
+// registers, and the softmax's exps are taken sixteen slots at a time.
+template <int NV, int R, typename W>
+void attend_rows(const float* q, int64_t g, const W* k, const W* v, const float* ks, const float* vs,
+                 const bool* mask, int64_t S, float* out, std::vector<float>& scores) {
+  constexpr int64_t X = NV * 16;
+  constexpr float kNeg = -3.4028234663852886e38f;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(X));
+  const int64_t padded = (S + 15) / 16 * 16;
+  scores.resize(static_cast<size_t>(R * padded));
+  for (int64_t r0 = 0; r0 < g; r0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, g - r0));
+    __m512 qv[R][NV];
+    for (int r = 0; r < R; ++r) load_row(q + (r0 + std::min(r, rows - 1)) * X, qv[r], NV);
+    float top[R];
+    for (int r = 0; r < R; ++r) top[r] = kNeg;
+    for (int64_t s = 0; s < S; ++s) {
+      if (!mask[s]) {
+        for (int r = 0; r < R; ++r) scores[r * padded + s] = -INFINITY;
+        continue;
+      }
+      __m512 kv[NV];
+      load_row(k + s * X, kv, NV);
+      const float f = ks == nullptr ? scale : scale * ks[s];
+      for (int r = 0; r < R; ++r) {
+        __m512 a = _mm512_mul_ps(qv[r][0], kv[0]);
+        for (int i = 1; i < NV; ++i) a = _mm512_fmadd_ps(qv[r][i], kv[i], a);
+        const float sc = _mm512_reduce_add_ps(a) * f;
+        scores[r * padded + s] = sc;
+        top[r] = std::max(top[r], sc);
+      }
+    }
+    float inv_total[R];
+    for (int r = 0; r < R; ++r) {
+      float* sr = &scores[r * padded];
+      for (int64_t s = S; s < padded; ++s) sr[s] = -INFINITY;
+      const __m512 t = _mm512_set1_ps(top[r]);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t s = 0; s < padded; s += 16) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sr + s), t));
+        _mm512_storeu_ps(sr + s, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      inv_total[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    __m512 acc[R][NV];
+    for (int r = 0; r < R; ++r) {
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      if (!mask[s]) continue;
+      __m512 vv[NV];
+      load_row(v + s * X, vv, NV);
+      const float f = vs == nullptr ? 1.0f : vs[s];
+      for (int r = 0; r < R; ++r) {
+        const __m512 p = _mm512_set1_ps(scores[r * padded + s] * f);
+        for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(p, vv[i], acc[r][i]);
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const __m512 inv = _mm512_set1_ps(inv_total[r]);
+      for (int i = 0; i < NV; ++i) _mm512_storeu_ps(out + (r0 + r) * X + 16 * i, _mm512_mul_ps(acc[r][i], inv));
+    }
+  }
+}
+#endif
+
+// attend_rows where it applies (AVX-512, a head size of 16, 32, 64 or 128, a slot shown), else attend_one.
+template <typename W>
+void attend_group(const float* q, int64_t g, const W* k, const W* v, const float* ks, const float* vs,
+                  const bool* mask, int64_t S, int64_t X, float* out, std::vector<float>& scores) {
+#if defined(__AVX512F__)
+  if (std::any_of(mask, mask + S, [](bool m) { return m; })) {
+    switch (X) {
+      case 16:
+        return attend_rows<1, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
+      case 32:
+        return attend_rows<2, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
+      case 64:
+        return attend_rows<4, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
+      case 128:
+        return attend_rows<8, 2>(q, g, k, v, ks, vs, mask, S, out, scores);
+      default:
+        break;
+    }
+  }
+#endif
+  attend_one(q, g, k, v, ks, vs, mask, S, X, out, scores);
+}
+
 ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer ks,
                       ffi::AnyBuffer vs, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions();
@@ -589,7 +710,7 @@ ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer 
     thread_local std::vector<float> scores;
     with_weight_type(t, [&](auto tag) {
       using W = decltype(tag);
-      attend_one(qrow, G, reinterpret_cast<const W*>(kbase + cache * X * bytes),
+      attend_group(qrow, G, reinterpret_cast<const W*>(kbase + cache * X * bytes),
                  reinterpret_cast<const W*>(vbase + cache * X * bytes), ksc, vsc, mrow, S, X, orow, scores);
     });
   });
