@@ -24,7 +24,7 @@ from . import cpu_kernels
 from .attention import Span, attention
 from .config import KV_CACHE_DTYPES, MixtralConfig, RuntimeConfig
 from .moe import expert_views, resolve_strategy, route, run_experts
-from .quant import qeinsum, quantize_jax, read
+from .quant import qeinsum, qeinsums, quantize_jax, read
 from .sharding.expert_parallel import moe_expert_parallel
 from .sharding.rules import ACTIVATION_AXES, CACHE_ROW_AXES, KV_CACHE_AXES, KV_SCALE_AXES, constrain
 
@@ -103,9 +103,9 @@ class Attention(nnx.Module):
         """q (b, t, h, x); k, v in the cache layout (b, k, t, x)."""
         dt = x.dtype
         kernel = self.mesh is None  # decode-sized products on one CPU device: mixtral_jax.cpu_kernels
-        q = apply_rope(qeinsum("btd,dhx->bthx", x, _read(self, "wq", dt), cpu_kernel=kernel), cos, sin)
-        k = apply_rope(qeinsum("btd,dkx->btkx", x, _read(self, "wk", dt), cpu_kernel=kernel), cos, sin)
-        v = qeinsum("btd,dkx->btkx", x, _read(self, "wv", dt), cpu_kernel=kernel)  # then swapped (see wv's note)
+        q, k, v = qeinsums(("btd,dhx->bthx", "btd,dkx->btkx", "btd,dkx->btkx"), x,
+                           [_read(self, name, dt) for name in ("wq", "wk", "wv")], cpu_kernel=kernel)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
     def project_out(self, out):

@@ -116,6 +116,14 @@ def qeinsum(spec: str, x: jax.Array, w, *, cpu_kernel: bool = False, **kwargs) -
     return jnp.einsum(f"{out},{scale_letters}->{out}", y, scale)
 
 
+def qeinsums(specs, x: jax.Array, ws, *, cpu_kernel: bool = False) -> list[jax.Array]:
+    """`[qeinsum(spec, x, w) ...]`, in one kernel call where `cpu_kernel` and the kernels take them all
+    (`cpu_kernels.einsums`): the attention's q, k and v from one x."""
+    if cpu_kernel and (ys := cpu_kernels.einsums(specs, x, ws)) is not None:
+        return ys
+    return [qeinsum(spec, x, w) for spec, w in zip(specs, ws, strict=True)]
+
+
 def matmul(x: jax.Array, w) -> jax.Array:
     """`x @ w` for x (..., d) and a 2-D w (d, f), float or `QArray`."""
     if not isinstance(w, QArray):

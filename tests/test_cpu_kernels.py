@@ -45,6 +45,45 @@ def test_matvec_equals_numpy(kind, m, d, f):
     assert np.max(np.abs(y - ref)) <= 2e-6 * np.max(np.abs(ref)) + 1e-6
 
 
+def test_matvecs_of_mixed_weights_equal_numpy_with_xlas_gradient():
+    """Several weights (each dtype, different widths) against one x in one call, and its derivative."""
+    rng = np.random.default_rng(11)
+    ws, dense = zip(*(_weight(kind, 40, f, rng) for kind, f in (("float32", 24), ("int8", 8), ("bfloat16", 33))))
+    x = jnp.asarray(rng.standard_normal((3, 40)), jnp.float32)
+    ys = jax.jit(cpu_kernels.matvecs)(x, list(ws))
+    for y, w in zip(ys, dense):
+        ref = np.asarray(x, np.float64) @ w.astype(np.float64)
+        assert y.shape == ref.shape and np.max(np.abs(np.asarray(y) - ref)) <= 2e-6 * np.max(np.abs(ref)) + 1e-6
+    w0 = ws[0]
+
+    def loss(x, w0, kernel):
+        ys = cpu_kernels.matvecs(x, [w0, ws[1]]) if kernel else [x @ w0, x @ jnp.asarray(dense[1])]
+        return jnp.sum(jnp.sin(ys[0])) + jnp.sum(ys[1] ** 2)
+
+    got, want = (jax.grad(loss, argnums=(0, 1))(x, w0, k) for k in (True, False))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="needs w"):
+        cpu_kernels.matvecs(x, [w0, jnp.ones((39, 4))])
+
+
+def test_the_attention_projects_q_k_v_in_one_call():
+    """A decode step's q, k and v come from one kernel call; o and the LM head from one each."""
+    cfg = MixtralConfig(vocab_size=96, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, hidden_dim=40,
+                        n_experts=4, top_k=2, max_seq_len=64)
+    model = Mixtral(cfg, RuntimeConfig(), rngs=nnx.Rngs(3))
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+    text = step.lower(state, jnp.ones((1, 1), jnp.int32)).as_text()
+    assert text.count("custom_call @mixtral_matvec(") == 2 * cfg.n_layers + 1
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 48)), jnp.float32)
+    layer = model.layers[0].attn
+    ones = jnp.ones((1, 1, 12))
+    q, k, v = layer.project_qkv(x, ones, jnp.zeros((1, 1, 12)))
+    np.testing.assert_allclose(np.asarray(v[:, :, 0]), np.asarray(jnp.einsum("btd,dkx->btkx", x, layer.wv[...]))[:, 0],
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("spec,x_shape,w_shape", [("btd,dhx->bthx", (2, 1, 48), (48, 4, 8)),
                                                  ("bthx,hxd->btd", (1, 3, 4, 8), (4, 8, 48)),
                                                  ("btd,dv->btv", (4, 1, 48), (48, 301))])

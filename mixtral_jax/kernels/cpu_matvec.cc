@@ -6,7 +6,7 @@
 // grouped MoE pays a conditional per expert, and attention over a cache is ~20 small ops plus a
 // transposed copy of the keys. These kernels stream each weight once, contiguously, in its stored
 // dtype (float32, bfloat16 or int8 with per-column scales), on their own worker threads:
-//   mixtral_matvec  y = x @ w               (attention projections, LM head)
+//   mixtral_matvec  y_i = x @ w_i           (attention projections, LM head)
 //   mixtral_moe     the experts' SwiGLU     (one call per layer, only the experts used are read)
 //   mixtral_attend  softmax(q k^T) v        (a few queries over a KV cache, hidden slots unread)
 //
@@ -371,19 +371,36 @@ const float* scale_or_null(const ffi::AnyBuffer& s) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// mixtral_matvec: y (m, F) = x (m, D) @ w (D, F) [* scale (F,)]; scale empty for float weights.
+// mixtral_matvec: y_i (m, F_i) = x (m, D) @ w_i (D, F_i) [* scale_i (F_i,)] for one or more weights
+// (w_1, scale_1, w_2, scale_2, ...; scales empty for float weights): the attention's three projections of
+// one x in one parallel region, not three.
 
-ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
-                      ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets ys) {
   auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || !supported(w.element_type()) ||
-      !scales_fit(scale, w.element_type(), wd.size() == 2 ? wd[1] : 0)) {
-    return ffi::Error::InvalidArgument(
-        "mixtral_matvec: expects x (m, D) float32, w (D, F) f32/bf16/s8, and F float32 scales exactly for s8");
+  const size_t n = ys.size();
+  if (xd.size() != 2 || n == 0 || weights.size() != 2 * n) {
+    return ffi::Error::InvalidArgument("mixtral_matvec: expects x (m, D) and a (w, scale) pair per result");
   }
-  Matrix m{w.untyped_data(), w.element_type(), wd[0], wd[1], scale_or_null(scale)};
-  run_products({Product{x.typed_data(), xd[0], m, y->typed_data()}});
+  std::vector<Product> products;
+  for (size_t i = 0; i < n; ++i) {
+    auto w = weights.get<ffi::AnyBuffer>(2 * i);
+    auto scale = weights.get<ffi::AnyBuffer>(2 * i + 1);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value() || !scale.has_value() || !y.has_value()) {
+      return ffi::Error::InvalidArgument("mixtral_matvec: weights and scales are arrays, results float32");
+    }
+    auto wd = w->dimensions();
+    auto yd = (*y)->dimensions();
+    if (wd.size() != 2 || xd[1] != wd[0] || !supported(w->element_type()) ||
+        !scales_fit(*scale, w->element_type(), wd[1]) || yd.size() != 2 || yd[0] != xd[0] || yd[1] != wd[1]) {
+      return ffi::Error::InvalidArgument(
+          "mixtral_matvec: expects x (m, D) float32, each w (D, F) f32/bf16/s8 with F float32 scales exactly for "
+          "s8, and each result (m, F)");
+    }
+    Matrix m{w->untyped_data(), w->element_type(), wd[0], wd[1], scale_or_null(*scale)};
+    products.push_back(Product{x.typed_data(), xd[0], m, (*y)->typed_data()});
+  }
+  run_products(products);
   return ffi::Error::Success();
 }
 
@@ -720,11 +737,7 @@ ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralMatvec, MatvecImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralMoe, MoeImpl,
                               ffi::Ffi::Bind()
