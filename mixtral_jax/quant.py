@@ -117,11 +117,11 @@ def qeinsum(spec: str, x: jax.Array, w, *, cpu_kernel: bool = False, **kwargs) -
 
 
 def qeinsums(specs, x: jax.Array, ws, *, cpu_kernel: bool = False) -> list[jax.Array]:
-    """`[qeinsum(spec, x, w) ...]`, in one kernel call where `cpu_kernel` and the kernels take them all
-    (`cpu_kernels.einsums`): the attention's q, k and v from one x."""
+    """`[qeinsum(spec, x, w, cpu_kernel=cpu_kernel) ...]`, in one kernel call where `cpu_kernel` and the
+    kernels take them all (`cpu_kernels.einsums`): the attention's q, k and v from one x."""
     if cpu_kernel and (ys := cpu_kernels.einsums(specs, x, ws)) is not None:
         return ys
-    return [qeinsum(spec, x, w) for spec, w in zip(specs, ws, strict=True)]
+    return [qeinsum(spec, x, w, cpu_kernel=cpu_kernel) for spec, w in zip(specs, ws, strict=True)]
 
 
 def matmul(x: jax.Array, w) -> jax.Array:

@@ -326,12 +326,13 @@ def test_the_sampler_moves_the_weights_and_answers_the_same():
 
 @pytest.mark.parametrize("cache", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("b,t,h,kh,s,x", [(1, 1, 8, 2, 144, 64), (2, 3, 4, 4, 37, 16), (3, 16, 6, 2, 70, 20),
-                                         (1, 1, 32, 8, 600, 128), (2, 2, 6, 2, 50, 32)])
+                                         (1, 1, 32, 8, 600, 128), (2, 2, 6, 2, 50, 32), (2, 1, 2, 2, 40, 64),
+                                         (1, 2, 4, 2, 33, 128)])
 def test_attend_equals_plain_attention(cache, b, t, h, kh, s, x):
     """The decode attention kernel against `attend_plain` (XLA): causal, padded, windowed, part-written
     caches, a row whose every slot is hidden, and int8 caches with their scales. Head sizes 16, 32, 64
     and 128 take the vectorized path (Mixtral's 32 heads over 8 KV heads of 128 among them; 3 query
-    heads a KV head leave a partial block of rows), 20 the portable one."""
+    heads a KV head leave a partial block of rows; 1 and 2 take smaller blocks), 20 the portable one."""
     from mixtral_jax.attention import Span, attend_plain, make_mask
     from mixtral_jax.model import quantize_kv
 
@@ -355,6 +356,24 @@ def test_attend_equals_plain_attention(cache, b, t, h, kh, s, x):
         want = attend_plain(q, k, v, span, window, k_scale, v_scale)
         got = jax.jit(cpu_kernels.attend)(q, k, v, make_mask(*span, window), k_scale, v_scale)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("x", [16, 32, 64, 128, 20])
+def test_attend_propagates_a_nan_as_xla_does(x):
+    """A NaN in one shown key makes its KV head's outputs NaN, as in XLA, not a slot silently dropped."""
+    from mixtral_jax.attention import Span, attend_plain, make_mask
+
+    rng = np.random.default_rng(x)
+    q = jnp.asarray(rng.standard_normal((1, 1, 4, x)).astype(np.float32))
+    k, v = (rng.standard_normal((1, 2, 24, x)).astype(np.float32) for _ in range(2))
+    k[0, 1, 5, 3] = np.nan
+    kv_pos = np.arange(24, dtype=np.int32)[None]
+    span = Span(jnp.asarray([[20]], jnp.int32), jnp.asarray(kv_pos), jnp.asarray(kv_pos <= 20))
+    want = np.asarray(attend_plain(q, jnp.asarray(k), jnp.asarray(v), span))
+    got = np.asarray(jax.jit(cpu_kernels.attend)(q, jnp.asarray(k), jnp.asarray(v), make_mask(*span, None)))
+    assert np.isnan(want[0, 0, 2:]).all() and not np.isnan(want[0, 0, :2]).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[0, 0, :2], want[0, 0, :2], rtol=2e-5, atol=2e-6)
 
 
 def test_attention_takes_the_kernel_for_float32_decode_with_xlas_gradient():

@@ -200,7 +200,8 @@ void accumulate_rows(const float* x, int64_t m, int64_t D, const W* w, int64_t F
     const W* __restrict r = w + d * F;
     int64_t j = 0;
 #if defined(__AVX512F__)
-    // Short rows (an int8 expert's w2: 512 bytes a row; a float32 KV projection's: 512 bytes): each pass
+    // Short rows (an int8 expert's w2: 512 bytes a row at dim 512; float32 KV projections, 4 KiB at
+    // Mixtral's 8 KV heads of 128): each pass
     // reads sixteen rows too short for the hardware prefetcher to ramp up, so the next pass's region
     // (contiguous) is fetched while this one is summed, 4 * sizeof(W) lines an iteration. int8 1792 x 512
     // went from 12 to 48 GB/s; with float32 rows up to 4 KiB too, the float32 decode's products took ~4%
@@ -408,10 +409,10 @@ ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::
 #if defined(__AVX512F__)
 // e^x, 16 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (relative error
 // < 2e-7 there), times 2^n. x is clamped to [-104, 88]: below, e^x is under float32's smallest denormal
-// (0 here); above, it would overflow. The softmax's and SiLU's exps, vectorized: glibc's scalar expf
+// (0 here); above, it would overflow. A NaN stays NaN (max/min return their second operand for one). The softmax's and SiLU's exps, vectorized: glibc's scalar expf
 // was most of a long cache's attention time, and ~15 us of each MoE layer.
 inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.0f));
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));  // NaN stays NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: exact n*hi
@@ -683,15 +684,24 @@ void attend_group(const float* q, int64_t g, const W* k, const W* v, const float
                   const bool* mask, int64_t S, int64_t X, float* out, std::vector<float>& scores) {
 #if defined(__AVX512F__)
   if (std::any_of(mask, mask + S, [](bool m) { return m; })) {
+    // Rows a block: 4 (2 at head size 128, for registers), fewer where the group is smaller.
+    const bool one = g == 1, two = g == 2;
     switch (X) {
       case 16:
-        return attend_rows<1, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
+        return one ? attend_rows<1, 1>(q, g, k, v, ks, vs, mask, S, out, scores)
+               : two ? attend_rows<1, 2>(q, g, k, v, ks, vs, mask, S, out, scores)
+                     : attend_rows<1, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
       case 32:
-        return attend_rows<2, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
+        return one ? attend_rows<2, 1>(q, g, k, v, ks, vs, mask, S, out, scores)
+               : two ? attend_rows<2, 2>(q, g, k, v, ks, vs, mask, S, out, scores)
+                     : attend_rows<2, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
       case 64:
-        return attend_rows<4, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
+        return one ? attend_rows<4, 1>(q, g, k, v, ks, vs, mask, S, out, scores)
+               : two ? attend_rows<4, 2>(q, g, k, v, ks, vs, mask, S, out, scores)
+                     : attend_rows<4, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
       case 128:
-        return attend_rows<8, 2>(q, g, k, v, ks, vs, mask, S, out, scores);
+        return one ? attend_rows<8, 1>(q, g, k, v, ks, vs, mask, S, out, scores)
+                   : attend_rows<8, 2>(q, g, k, v, ks, vs, mask, S, out, scores);
       default:
         break;
     }
