@@ -3,6 +3,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 import sentencepiece
 
@@ -107,3 +108,44 @@ def test_the_step_clock_counts_only_steps_computed_after_the_first_delivery():
     assert abs(clock.rate(1) - 100.0) < 1e-9
     clock.times = [0.0, 0.00001, 0.00002, 0.01, 0.01001, 0.01002, 0.02, 0.02001, 0.02002]  # three steps a delivery
     assert abs(clock.rate(2) - 2 * 6 / 0.02002) < 1e-9
+
+
+def test_kernel_ab_times_two_builds_that_compute_the_step(tmp_path):
+    """bench.kernel_ab: both builds registered side by side compute what XLA computes for its step."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bench import kernel_ab
+    from mixtral_jax import cpu_kernels
+    from mixtral_jax.config import MixtralConfig, RuntimeConfig
+    from mixtral_jax.model import Mixtral
+
+    if not cpu_kernels.available():
+        pytest.skip("needs a C++ compiler for the CPU kernels")
+    with pytest.raises(SystemExit, match="neither a file nor a git revision"):
+        kernel_ab.source_text("no-such-revision-xyz")
+    with pytest.raises(SystemExit, match="no MixtralMoe handler"):
+        kernel_ab.renamed("XLA_FFI_DEFINE_HANDLER_SYMBOL(MixtralMatvec, ...", 0)
+    text = kernel_ab.source_text(str(cpu_kernels.SOURCE))
+    assert "MixtralMoeV3," in kernel_ab.renamed(text, 3) and "MixtralMoe," not in kernel_ab.renamed(text, 3)
+    cfg = MixtralConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
+                        n_experts=4, top_k=2, max_seq_len=32)
+    model = Mixtral(cfg, RuntimeConfig(), rngs=nnx.Rngs(0))
+    layers, head = kernel_ab.step_weights(model)
+    for i in (7, 8):
+        kernel_ab.register(text, i, str(tmp_path))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 32)), jnp.float32)
+
+    def reference(x):
+        for i, (wq, wk, wv, wo, (w1, w3, w2)) in enumerate(layers):
+            q, k, v = x @ wq[0], x @ wk[0], x @ wv[0]
+            x = x + ((q + jnp.resize(k + v, q.shape)) @ wo[0]) * 1e-3
+            experts = [i % 4, (i + 3) % 4]
+            x = x + sum(0.5 * ((jax.nn.silu(x @ w1[0][e]) * (x @ w3[0][e])) @ w2[0][e]) for e in experts) * 1e-3
+        return x @ head[0]
+
+    want = np.asarray(reference(x))
+    for i in (7, 8):
+        got = np.asarray(kernel_ab.step_fn(i, cfg.n_experts)(x, layers, head))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
