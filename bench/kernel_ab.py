@@ -56,14 +56,13 @@ def renamed(text: str, index: int) -> str:
 
 
 def register(text: str, index: int, workdir: str) -> None:
-    """Compile one renamed version (the flags `cpu_kernels` builds with) and register its handlers."""
-    src, lib = Path(workdir) / f"v{index}.cc", Path(workdir) / f"v{index}.so"
+    """Build one renamed version (`cpu_kernels.build`: its flags and cache) and register its handlers."""
+    src = Path(workdir) / f"v{index}.cc"
     src.write_text(renamed(text, index), encoding="utf-8")
-    cxx = cpu_kernels._compiler()
-    cmd = [cxx, "-w", *cpu_kernels.FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(lib)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"version {index} does not compile: {done.stderr.strip().splitlines()[-1:]}")
+    try:
+        lib = cpu_kernels.build(src)
+    except RuntimeError as e:
+        raise SystemExit(f"version {index}: {e}") from None
     handle = ctypes.cdll.LoadLibrary(str(lib))
     for symbol, target in HANDLERS.items():
         jax.ffi.register_ffi_target(f"{target}_v{index}", jax.ffi.pycapsule(getattr(handle, f"{symbol}V{index}")),

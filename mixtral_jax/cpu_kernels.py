@@ -71,13 +71,15 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def build() -> Path:
-    """The compiled kernel library (compiled now unless cached); raises `RuntimeError` saying why not."""
+def build(source: Path | None = None) -> Path:
+    """The compiled kernel library (compiled now unless cached); raises `RuntimeError` saying why not.
+    `source`: another version of the kernels' source (`bench.kernel_ab` times several side by side)."""
+    source = SOURCE if source is None else Path(source)
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (set CXX, or install g++ or clang++)")
     include = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), cxx, *FLAGS, jax.__version__,
+    key = hashlib.sha256("\0".join([source.read_text(encoding="utf-8"), cxx, *FLAGS, jax.__version__,
                                     getattr(jax.lib, "__version__", ""), _cpu_id()]).encode()).hexdigest()[:20]
     target = cache_dir() / f"cpu_matvec-{key}.so"
     if target.exists():
@@ -85,11 +87,11 @@ def build() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # same filesystem: the rename is atomic
         out = Path(tmp) / target.name
-        cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(out)]
+        cmd = [cxx, *FLAGS, f"-I{include}", str(source), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {tail}")
+            raise RuntimeError(f"compiling {source.name} failed: {tail}")
         os.replace(out, target)
     return target
 

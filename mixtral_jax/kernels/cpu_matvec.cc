@@ -678,30 +678,33 @@ void attend_rows(const float* q, int64_t g, const W* k, const W* v, const float*
 }
 #endif
 
+#if defined(__AVX512F__)
+// attend_rows with blocks of at most kMaxRows rows (registers: 4, or 2 at head size 128), fewer where the
+// group of query heads is smaller.
+template <int NV, int kMaxRows, typename W>
+void attend_blocks(const float* q, int64_t g, const W* k, const W* v, const float* ks, const float* vs,
+                   const bool* mask, int64_t S, float* out, std::vector<float>& scores) {
+  if (g == 1) return attend_rows<NV, 1>(q, g, k, v, ks, vs, mask, S, out, scores);
+  if (g == 2 || kMaxRows == 2) return attend_rows<NV, 2>(q, g, k, v, ks, vs, mask, S, out, scores);
+  attend_rows<NV, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
+}
+#endif
+
 // attend_rows where it applies (AVX-512, a head size of 16, 32, 64 or 128, a slot shown), else attend_one.
 template <typename W>
 void attend_group(const float* q, int64_t g, const W* k, const W* v, const float* ks, const float* vs,
                   const bool* mask, int64_t S, int64_t X, float* out, std::vector<float>& scores) {
 #if defined(__AVX512F__)
   if (std::any_of(mask, mask + S, [](bool m) { return m; })) {
-    // Rows a block: 4 (2 at head size 128, for registers), fewer where the group is smaller.
-    const bool one = g == 1, two = g == 2;
     switch (X) {
       case 16:
-        return one ? attend_rows<1, 1>(q, g, k, v, ks, vs, mask, S, out, scores)
-               : two ? attend_rows<1, 2>(q, g, k, v, ks, vs, mask, S, out, scores)
-                     : attend_rows<1, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
+        return attend_blocks<1, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
       case 32:
-        return one ? attend_rows<2, 1>(q, g, k, v, ks, vs, mask, S, out, scores)
-               : two ? attend_rows<2, 2>(q, g, k, v, ks, vs, mask, S, out, scores)
-                     : attend_rows<2, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
+        return attend_blocks<2, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
       case 64:
-        return one ? attend_rows<4, 1>(q, g, k, v, ks, vs, mask, S, out, scores)
-               : two ? attend_rows<4, 2>(q, g, k, v, ks, vs, mask, S, out, scores)
-                     : attend_rows<4, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
+        return attend_blocks<4, 4>(q, g, k, v, ks, vs, mask, S, out, scores);
       case 128:
-        return one ? attend_rows<8, 1>(q, g, k, v, ks, vs, mask, S, out, scores)
-                   : attend_rows<8, 2>(q, g, k, v, ks, vs, mask, S, out, scores);
+        return attend_blocks<8, 2>(q, g, k, v, ks, vs, mask, S, out, scores);
       default:
         break;
     }
