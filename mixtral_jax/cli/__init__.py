@@ -1,0 +1,1 @@
+"""The `mixtral-jax` command line: one module per command."""

@@ -1,0 +1,1 @@
+"""Inference: sampling, the batched sampler, the continuous-batching engine, generate/chat."""

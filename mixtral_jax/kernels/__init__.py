@@ -1,0 +1,1 @@
+"""Kernels: native code XLA calls on CPU."""

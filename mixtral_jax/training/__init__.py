@@ -1,0 +1,1 @@
+"""Training: packed datasets and the fine-tuning loop."""
