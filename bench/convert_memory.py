@@ -136,7 +136,7 @@ def baseline_cmd() -> list[str]:
     return [sys.executable, "-c",
             "import mixtral_jax.convert.converter, mixtral_jax.convert.orbax_io as o; "
             "import orbax.checkpoint.experimental.v1; "
-            "from mixtral_jax.params import param_specs; from mixtral_jax.config import MixtralConfig; "
+            "from mixtral_jax.model.params import param_specs; from mixtral_jax.config import MixtralConfig; "
             "param_specs(MixtralConfig.tiny())"]
 
 

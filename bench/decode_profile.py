@@ -27,7 +27,7 @@ import numpy as np
 
 from bench.speed import BENCH_CONFIG, PROMPT, _StepClock, decode_bytes_per_step
 from mixtral_jax import load_hf
-from mixtral_jax.sampler import Sampler
+from mixtral_jax.inference.sampler import Sampler
 
 # XLA:CPU flag sets tried by --sweep (each in a fresh process: XLA reads XLA_FLAGS once).
 SWEEP = {

@@ -22,13 +22,12 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax import load
-from mixtral_jax.config import KV_CACHE_DTYPES
-from mixtral_jax.demo import default_model, has_trained_model
+from mixtral_jax.config import KV_CACHE_DTYPES, QUANTIZE_MODES
 from mixtral_jax.errors import CheckpointError
-from mixtral_jax.model import KVCache
-from mixtral_jax.placement import quantize_model
-from mixtral_jax.quant import QUANTIZE_MODES
-from mixtral_jax.tokenizer import load_tokenizer
+from mixtral_jax.loading.demo import default_model, has_trained_model
+from mixtral_jax.model.mixtral import KVCache
+from mixtral_jax.model.placement import quantize_model
+from mixtral_jax.text.tokenizer import load_tokenizer
 
 SHADES = " .:-=+*#%@"
 

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from bench.decode_profile import _model
-from mixtral_jax import cpu_kernels
-from mixtral_jax.model import _read
-from mixtral_jax.placement import quantize_model
+from mixtral_jax.kernels import cpu as cpu_kernels
+from mixtral_jax.model.mixtral import _read
+from mixtral_jax.model.placement import quantize_model
 
 HANDLERS = {"MixtralMatvec": "mixtral_matvec", "MixtralMoe": "mixtral_moe"}
 KERNEL_PATH = "mixtral_jax/kernels/cpu_matvec.cc"

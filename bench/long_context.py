@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax import MixtralConfig, RuntimeConfig
-from mixtral_jax.model import Mixtral
-from mixtral_jax.sampler import PREFILL_CHUNK, Sampler
+from mixtral_jax.inference.sampler import PREFILL_CHUNK, Sampler
+from mixtral_jax.model.mixtral import Mixtral
 
 LONG_CONFIG = dict(vocab_size=128, dim=96, n_layers=8, n_heads=6, n_kv_heads=2, head_dim=16, hidden_dim=96,
                    n_experts=8, top_k=2, sliding_window=None)

@@ -3,7 +3,7 @@
     python -m bench.moe_strategies [--quick] [--json out.json]
 
 The shapes are one MoE layer of the benchmark model (dim 512, FFN 1792, 8 experts, top-2, fp32). Prints
-each strategy's time and its speed-up over `dense`; `mixtral_jax.moe.resolve_strategy` ('auto') follows
+each strategy's time and its speed-up over `dense`; `mixtral_jax.model.moe.resolve_strategy` ('auto') follows
 what this shows on each backend.
 """
 
@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from mixtral_jax.moe import STRATEGIES, resolve_strategy, route, run_experts
+from mixtral_jax.model.moe import STRATEGIES, resolve_strategy, route, run_experts
 
 
 def _time(fn, *args, reps: int, rounds: int = 3) -> float:

@@ -1,4 +1,4 @@
-"""What Mixtral (bf16) needs on TPU slices, from XLA's TPU compiler (`mixtral_jax.plan`), not arithmetic.
+"""What Mixtral (bf16) needs on TPU slices, from XLA's TPU compiler (`mixtral_jax.planning.planner`), not arithmetic.
 
     python -m bench.sharding_plan                       # the README table (compiles the full model: slow)
     python -m bench.sharding_plan --json bench/results/sharding_plan.json --only v5e-8
@@ -18,10 +18,10 @@ import math
 import time
 
 from mixtral_jax.config import MixtralConfig, RuntimeConfig
-from mixtral_jax.params import param_specs
+from mixtral_jax.model.params import param_specs
+from mixtral_jax.planning.topologies import GIB, H100
 from mixtral_jax.sharding.mesh import parse_mesh_spec
 from mixtral_jax.sharding.rules import DEFAULT_RULES
-from mixtral_jax.topologies import GIB, H100
 
 DECODE = [(8, 8192), (64, 8192), (8, 32768), (64, 32768)]
 # (slice, mesh, extra workloads)
@@ -57,9 +57,9 @@ def h100_arithmetic(config: MixtralConfig, mesh: str, batch: int, context: int) 
 
 
 def main(argv=None) -> int:
-    from mixtral_jax import plan as plan_lib
-    from mixtral_jax.plan_command import format_reports, suggestion
-    from mixtral_jax.topologies import get_topology
+    from mixtral_jax.cli.plan import format_reports, suggestion
+    from mixtral_jax.planning import planner as plan_lib
+    from mixtral_jax.planning.topologies import get_topology
 
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--model", default="8x7b", choices=sorted(H100_MESH), help="preset (default: 8x7b)")

@@ -30,9 +30,9 @@ from flax import nnx
 from bench import bandwidth as bandwidth_probe
 from bench import llamacpp
 from mixtral_jax import MixtralConfig, load_hf
-from mixtral_jax import sampler as sampler_lib
-from mixtral_jax.placement import quantize_model
-from mixtral_jax.sampler import Sampler
+from mixtral_jax.inference import sampler as sampler_lib
+from mixtral_jax.inference.sampler import Sampler
+from mixtral_jax.model.placement import quantize_model
 
 BENCH_CONFIG = MixtralConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
                              hidden_dim=1792, n_experts=8, top_k=2, max_seq_len=4096)

@@ -21,7 +21,7 @@ import os
 import sys
 import sysconfig
 
-from mixtral_jax.demo import DEMO_CONFIG as DEMO_TRAIN_CONFIG  # the shape the embedded demo model has
+from mixtral_jax.loading.demo import DEMO_CONFIG as DEMO_TRAIN_CONFIG  # the shape the embedded demo model has
 
 
 def stdlib_files() -> list[str]:
@@ -43,7 +43,7 @@ STAGE4 = ["--steps", "1000", "--lr", "1e-3", "--warmup", "20", "--skip-sequences
 def main(argv: list[str]) -> int:
     import argparse
 
-    from mixtral_jax import train_command
+    from mixtral_jax.cli import train as train_command
 
     if not argv:
         print(__doc__, file=sys.stderr)

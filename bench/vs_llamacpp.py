@@ -22,7 +22,7 @@ import numpy as np
 from bench import llamacpp
 from bench.decode_profile import _model
 from bench.speed import BENCH_CONFIG, PROMPT, ours_decode, ours_prefill
-from mixtral_jax.placement import quantize_model
+from mixtral_jax.model.placement import quantize_model
 
 
 def check_logits(model, gguf: str, prompt: list[int]) -> tuple[float, float, float]:

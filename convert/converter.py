@@ -36,11 +36,11 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 
-from mixtral_jax.config import MixtralConfig, RuntimeConfig, as_dtype
+from mixtral_jax.config import MixtralConfig, RuntimeConfig, as_dtype, check_quantize
 from mixtral_jax.errors import CheckpointError
-from mixtral_jax.params import param_specs, quantized_weights
+from mixtral_jax.model.params import param_specs, quantized_weights
+from mixtral_jax.model.quant import SCALE_SUFFIX, quantize
 from mixtral_jax.progress import progress
-from mixtral_jax.quant import SCALE_SUFFIX, check_quantize, quantize
 
 from . import orbax_io
 from .hf import HFCheckpoint
@@ -267,7 +267,7 @@ def convert(src, dst, format: str | None = None, dtype=None, overwrite: bool = F
     the vocabulary). `buffer_bytes`: how much to gather before each write; peak memory is about
     `max(buffer_bytes, largest parameter)` plus a constant. Every problem with the input is a
     `CheckpointError` raised before anything is written. `quantize='int8'`: store the experts' and
-    attention projections' weights as int8 with per-output-channel scales (`mixtral_jax.quant`), each
+    attention projections' weights as int8 with per-output-channel scales (`mixtral_jax.model.quant`), each
     quantized from the source (after `dtype`) as it is built.
     """
     t0 = time.perf_counter()

@@ -206,7 +206,7 @@ def checkpoint_metadata(config: MixtralConfig, specs: Mapping[str, Any], dtypes:
     """`mixtral_jax.json` for parameters `specs` (`param_specs`) stored in `dtypes`: the one schema that
     converted, exported and trained checkpoints share. `tokenizer` None: `default_tokenizer(config)`.
     The default load dtype is the float dtype most of the bytes have; `quantize` ('int8') records that
-    the weights with a `_scale` parameter are quantized (`mixtral_jax.quant`)."""
+    the weights with a `_scale` parameter are quantized (`mixtral_jax.model.quant`)."""
     nbytes = {name: int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(dtypes[name]).itemsize
               for name, spec in specs.items()}
     by_dtype: dict = {}

@@ -15,8 +15,8 @@ import time
 import numpy as np
 
 from mixtral_jax.errors import CheckpointError
+from mixtral_jax.model.quant import SCALE_SUFFIX
 from mixtral_jax.progress import progress
-from mixtral_jax.quant import SCALE_SUFFIX
 
 from . import orbax_io
 from .converter import make_plan, open_source

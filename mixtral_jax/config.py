@@ -16,8 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from .errors import ConfigError
-from .quant import check_quantize
+from mixtral_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +218,15 @@ _MISTRAL_DEFAULT_CONTEXT = 32768
 
 MOE_STRATEGIES = ("auto", "dense", "ragged", "capacity", "gather", "grouped")
 KV_CACHE_DTYPES = ("bfloat16", "float16", "float32", "int8")  # int8: per token and head scales (KVCache)
-ATTENTION_IMPLEMENTATIONS = ("auto", "plain", "blockwise", "splash", "cudnn")  # see mixtral_jax.attention
+ATTENTION_IMPLEMENTATIONS = ("auto", "plain", "blockwise", "splash", "cudnn")  # see mixtral_jax.model.attention
+QUANTIZE_MODES = ("int8",)  # weight-only, see mixtral_jax.model.quant
+
+
+def check_quantize(value: str | None) -> str | None:
+    """None (no quantization) or one of `QUANTIZE_MODES`; anything else is a one-line `ConfigError`."""
+    if value is None or value in QUANTIZE_MODES:
+        return value
+    raise ConfigError(f"unknown quantize {value!r}; choose from {', '.join(QUANTIZE_MODES)} (or leave it out)")
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
 
@@ -242,15 +249,15 @@ class RuntimeConfig:
 
     `compute_dtype=None` computes in the parameter dtype. Norms, softmaxes, the router and the logits are
     always float32. `moe_strategy='auto'` picks the fastest exact strategy for the backend and shape
-    (see `mixtral_jax.moe.resolve_strategy`). `capacity_factor` sizes the buckets of the 'capacity'
+    (see `mixtral_jax.model.moe.resolve_strategy`). `capacity_factor` sizes the buckets of the 'capacity'
     strategy, which falls back to an exact path whenever a bucket would overflow.
-    `attention` picks the attention implementation (`mixtral_jax.attention`; 'auto': splash on TPU, cuDNN
+    `attention` picks the attention implementation (`mixtral_jax.model.attention`; 'auto': splash on TPU, cuDNN
     on GPU, blockwise for long sequences elsewhere, all exact). `mesh` (a
     `jax.sharding.Mesh`, e.g. from `mixtral_jax.sharding.make_mesh("expert=4,tensor=2")`, checked against
-    the model by `mixtral_jax.placement.sharded_runtime`) runs the MoE expert-parallel
+    the model by `mixtral_jax.model.placement.sharded_runtime`) runs the MoE expert-parallel
     (`mixtral_jax.sharding.expert_parallel`); None runs it on one device. `quantize='int8'` stores the
     experts' and attention projections' weights as int8 with per-output-channel scales
-    (`mixtral_jax.quant`); `quantize_lm_head` the LM head too.
+    (`mixtral_jax.model.quant`); `quantize_lm_head` the LM head too.
     """
 
     param_dtype: Any = jnp.float32

@@ -2,7 +2,7 @@
 
 Installed as `mixtral_jax.sharding`. It sits below the model in the import graph (the model's MoE layer
 calls `expert_parallel`), so nothing here imports the model; placing a model's parameters on a mesh is
-`mixtral_jax.placement.shard_model`.
+`mixtral_jax.model.placement.shard_model`.
 """
 
 from .distributed import initialize

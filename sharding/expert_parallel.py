@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from mixtral_jax.moe import Routing, assign_buckets, bucket_capacity, route, run_experts
-from mixtral_jax.quant import QArray
+from mixtral_jax.model.moe import Routing, assign_buckets, bucket_capacity, route, run_experts
+from mixtral_jax.model.quant import QArray
 
 from .rules import DEFAULT_RULES, Rule, ShardingError, mesh_axes
 

@@ -1,21 +1,17 @@
 import os
-import sys
 
 # Sharding tests run on a simulated 8-device CPU mesh; set before jax initialises its backends.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tests import their reference helpers (hf_reference.py, ...) as plain modules.
-sys.path.insert(0, os.path.dirname(__file__))
-
 
 import pytest  # noqa: E402
 
 
 @pytest.fixture
 def xla_only(monkeypatch):
-    """Decode-sized products through XLA's own ops, not mixtral_jax.cpu_kernels (their fallback path)."""
-    from mixtral_jax import cpu_kernels
+    """Decode-sized products through XLA's own ops, not mixtral_jax.kernels.cpu (their fallback path)."""
+    from mixtral_jax.kernels import cpu as cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "usable", lambda rows, *weights: False)

@@ -6,10 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
-from hf_reference import hf_model, save_hf
 
 import mixtral_jax
 from mixtral_jax import CheckpointError, ConfigError, MixtralConfig, RuntimeConfig
+from tests.helpers.hf_reference import hf_model, save_hf
 
 
 def test_defaults_are_mixtral_8x7b_and_count_46_7b_params_without_allocating():

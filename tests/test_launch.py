@@ -15,11 +15,12 @@ import sys
 import time
 
 import pytest
-from hf_reference import hf_model, save_hf
 
 from mixtral_jax import MixtralConfig
+from tests.helpers import REPO_ROOT
+from tests.helpers.hf_reference import hf_model, save_hf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 LAUNCH = os.path.join(REPO, "launch")
 MIXTRAL_JAX = os.path.join(os.path.dirname(sys.executable), "mixtral-jax")
 # A prompt that breaks naive quoting in either shell: spaces, both quotes, $, backquotes, a backslash, ;.

@@ -5,7 +5,9 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "examples", "quickstart.ipynb")
+from tests.helpers import REPO_ROOT
+
+NOTEBOOK = os.path.join(REPO_ROOT, "examples", "quickstart.ipynb")
 
 
 def test_quickstart_notebook_executes(tmp_path):

@@ -4,7 +4,9 @@ building the project prints no "Package ... is absent from the `packages` config
 import os
 import tomllib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 
 
 def _importable_asset_folders() -> set[str]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mixtral_jax.quant import QUANTIZE_MODES
-
-from .converter import convert
-from .verify import VerificationError, verify
+from mixtral_jax.config import QUANTIZE_MODES
+from mixtral_jax.convert.converter import convert
+from mixtral_jax.convert.verify import VerificationError, verify
 
 _DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 

@@ -10,22 +10,21 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from .config import KV_CACHE_DTYPES, RuntimeConfig
-from .demo import default_model, has_trained_model
-from .errors import ConfigError
-from .generate import chat, check_tokenizer, generate
-from .loading import load_checkpoint
-from .penalties import make_penalties
-from .quant import QUANTIZE_MODES
-from .sampler import make_strategy
-from .sharding import make_mesh
-from .tokenizer import load_tokenizer, tokenizer_for
+from mixtral_jax.config import KV_CACHE_DTYPES, QUANTIZE_MODES, RuntimeConfig
+from mixtral_jax.errors import ConfigError
+from mixtral_jax.inference.generate import chat, check_tokenizer, generate
+from mixtral_jax.inference.penalties import make_penalties
+from mixtral_jax.inference.sampler import make_strategy
+from mixtral_jax.loading.checkpoint import load_checkpoint
+from mixtral_jax.loading.demo import default_model, has_trained_model
+from mixtral_jax.sharding import make_mesh
+from mixtral_jax.text.tokenizer import load_tokenizer, tokenizer_for
 
 # The demo model's decoding when no flag says otherwise: its greedy text falls into loops, sampled text
 # does not. Checkpoints default to greedy, like the Python API.
 DEMO_DECODING = {"temperature": 0.8, "top_p": 0.95}
 _API_DEFAULTS = {"temperature": 0.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0,
-                 "presence_penalty": 0.0, "frequency_penalty": 0.0}  # `mixtral_jax.generate`'s
+                 "presence_penalty": 0.0, "frequency_penalty": 0.0}  # `mixtral_jax.inference.generate`'s
 _DECODING_FLAGS = (  # (name, type, help)
     ("temperature", float, "0 is greedy"),
     ("top_k", int, "sample from the k likeliest tokens"),

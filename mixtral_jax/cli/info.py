@@ -13,11 +13,11 @@ import glob
 import json
 import os
 
-from .config import MixtralConfig
-from .convert import orbax_io
-from .convert.converter import detect_format, make_plan, open_source
-from .convert.orbax_io import default_tokenizer
-from .errors import CheckpointError
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.convert import orbax_io
+from mixtral_jax.convert.converter import detect_format, make_plan, open_source
+from mixtral_jax.convert.orbax_io import default_tokenizer
+from mixtral_jax.errors import CheckpointError
 
 _TOKENIZER_FILES = ("tokenizer.model*", "tokenizer.json", "tekken.json")
 

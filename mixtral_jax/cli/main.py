@@ -6,11 +6,11 @@ import argparse
 import importlib
 import sys
 
-from .sharding.distributed import initialize
+from mixtral_jax.sharding.distributed import initialize
 
 # module -> it defines `register(subparsers)`, which adds its subcommands with `set_defaults(run=fn)`
-_COMMAND_MODULES = ("mixtral_jax.generate_command", "mixtral_jax.convert.command", "mixtral_jax.train_command",
-                    "mixtral_jax.plan_command", "mixtral_jax.info_command", "mixtral_jax.serve_command")
+_COMMAND_MODULES = ("mixtral_jax.cli.generate", "mixtral_jax.cli.convert", "mixtral_jax.cli.train",
+                    "mixtral_jax.cli.plan", "mixtral_jax.cli.info", "mixtral_jax.cli.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixtral-jax {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

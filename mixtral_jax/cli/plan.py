@@ -4,7 +4,7 @@
     mixtral-jax plan --topology v5p-128 --mesh data=8,expert=8 --train-seq 4096 --train-batch 64 --fsdp --json
 
 Compiles the sampler's prefill and decode and the trainer's step ahead of time for the slice (see
-`mixtral_jax.plan`); needs `jax[tpu]` installed (no TPU). Prints per-chip memory against HBM, whether it
+`mixtral_jax.planning.planner`); needs `jax[tpu]` installed (no TPU). Prints per-chip memory against HBM, whether it
 fits, compile time, the collectives, and an estimated step time; `--json` prints the reports as JSON.
 """
 
@@ -15,14 +15,13 @@ import os
 
 import jax
 
-from . import plan
-from .config import KV_CACHE_DTYPES, MixtralConfig
-from .convert.orbax_io import read_info
-from .errors import ConfigError
-from .quant import QUANTIZE_MODES
-from .sharding.distributed import on_cloud_tpu_vm
-from .sharding.mesh import parse_mesh_spec
-from .topologies import GIB, TOPOLOGIES, get_topology
+from mixtral_jax.config import KV_CACHE_DTYPES, QUANTIZE_MODES, MixtralConfig
+from mixtral_jax.convert.orbax_io import read_info
+from mixtral_jax.errors import ConfigError
+from mixtral_jax.planning import planner as plan
+from mixtral_jax.planning.topologies import GIB, TOPOLOGIES, get_topology
+from mixtral_jax.sharding.distributed import on_cloud_tpu_vm
+from mixtral_jax.sharding.mesh import parse_mesh_spec
 
 PRESETS = {"8x7b": lambda: MixtralConfig.from_preset("8x7b"), "8x22b": lambda: MixtralConfig.from_preset("8x22b"),
            "tiny": lambda: MixtralConfig.tiny(dim=256, head_dim=128, hidden_dim=512, vocab_size=512)}

@@ -11,13 +11,13 @@ import sys
 
 import jax
 
-from .config import RuntimeConfig
-from .demo import DEMO_CHECKPOINT, default_model, has_trained_model
-from .engine import Engine, EngineConfig
-from .generate_command import add_model_flags
-from .loading import load_checkpoint
-from .serve import create_app, run_server
-from .tokenizer import load_tokenizer
+from mixtral_jax.cli.generate import add_model_flags
+from mixtral_jax.config import RuntimeConfig
+from mixtral_jax.inference.engine import Engine, EngineConfig
+from mixtral_jax.loading.checkpoint import load_checkpoint
+from mixtral_jax.loading.demo import DEMO_CHECKPOINT, default_model, has_trained_model
+from mixtral_jax.serving.app import create_app, run_server
+from mixtral_jax.text.tokenizer import load_tokenizer
 
 
 def _load_model(args):

@@ -14,13 +14,13 @@ import sys
 
 from flax import nnx
 
-from .config import MixtralConfig, RuntimeConfig
-from .data import PackedDataset
-from .demo import DEMO_CONFIG
-from .errors import ConfigError
-from .loading import load_checkpoint
-from .model import Mixtral
-from .train import TrainConfig, Trainer, list_checkpoints, read_train_state
+from mixtral_jax.config import MixtralConfig, RuntimeConfig
+from mixtral_jax.errors import ConfigError
+from mixtral_jax.loading.checkpoint import load_checkpoint
+from mixtral_jax.loading.demo import DEMO_CONFIG
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.training.data import PackedDataset
+from mixtral_jax.training.trainer import TrainConfig, Trainer, list_checkpoints, read_train_state
 
 
 def model_config(spec: str) -> MixtralConfig:

@@ -31,9 +31,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .config import KV_CACHE_DTYPES
-from .model import KVCache, Mixtral
-from .sampler import argmax, bucket, make_strategy, merge_flat, replicator, split_flat, to_host
+from mixtral_jax.config import KV_CACHE_DTYPES
+from mixtral_jax.inference.sampler import argmax, bucket, make_strategy, merge_flat, replicator, split_flat, to_host
+from mixtral_jax.model.mixtral import KVCache, Mixtral
 
 
 class RequestError(ValueError):

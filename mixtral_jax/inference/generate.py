@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .model import Mixtral
-from .penalties import PenaltyValue
-from .sampler import Sampler, SamplingError
-from .tokenizer import Tokenizer, tokenizer_for
-from .tool_calls import assistant_message
+from mixtral_jax.inference.penalties import PenaltyValue
+from mixtral_jax.inference.sampler import Sampler, SamplingError
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.text.tokenizer import Tokenizer, tokenizer_for
+from mixtral_jax.text.tool_calls import assistant_message
 
 
 def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64, *,
@@ -24,7 +24,7 @@ def generate(model: Mixtral, prompts: Sequence[str] | Sequence[Sequence[int]], m
     v3 for a 32768-token vocabulary and v1 otherwise; with BOS) and strings come back; lists of
     token ids come back as lists of new token ids. `stop` strings end a row (they are left out of the
     answer); EOS always does unless `stop_tokens` says otherwise. `on_text(row, fragment)` streams text.
-    Greedy by default. The penalties (`mixtral_jax.penalties`: transformers' repetition penalty, OpenAI's
+    Greedy by default. The penalties (`mixtral_jax.inference.penalties`: transformers' repetition penalty, OpenAI's
     presence and frequency penalties) count the prompt's tokens and the generated ones, per row.
     `kv_cache_dtype`: the KV cache's dtype (default: the compute dtype; "int8" halves bf16's bytes).
     """
@@ -60,7 +60,7 @@ def chat(model: Mixtral, messages: Sequence[Mapping[str, Any]], max_new_tokens: 
 
     Without `tools`: the reply's text. With `tools` (OpenAI function definitions; a v3 tokenizer, i.e.
     Mixtral-8x22B): an OpenAI-style assistant message, `{"role": "assistant", "content": ..., "tool_calls":
-    [...]}` when the model calls tools (see `mixtral_jax.tool_calls.assistant_message`), which can be
+    [...]}` when the model calls tools (see `mixtral_jax.text.tool_calls.assistant_message`), which can be
     appended to `messages` followed by `{"role": "tool", "tool_call_id": ..., "content": ...}` results.
     `messages` may hold earlier tool calls and results either way. Other keyword arguments: `generate`'s.
     """

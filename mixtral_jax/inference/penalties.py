@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import SamplingError
+from mixtral_jax.errors import SamplingError
 
 PenaltyValue = float | Sequence[float]
 

@@ -4,7 +4,7 @@ Prompts are left-padded to a bucket length (so a handful of shapes compile, not 
 row writes its next token into the same cache slot; each row's positions count only its real tokens, so
 padding changes nothing. The loop stops when every row is done or `max_new_tokens` is reached.
 
-`prefill` and `decode` are jitted apart, exactly as `mixtral_jax.plan` compiles them for a TPU slice.
+`prefill` and `decode` are jitted apart, exactly as `mixtral_jax.planning.planner` compiles them for a TPU slice.
 Streaming (`Sampler.stream`, a generator) runs the same decode step one jitted call at a time and yields
 each step's tokens: no callback state lives anywhere, so concurrent generations in one process (a
 server's threads) never see each other's tokens.
@@ -30,10 +30,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .config import KV_CACHE_DTYPES
-from .errors import SamplingError
-from .model import KVCache, Mixtral
-from .penalties import PenaltyValue, apply_penalties, make_penalties, penalized, token_counts
+from mixtral_jax.config import KV_CACHE_DTYPES
+from mixtral_jax.errors import SamplingError
+from mixtral_jax.inference.penalties import PenaltyValue, apply_penalties, make_penalties, penalized, token_counts
+from mixtral_jax.model.mixtral import KVCache, Mixtral
 
 _BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -126,7 +126,7 @@ class Sampler:
         """Return each prompt's new tokens (stop tokens and stop sequences excluded).
 
         `stream(tokens)` is called once per step with a (batch,) array of the step's tokens (-1 for rows
-        already done). The penalties (see `mixtral_jax.penalties`) are one number or one per prompt.
+        already done). The penalties (see `mixtral_jax.inference.penalties`) are one number or one per prompt.
         """
         request = self._request(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
                                 stop_sequences, repetition_penalty, presence_penalty, frequency_penalty)
@@ -360,7 +360,7 @@ def prefill(graphdef, state, expert_weights, tokens, valid, key, penalties, *, s
     length, and each step's activations (and the MoE's buckets) are chunk-sized; chunks that are padding
     in every row are skipped. Returns (first new tokens (b,), cache, key data, the prompts' token counts
     (for the penalties; None without them)). Jitted apart from `decode` so that each compiles (and
-    `mixtral_jax.plan` lowers each) exactly as generation runs it."""
+    `mixtral_jax.planning.planner` lowers each) exactly as generation runs it."""
     model = nnx.merge(HashedOnce.unwrap(graphdef), state)
     key = jax.random.wrap_key_data(key)
     b, prompt_len = tokens.shape

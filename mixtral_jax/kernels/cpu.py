@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .progress import progress
+from mixtral_jax.progress import progress
 
-SOURCE = Path(__file__).parent / "kernels" / "cpu_matvec.cc"
+SOURCE = Path(__file__).parent / "cpu_matvec.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 MAX_ROWS = 16  # rows of x up to which a kernel beats XLA's dot (a decode batch, an expert's bucket)
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)  # weight dtypes the kernels read
@@ -252,7 +252,7 @@ def moe(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w1, w3, w2) -> ja
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, k_scale=None, v_scale=None) -> jax.Array:
-    """`mixtral_jax.attention.attend_plain`'s numbers from a mask: q (b, t, h, x) float32; k, v (b, kh, s, x)
+    """`mixtral_jax.model.attention.attend_plain`'s numbers from a mask: q (b, t, h, x) float32; k, v (b, kh, s, x)
     float32/bfloat16/int8 (int8 with float32 scales (b, kh, s)); mask (b, t, s). Returns (b, t, h, x)
     float32. No derivative of its own: `attention` gives it one."""
     empty = jnp.zeros((0,), jnp.float32)

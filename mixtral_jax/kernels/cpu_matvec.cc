@@ -11,8 +11,8 @@
 //   mixtral_attend  softmax(q k^T) v        (a few queries over a KV cache, hidden slots unread)
 //
 // Numbers: float32 accumulation; int8 products are scaled per output column after the sum, as
-// mixtral_jax.quant does. AVX-512 intrinsics where the CPU has them, portable loops elsewhere (built
-// with -O3 -march=native by mixtral_jax/cpu_kernels.py).
+// mixtral_jax.model.quant does. AVX-512 intrinsics where the CPU has them, portable loops elsewhere (built
+// with -O3 -march=native by mixtral_jax/kernels/cpu.py).
 
 #include <algorithm>
 #include <atomic>
@@ -532,7 +532,7 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids,
 }
 
 // ---------------------------------------------------------------------------------------------
-// mixtral_attend: grouped-query attention for a few queries over a cache, as mixtral_jax.attention's
+// mixtral_attend: grouped-query attention for a few queries over a cache, as mixtral_jax.model.attention's
 // `plain` computes it: out[b, t, h] = sum_s p[s] * v_scale[s] * v[b, kh, s] with
 // p = softmax_s(mask[b, t, s] ? q[b, t, h] . k[b, kh, s] / sqrt(x) * k_scale[s] : float32 min), kh the
 // head's KV head. Slots the mask hides are never read (a long cache's unwritten tail costs nothing);

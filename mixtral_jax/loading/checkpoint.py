@@ -18,16 +18,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from .config import RuntimeConfig, as_dtype
-from .convert import orbax_io
-from .convert.hf import HFCheckpoint
-from .convert.keymap import HF_RULES, assemble, plan
-from .model import Mixtral
-from .params import assemble_model, param_specs, quantized_weights, quantizing
-from .placement import sharded_runtime
-from .progress import progress
-from .quant import SCALE_SUFFIX, check_quantize
-from .sharding import param_shardings
+from mixtral_jax.config import RuntimeConfig, as_dtype, check_quantize
+from mixtral_jax.convert import orbax_io
+from mixtral_jax.convert.hf import HFCheckpoint
+from mixtral_jax.convert.keymap import HF_RULES, assemble, plan
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.model.params import assemble_model, param_specs, quantized_weights, quantizing
+from mixtral_jax.model.placement import sharded_runtime
+from mixtral_jax.model.quant import SCALE_SUFFIX
+from mixtral_jax.progress import progress
+from mixtral_jax.sharding import param_shardings
 
 
 def load(path: str | os.PathLike, mesh: Mesh | str | dict | None = None, dtype=None, moe_strategy: str = "auto",
@@ -37,7 +37,7 @@ def load(path: str | os.PathLike, mesh: Mesh | str | dict | None = None, dtype=N
     `mesh`: a `jax.sharding.Mesh`, or a spec such as `"expert=4,tensor=2"` for `make_mesh`; None puts
     everything on the default device. `dtype`: the parameter dtype (default: the checkpoint's own, so
     bf16 stays bf16; anything else is cast while reading). `compute_dtype`: the matmul dtype (default:
-    `dtype`). `moe_strategy`: see `RuntimeConfig`. `quantize='int8'`: int8 weights (`mixtral_jax.quant`),
+    `dtype`). `moe_strategy`: see `RuntimeConfig`. `quantize='int8'`: int8 weights (`mixtral_jax.model.quant`),
     quantized while reading, one weight at a time (a checkpoint converted with `--quantize int8` is
     read as it is, quantized or not).
     """

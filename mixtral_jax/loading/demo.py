@@ -15,15 +15,15 @@ import os
 
 from flax import nnx
 
-from .config import MixtralConfig, RuntimeConfig
-from .convert.orbax_io import is_complete
-from .loading import load
-from .model import Mixtral
-from .placement import shard_model
+from mixtral_jax.config import MixtralConfig, RuntimeConfig
+from mixtral_jax.convert.orbax_io import is_complete
+from mixtral_jax.loading.checkpoint import load
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.model.placement import shard_model
 
 DEMO_CONFIG = MixtralConfig(vocab_size=32000, dim=112, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=28,
                             hidden_dim=160, n_experts=8, top_k=2, max_seq_len=2048)
-DEMO_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "demo_model")
+DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "demo_model")
 
 
 def has_trained_model() -> bool:

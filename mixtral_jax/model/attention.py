@@ -32,9 +32,9 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import Mesh, PartitionSpec
 
-from . import cpu_kernels
-from .config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
-from .sharding.rules import activation_spec
+from mixtral_jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+from mixtral_jax.kernels import cpu as cpu_kernels
+from mixtral_jax.sharding.rules import activation_spec
 
 Q_BLOCK: int | None = None   # queries per tile (blockwise); None: `tile_sizes`
 KV_BLOCK: int | None = None  # keys per tile (blockwise); None: `tile_sizes`

@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import cpu_kernels
-from .attention import Span, attention
-from .config import KV_CACHE_DTYPES, MixtralConfig, RuntimeConfig
-from .moe import expert_views, resolve_strategy, route, run_experts
-from .quant import qeinsum, qeinsums, quantize_jax, read
-from .sharding.expert_parallel import moe_expert_parallel
-from .sharding.rules import ACTIVATION_AXES, CACHE_ROW_AXES, KV_CACHE_AXES, KV_SCALE_AXES, constrain
+from mixtral_jax.config import KV_CACHE_DTYPES, MixtralConfig, RuntimeConfig
+from mixtral_jax.kernels import cpu as cpu_kernels
+from mixtral_jax.model.attention import Span, attention
+from mixtral_jax.model.moe import expert_views, resolve_strategy, route, run_experts
+from mixtral_jax.model.quant import qeinsum, qeinsums, quantize_jax, read
+from mixtral_jax.sharding.expert_parallel import moe_expert_parallel
+from mixtral_jax.sharding.rules import ACTIVATION_AXES, CACHE_ROW_AXES, KV_CACHE_AXES, KV_SCALE_AXES, constrain
 
 _INIT_STD = 0.02  # transformers' initializer_range
 
@@ -41,7 +41,7 @@ def _param(rngs: nnx.Rngs, shape, dtype, axes, init="normal") -> nnx.Param:
 
 def _weight(module: nnx.Module, name: str, rngs, shape, dtype, axes, contract: tuple[int, ...], quantize: bool):
     """Set `module.<name>` to a weight; quantized, an int8 `<name>` and a float32 `<name>_scale` whose
-    logical axes are the weight's minus the contracted ones (`mixtral_jax.quant`)."""
+    logical axes are the weight's minus the contracted ones (`mixtral_jax.model.quant`)."""
     if not quantize:
         setattr(module, name, _param(rngs, shape, dtype, axes))
         return
@@ -102,7 +102,7 @@ class Attention(nnx.Module):
     def project_qkv(self, x, cos, sin):
         """q (b, t, h, x); k, v in the cache layout (b, k, t, x)."""
         dt = x.dtype
-        kernel = self.mesh is None  # decode-sized products on one CPU device: mixtral_jax.cpu_kernels
+        kernel = self.mesh is None  # decode-sized products on one CPU device: mixtral_jax.kernels.cpu
         q, k, v = qeinsums(("btd,dhx->bthx", "btd,dkx->btkx", "btd,dkx->btkx"), x,
                            [_read(self, name, dt) for name in ("wq", "wk", "wv")], cpu_kernel=kernel)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -236,7 +236,7 @@ class Mixtral(nnx.Module):
     def expert_views(self, rows: int | None = None) -> tuple | None:
         """Per layer, (w1, w3, w2) as tuples of per-expert arrays sharing the parameters' memory, for
         `extend(..., expert_weights=)`; None where they would not help or would cost a copy (see
-        `mixtral_jax.moe.expert_views`), or where a decode of `rows` tokens takes the CPU kernels, which
+        `mixtral_jax.model.moe.expert_views`), or where a decode of `rows` tokens takes the CPU kernels, which
         read the stacked experts in place. Build them again after the parameters change."""
         if self.runtime.mesh is not None or jnp.dtype(self.runtime.param_dtype) != jnp.dtype(self.runtime.dtype):
             return None

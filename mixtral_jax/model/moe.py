@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import cpu_kernels, quant
-from .quant import QArray, qeinsum
+from mixtral_jax.kernels import cpu as cpu_kernels
+from mixtral_jax.model import quant
+from mixtral_jax.model.quant import QArray, qeinsum
 
 
 class Routing(NamedTuple):

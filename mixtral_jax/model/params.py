@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .config import MixtralConfig, RuntimeConfig
-from .model import Mixtral
-from .quant import SCALE_SUFFIX, contracted_axes, quantize
+from mixtral_jax.config import MixtralConfig, RuntimeConfig
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.model.quant import SCALE_SUFFIX, contracted_axes, quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ def quantizing(config: MixtralConfig, runtime: RuntimeConfig,
                get_float: Callable[[str, ParamSpec], np.ndarray]) -> Callable[[str, ParamSpec], np.ndarray]:
     """A `get_array` for `assemble_model(config, runtime, ...)` from one that returns the unquantized
     parameters (by the unquantized specs): each quantized weight is read once, as float, and quantized
-    (`mixtral_jax.quant.quantize`), its int8 values and scales handed out in turn; one weight at a time."""
+    (`mixtral_jax.model.quant.quantize`), its int8 values and scales handed out in turn; one weight at a time."""
     specs = param_specs(config, runtime)
     float_specs = param_specs(config, dataclasses.replace(runtime, quantize=None, quantize_lm_head=False))
     contract = quantized_weights(specs)

@@ -12,10 +12,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from .config import MixtralConfig, RuntimeConfig
-from .model import Mixtral
-from .params import assemble_model, model_arrays, param_specs, quantizing
-from .sharding import DEFAULT_RULES, Rule, ShardingError, make_mesh, param_shardings
+from mixtral_jax.config import MixtralConfig, RuntimeConfig
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.model.params import assemble_model, model_arrays, param_specs, quantizing
+from mixtral_jax.sharding import DEFAULT_RULES, Rule, ShardingError, make_mesh, param_shardings
 
 
 def check_mesh(config: MixtralConfig, mesh: Mesh) -> None:

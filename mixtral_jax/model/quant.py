@@ -22,19 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import cpu_kernels
-from .errors import ConfigError
+from mixtral_jax.kernels import cpu as cpu_kernels
 
-QUANTIZE_MODES = ("int8",)
 SCALE_SUFFIX = "_scale"
 _INV_127 = np.float32(1 / 127)  # a multiplication, as XLA would rewrite a division, so numpy and jax agree
-
-
-def check_quantize(value: str | None) -> str | None:
-    """None (no quantization) or one of `QUANTIZE_MODES`; anything else is a one-line `ConfigError`."""
-    if value is None or value in QUANTIZE_MODES:
-        return value
-    raise ConfigError(f"unknown quantize {value!r}; choose from {', '.join(QUANTIZE_MODES)} (or leave it out)")
 
 
 def quantize(w: np.ndarray, contract: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

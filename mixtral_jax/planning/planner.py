@@ -28,15 +28,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import sampler as sampler_lib
-from .config import MixtralConfig, RuntimeConfig
-from .model import KVCache, Mixtral
-from .moe import resolve_strategy
-from .params import param_specs
-from .placement import check_mesh
-from .quant import check_quantize
-from .sharding.mesh import make_mesh, parse_mesh_spec
-from .sharding.rules import (
+from mixtral_jax.config import MixtralConfig, RuntimeConfig, check_quantize
+from mixtral_jax.inference import sampler as sampler_lib
+from mixtral_jax.model.mixtral import KVCache, Mixtral
+from mixtral_jax.model.moe import resolve_strategy
+from mixtral_jax.model.params import param_specs
+from mixtral_jax.model.placement import check_mesh
+from mixtral_jax.planning.topologies import GIB, Topology, TopologyError, get_topology
+from mixtral_jax.sharding.mesh import make_mesh, parse_mesh_spec
+from mixtral_jax.sharding.rules import (
     CACHE_ROW_AXES,
     DEFAULT_RULES,
     FSDP_RULES,
@@ -46,8 +46,7 @@ from .sharding.rules import (
     activation_spec,
     param_shardings,
 )
-from .topologies import GIB, Topology, TopologyError, get_topology
-from .train import TrainConfig, TrainStep, batch_sharding, run_step
+from mixtral_jax.training.trainer import TrainConfig, TrainStep, batch_sharding, run_step
 
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 

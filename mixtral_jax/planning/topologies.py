@@ -1,7 +1,7 @@
 """Cloud TPU slices by their Cloud names (`v5e-8`, `v4-32`, `v5p-128`, ...): chips, HBM, bandwidth, peak.
 
 `Topology.devices()` asks libtpu (installed by `jax[tpu]`; no TPU needed) for the slice's devices, so a
-program can be compiled ahead of time for a slice this machine does not have (see `mixtral_jax.plan`).
+program can be compiled ahead of time for a slice this machine does not have (see `mixtral_jax.planning.planner`).
 The Cloud name counts TensorCores for v4 and v5p (two per chip, fused as one "megacore" device) and
 chips for v5e and v6e: v4-32 is 16 chips, v5e-8 is 8.
 

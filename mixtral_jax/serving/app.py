@@ -19,8 +19,8 @@ import time
 import uuid
 from collections.abc import Mapping
 
-from .engine import Engine, RequestError, SamplingParams
-from .tokenizer import Tokenizer
+from mixtral_jax.inference.engine import Engine, RequestError, SamplingParams
+from mixtral_jax.text.tokenizer import Tokenizer
 
 _MAX_STOPS = 4
 DISCONNECT_POLL_SECONDS = 0.01  # a small model finishes 100 tokens in well under a second; notice a hang-up sooner

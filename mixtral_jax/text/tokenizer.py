@@ -21,7 +21,7 @@ from typing import Any
 
 from sentencepiece import SentencePieceProcessor
 
-from .chat_v3 import encode_chat_v3
+from mixtral_jax.text.chat_v3 import encode_chat_v3
 
 __all__ = ["IncrementalDecoder", "Tokenizer", "load_tokenizer", "tokenizer_for"]
 
@@ -110,7 +110,7 @@ class Tokenizer:
         """Encode a conversation exactly as mistral-common 1.13's `MistralTokenizer.v1()` or `.v3()` does.
 
         A v3 tokenizer takes OpenAI-style messages and tools (assistant `tool_calls`, `tool` results): see
-        `mixtral_jax.chat_v3.encode_chat_v3`. What follows describes v1, which cannot encode tools.
+        `mixtral_jax.text.chat_v3.encode_chat_v3`. What follows describes v1, which cannot encode tools.
 
         `messages` are `{"role": "system" | "user" | "assistant", "content": str}`. The result is
         `<s>[INST] user [/INST] assistant</s>[INST] user [/INST]`, ready for generation. As in

@@ -17,7 +17,7 @@ import string
 import warnings
 from collections.abc import Sequence
 
-from .tokenizer import Tokenizer
+from mixtral_jax.text.tokenizer import Tokenizer
 
 _CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 _ALPHABET = string.ascii_letters + string.digits

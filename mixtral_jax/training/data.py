@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .tokenizer import load_tokenizer
+from mixtral_jax.text.tokenizer import load_tokenizer
 
 
 class DataError(ValueError):

@@ -21,7 +21,7 @@
 - Training checkpoints (`OUT/checkpoints/step_NNNNNNNN/`): an Orbax PyTree of parameters and optimizer
   state plus `train.json` (step, data position, model and training config), written to a temporary
   directory and renamed into place only when complete. The data stream is a pure function of its position
-  (`mixtral_jax.data`) and the step is deterministic, so a resumed run equals the uninterrupted one.
+  (`mixtral_jax.training.data`) and the step is deterministic, so a resumed run equals the uninterrupted one.
 - `Trainer.export(path)` writes the parameters in the converter's checkpoint format
   (`mixtral_jax.convert.orbax_io`), which `mixtral_jax.load(path)` reads.
 """
@@ -46,17 +46,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .config import MixtralConfig, as_dtype
-from .convert import orbax_io
-from .convert.atomic import atomic_directory, write_durably
-from .data import PackedDataset
-from .errors import ConfigError
-from .model import Mixtral
-from .moe import load_balancing_loss
-from .params import param_specs
-from .placement import shard_model
-from .progress import progress
-from .sharding import DEFAULT_RULES, FSDP_RULES, Rule, activation_spec
+from mixtral_jax.config import MixtralConfig, as_dtype
+from mixtral_jax.convert import orbax_io
+from mixtral_jax.convert.atomic import atomic_directory, write_durably
+from mixtral_jax.errors import ConfigError
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.model.moe import load_balancing_loss
+from mixtral_jax.model.params import param_specs
+from mixtral_jax.model.placement import shard_model
+from mixtral_jax.progress import progress
+from mixtral_jax.sharding import DEFAULT_RULES, FSDP_RULES, Rule, activation_spec
+from mixtral_jax.training.data import PackedDataset
 
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE_FILE = "train.json"

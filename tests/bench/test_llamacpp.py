@@ -117,9 +117,9 @@ def test_kernel_ab_times_two_builds_that_compute_the_step(tmp_path):
     from flax import nnx
 
     from bench import kernel_ab
-    from mixtral_jax import cpu_kernels
     from mixtral_jax.config import MixtralConfig, RuntimeConfig
-    from mixtral_jax.model import Mixtral
+    from mixtral_jax.kernels import cpu as cpu_kernels
+    from mixtral_jax.model.mixtral import Mixtral
 
     if not cpu_kernels.available():
         pytest.skip("needs a C++ compiler for the CPU kernels")

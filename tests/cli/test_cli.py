@@ -9,15 +9,16 @@ import shutil
 
 import jax
 import pytest
-from hf_reference import hf_model, save_hf
-from mistral_reference import save_mistral
 
-from mixtral_jax import MixtralConfig, cli
+from mixtral_jax import MixtralConfig
+from mixtral_jax.cli import main as cli
+from mixtral_jax.cli.generate import DEMO_DECODING, _sampling_kwargs
 from mixtral_jax.convert import convert
-from mixtral_jax.generate_command import DEMO_DECODING, _sampling_kwargs
+from mixtral_jax.inference import generate as generate_module
+from tests.helpers.hf_reference import hf_model, save_hf
+from tests.helpers.mistral_reference import save_mistral
 
 CONFIG = MixtralConfig.tiny()
-generate_module = importlib.import_module("mixtral_jax.generate")  # the package exports a function of that name
 
 
 def _parsers(parser: argparse.ArgumentParser):
@@ -58,7 +59,7 @@ def test_demo_model_samples_by_default_checkpoints_stay_greedy():
     (["--temperature", "-1"], "temperature must be a number >= 0"),
 ])
 def test_bad_decoding_flags_fail_before_loading(flags, message, capsys, monkeypatch):
-    import mixtral_jax.generate_command as command
+    import mixtral_jax.cli.generate as command
 
     monkeypatch.setattr(command, "_load_model", lambda args: pytest.fail("loaded a model"))
     assert cli.main(["generate", "x", *flags]) == 2
@@ -83,7 +84,7 @@ def test_mesh_is_applied_to_the_demo_model_or_refused(capsys, monkeypatch):
         seen["model"] = model
         return ["" for _ in prompts]
 
-    monkeypatch.setattr(importlib.import_module("mixtral_jax.generate_command"), "generate", fake_generate)
+    monkeypatch.setattr(importlib.import_module("mixtral_jax.cli.generate"), "generate", fake_generate)
     assert cli.main(["generate", "x", "--mesh", "data=4,expert=2", "--max-new-tokens", "2"]) == 0
     model = seen["model"]
     assert model.runtime.mesh is not None and model.runtime.mesh.shape["expert"] == 2
@@ -103,7 +104,7 @@ def _distinct_3grams(text: str) -> float:
 
 def test_demo_default_decoding_writes_varied_text():
     """The issue's bar: >= 60% distinct word 3-grams over 160 tokens on three prompts (greedy loops)."""
-    from mixtral_jax.demo import default_model, has_trained_model
+    from mixtral_jax.loading.demo import default_model, has_trained_model
 
     if not has_trained_model():
         pytest.fail("the trained demo model is missing from mixtral_jax/assets/demo_model")

@@ -23,19 +23,20 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from hf_reference import hf_logits, hf_model, save_hf
-from mistral_reference import save_mistral
 
 from mixtral_jax import MixtralConfig
-from mixtral_jax.cli import main as command_main
+from mixtral_jax.cli.main import main as command_main
 from mixtral_jax.config import ConfigError
 from mixtral_jax.convert import convert, orbax_io
 from mixtral_jax.convert.verify import VerificationError, verify
 from mixtral_jax.errors import CheckpointError
-from mixtral_jax.loading import load
-from mixtral_jax.params import model_arrays
+from mixtral_jax.loading.checkpoint import load
+from mixtral_jax.model.params import model_arrays
+from tests.helpers import REPO_ROOT
+from tests.helpers.hf_reference import hf_logits, hf_model, save_hf
+from tests.helpers.mistral_reference import save_mistral
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 CONFIG = MixtralConfig.tiny()
 TOKENS = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (2, 11))
 
@@ -382,9 +383,9 @@ def test_cli_errors_are_one_line_and_write_nothing(sources, tmp_path, capsys):
 
 
 def test_cli_convert_overwrite_and_verify(sources, tmp_path, capsys, monkeypatch):
-    from mixtral_jax import cli
-    if "mixtral_jax.convert.command" not in cli._COMMAND_MODULES:
-        monkeypatch.setattr(cli, "_COMMAND_MODULES", cli._COMMAND_MODULES + ("mixtral_jax.convert.command",))
+    from mixtral_jax.cli import main as cli
+    if "mixtral_jax.cli.convert" not in cli._COMMAND_MODULES:
+        monkeypatch.setattr(cli, "_COMMAND_MODULES", cli._COMMAND_MODULES + ("mixtral_jax.cli.convert",))
     src, dst = sources("torrent_pt"), str(tmp_path / "dst")
     assert cli.main(["convert", src, dst, "--no-progress"]) == 0
     assert "stacked experts" in capsys.readouterr().out
@@ -428,8 +429,8 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from mixtral_jax.loading import load
-    from mixtral_jax.params import model_arrays, param_specs
+    from mixtral_jax.loading.checkpoint import load
+    from mixtral_jax.model.params import model_arrays, param_specs
     from mixtral_jax.sharding import make_mesh, param_shardings
     dst, tokens = sys.argv[1], np.load(sys.argv[2])
     assert len(jax.devices()) == 8

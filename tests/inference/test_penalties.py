@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_reference import hf_model, save_hf
 from transformers import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
-from mixtral_jax.penalties import apply_penalties, make_penalties, token_counts
-from mixtral_jax.sampler import Sampler, SamplingError
+from mixtral_jax.inference.penalties import apply_penalties, make_penalties, token_counts
+from mixtral_jax.inference.sampler import Sampler, SamplingError
+from tests.helpers.hf_reference import hf_model, save_hf
 
 CONFIG = MixtralConfig.tiny(max_seq_len=128)
 
@@ -110,8 +110,8 @@ def test_penalties_with_sampling_and_the_text_api(pair):
     """Penalised sampling repeats with its seed, and generate() passes the penalties through."""
     _, model = pair
     kwargs = dict(temperature=0.9, top_p=0.95, seed=5, repetition_penalty=1.3, frequency_penalty=0.5)
-    a = mixtral_jax.generate(model, [[4, 5, 6]], 16, stop_tokens=[], **kwargs)
-    assert a == mixtral_jax.generate(model, [[4, 5, 6]], 16, stop_tokens=[], **kwargs)
+    a = mixtral_jax.inference.generate(model, [[4, 5, 6]], 16, stop_tokens=[], **kwargs)
+    assert a == mixtral_jax.inference.generate(model, [[4, 5, 6]], 16, stop_tokens=[], **kwargs)
     assert a == Sampler(model)([[4, 5, 6]], 16, stop_tokens=[], **kwargs)
 
 

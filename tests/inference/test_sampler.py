@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_reference import hf_model, save_hf
 
 import mixtral_jax
-import mixtral_jax.attention as attention_module
+import mixtral_jax.model.attention as attention_module
 from mixtral_jax import MixtralConfig
-from mixtral_jax.model import KVCache
-from mixtral_jax.sampler import Greedy, Sample, Sampler, SamplingError, argmax, make_strategy
+from mixtral_jax.inference.sampler import Greedy, Sample, Sampler, SamplingError, argmax, make_strategy
+from mixtral_jax.model.mixtral import KVCache
+from tests.helpers.hf_reference import hf_model, save_hf
 
 CONFIG = MixtralConfig.tiny(sliding_window=12, max_seq_len=128)
 
@@ -158,7 +158,7 @@ def test_streaming_runs_one_step_ahead_without_changing_the_answer(pair):
 def test_streaming_in_groups_of_steps_yields_every_step_and_stops_where_the_loop_does(pair, monkeypatch):
     """A fast model streams several steps per dispatch (`STREAM_LATENCY`): still one yield per step,
     ending on the same step as `__call__`, for limits inside a group and stop tokens met mid-group."""
-    import mixtral_jax.sampler as sampler_module
+    import mixtral_jax.inference.sampler as sampler_module
 
     monkeypatch.setattr(sampler_module, "STREAM_LATENCY", 60.0)  # every group as large as allowed
     _, model = pair
@@ -175,7 +175,7 @@ def test_streaming_in_groups_of_steps_yields_every_step_and_stops_where_the_loop
 
 
 def test_a_later_stream_sizes_its_first_group_by_the_last_streams_step_time(pair, monkeypatch):
-    import mixtral_jax.sampler as sampler_module
+    import mixtral_jax.inference.sampler as sampler_module
 
     _, model = pair
     sampler = Sampler(model)
@@ -295,17 +295,17 @@ def test_bad_requests_fail_before_compiling(pair, kwargs, message):
 
 
 def test_text_api_with_the_demo_model():
-    from mixtral_jax.demo import default_model
-    from mixtral_jax.tokenizer import load_tokenizer
+    from mixtral_jax.loading.demo import default_model
+    from mixtral_jax.text.tokenizer import load_tokenizer
 
     model = default_model()
     tok = load_tokenizer()
     pieces = []
-    out = mixtral_jax.generate(model, ["Hello there", "A"], max_new_tokens=8,
+    out = mixtral_jax.inference.generate(model, ["Hello there", "A"], max_new_tokens=8,
                                on_text=lambda row, text: pieces.append((row, text)))
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
     assert "".join(t for r, t in pieces if r == 0) == out[0]
-    ids = mixtral_jax.generate(model, [tok.encode("Hello there")], max_new_tokens=8)
+    ids = mixtral_jax.inference.generate(model, [tok.encode("Hello there")], max_new_tokens=8)
     assert tok.decode(ids[0]) == out[0]
     reply = mixtral_jax.chat(model, [{"role": "user", "content": "Hi"}], max_new_tokens=4)
     assert isinstance(reply, str)
@@ -314,7 +314,7 @@ def test_text_api_with_the_demo_model():
 def test_a_later_request_reuses_the_compiled_programs(pair):
     """The graph is a once-hashed static argument: equal graphs from new requests (and new Samplers) hit
     jit's cache instead of compiling again."""
-    import mixtral_jax.sampler as sampler_module
+    import mixtral_jax.inference.sampler as sampler_module
 
     _, model = pair
     Sampler(model)([[5, 6, 7]], 3)
@@ -332,7 +332,7 @@ def test_equal_graphs_share_one_wrapper_so_each_step_is_an_identity_check(pair):
     makes that `is`, not a walk of the whole module tree each decode step."""
     from flax import nnx
 
-    from mixtral_jax.sampler import HashedOnce
+    from mixtral_jax.inference.sampler import HashedOnce
 
     _, model = pair
     first, second = nnx.split(model)[0], nnx.split(model)[0]

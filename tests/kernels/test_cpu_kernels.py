@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixtral_jax import cpu_kernels
 from mixtral_jax.config import MixtralConfig, RuntimeConfig
-from mixtral_jax.model import Mixtral
-from mixtral_jax.moe import moe_dense, moe_kernel, route, run_experts
-from mixtral_jax.quant import QArray, dequantize, quantize
-from mixtral_jax.sampler import Sampler
+from mixtral_jax.inference.sampler import Sampler
+from mixtral_jax.kernels import cpu as cpu_kernels
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.model.moe import moe_dense, moe_kernel, route, run_experts
+from mixtral_jax.model.quant import QArray, dequantize, quantize
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs a C++ compiler for the CPU kernels")
 
@@ -333,8 +333,8 @@ def test_attend_equals_plain_attention(cache, b, t, h, kh, s, x):
     caches, a row whose every slot is hidden, and int8 caches with their scales. Head sizes 16, 32, 64
     and 128 take the vectorized path (Mixtral's 32 heads over 8 KV heads of 128 among them; 3 query
     heads a KV head leave a partial block of rows; 1 and 2 take smaller blocks), 20 the portable one."""
-    from mixtral_jax.attention import Span, attend_plain, make_mask
-    from mixtral_jax.model import quantize_kv
+    from mixtral_jax.model.attention import Span, attend_plain, make_mask
+    from mixtral_jax.model.mixtral import quantize_kv
 
     rng = np.random.default_rng(b * 100 + t * 10 + s)
     q = jnp.asarray(rng.standard_normal((b, t, h, x)).astype(np.float32))
@@ -361,7 +361,7 @@ def test_attend_equals_plain_attention(cache, b, t, h, kh, s, x):
 @pytest.mark.parametrize("x", [16, 32, 64, 128, 20])
 def test_attend_propagates_a_nan_as_xla_does(x):
     """A NaN in one shown key makes its KV head's outputs NaN, as in XLA, not a slot silently dropped."""
-    from mixtral_jax.attention import Span, attend_plain, make_mask
+    from mixtral_jax.model.attention import Span, attend_plain, make_mask
 
     rng = np.random.default_rng(x)
     q = jnp.asarray(rng.standard_normal((1, 1, 4, x)).astype(np.float32))
@@ -377,7 +377,7 @@ def test_attend_propagates_a_nan_as_xla_does(x):
 
 
 def test_attention_takes_the_kernel_for_float32_decode_with_xlas_gradient():
-    from mixtral_jax.attention import Span, attend_plain, attention
+    from mixtral_jax.model.attention import Span, attend_plain, attention
 
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.standard_normal((1, 2, 4, 8)).astype(np.float32))

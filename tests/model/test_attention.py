@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_reference import hf_logits, hf_model, save_hf
 
 import mixtral_jax
-import mixtral_jax.attention as attention_module
-import mixtral_jax.sampler as sampler_module
+import mixtral_jax.inference.sampler as sampler_module
+import mixtral_jax.model.attention as attention_module
 from mixtral_jax import MixtralConfig
-from mixtral_jax.attention import (
+from mixtral_jax.config import ConfigError, RuntimeConfig
+from mixtral_jax.inference.sampler import Sampler
+from mixtral_jax.model.attention import (
     Span,
     attend_blockwise,
     attend_cudnn,
@@ -22,9 +23,8 @@ from mixtral_jax.attention import (
     resolve,
     tile_sizes,
 )
-from mixtral_jax.config import ConfigError, RuntimeConfig
-from mixtral_jax.model import KVCache, Mixtral, quantize_kv
-from mixtral_jax.sampler import Sampler
+from mixtral_jax.model.mixtral import KVCache, Mixtral, quantize_kv
+from tests.helpers.hf_reference import hf_logits, hf_model, save_hf
 
 
 def _inputs(b, t, s, h, nk, x, seed=0, pad=(0, 37)):

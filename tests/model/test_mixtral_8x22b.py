@@ -10,15 +10,15 @@ import os
 import numpy as np
 import pytest
 import torch
-from hf_reference import hf_logits, hf_model, save_hf
-from mistral_reference import save_mistral
 
 import mixtral_jax
 from mixtral_jax import CheckpointError, ConfigError, MixtralConfig, RuntimeConfig
 from mixtral_jax.convert import orbax_io
 from mixtral_jax.convert.converter import convert, open_source
-from mixtral_jax.loading import load
-from mixtral_jax.tokenizer import load_tokenizer, tokenizer_for
+from mixtral_jax.loading.checkpoint import load
+from mixtral_jax.text.tokenizer import load_tokenizer, tokenizer_for
+from tests.helpers.hf_reference import hf_logits, hf_model, save_hf
+from tests.helpers.mistral_reference import save_mistral
 
 CONFIG = MixtralConfig.tiny(vocab_size=32768)  # 8x22B's vocabulary at a tiny width
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Bonjour, ça va ?"}]
@@ -107,7 +107,7 @@ def test_greedy_chat_equals_transformers_in_the_v3_template(pair):
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(prompt):].tolist()
-    assert mixtral_jax.generate(model, [prompt], 12, stop_tokens=[]) == [ref]
+    assert mixtral_jax.inference.generate(model, [prompt], 12, stop_tokens=[]) == [ref]
     assert mixtral_jax.chat(model, MESSAGES, 12, stop_tokens=[]) == tok.decode(ref)
 
 
@@ -128,8 +128,8 @@ def test_mistral_layout_converts_records_v3_and_generates_with_it(pair, tmp_path
 
 def test_plan_knows_the_preset_and_h100_arithmetic_matches_the_rules():
     from bench.sharding_plan import H100_MESH, h100_arithmetic
-    from mixtral_jax.plan_command import model_config
-    from mixtral_jax.topologies import H100
+    from mixtral_jax.cli.plan import model_config
+    from mixtral_jax.planning.topologies import H100
 
     config = MixtralConfig.from_preset("8x22b")
     assert model_config("8x22b") == config and model_config("8x7b") == MixtralConfig()

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from hf_reference import hf_logits, hf_model, save_hf
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
+from tests.helpers.hf_reference import hf_logits, hf_model, save_hf
 
 CONFIGS = {
     "base": MixtralConfig.tiny(),
@@ -115,7 +115,7 @@ def test_router_and_aux_loss_match_transformers(pair):
         # expert choice and weights: HF's router module on its input vs our `route` on the same input
         x = torch.randn(64, config.dim)
         ref_logits, ref_w, ref_idx = hf.model.layers[layer].mlp.gate(x)
-        ours = mixtral_jax.moe.route(x.numpy(), np.asarray(model.layers[layer].moe.router[...]), config.top_k)
+        ours = mixtral_jax.model.moe.route(x.numpy(), np.asarray(model.layers[layer].moe.router[...]), config.top_k)
         np.testing.assert_allclose(np.asarray(ours.logits), ref_logits.detach().numpy(), atol=1e-5)
         np.testing.assert_array_equal(np.asarray(ours.expert_ids), ref_idx.numpy())
         np.testing.assert_allclose(np.asarray(ours.weights), ref_w.detach().numpy(), atol=2e-6)  # jax 0.12: 1.07e-6

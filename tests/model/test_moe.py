@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixtral_jax import moe
-from mixtral_jax.moe import Routing, route, run_experts
+from mixtral_jax.model import moe
+from mixtral_jax.model.moe import Routing, route, run_experts
 
 SPARSE = ["ragged", "capacity", "gather", "grouped"]
 

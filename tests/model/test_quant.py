@@ -16,22 +16,22 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_reference import hf_logits, save_hf
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
-from mixtral_jax import plan as plan_lib
-from mixtral_jax.cli import main as command_main
+from mixtral_jax.cli.main import main as command_main
+from mixtral_jax.cli.plan import PRESETS
 from mixtral_jax.config import ConfigError, RuntimeConfig
 from mixtral_jax.convert import convert, orbax_io
 from mixtral_jax.convert.verify import VerificationError, verify
-from mixtral_jax.engine import Engine, EngineConfig, SamplingParams
-from mixtral_jax.loading import load, load_hf
-from mixtral_jax.params import assemble_model, model_arrays, param_specs
-from mixtral_jax.placement import quantize_model, shard_model
-from mixtral_jax.plan_command import PRESETS
-from mixtral_jax.quant import QArray, dequantize, qeinsum, quantize, quantize_jax
-from mixtral_jax.sampler import Sampler
+from mixtral_jax.inference.engine import Engine, EngineConfig, SamplingParams
+from mixtral_jax.inference.sampler import Sampler
+from mixtral_jax.loading.checkpoint import load, load_hf
+from mixtral_jax.model.params import assemble_model, model_arrays, param_specs
+from mixtral_jax.model.placement import quantize_model, shard_model
+from mixtral_jax.model.quant import QArray, dequantize, qeinsum, quantize, quantize_jax
+from mixtral_jax.planning import planner as plan_lib
+from tests.helpers.hf_reference import hf_logits, save_hf
 
 CONFIG = MixtralConfig.tiny()
 # random tiny configs: MHA / GQA / MQA, top-1..3, 4-8 experts, a sliding window
@@ -266,7 +266,7 @@ def test_engine_serves_an_int8_model_as_generate_does(qmodel):
     """The server's continuous-batching engine on int8 weights: concurrent greedy answers equal each
     request generated alone."""
     ids = [np.random.default_rng(s).integers(3, 120, n).tolist() for s, n in ((0, 5), (1, 19), (2, 9))]
-    solo = [mixtral_jax.generate(qmodel, [p], max_new_tokens=12, stop_tokens=[])[0] for p in ids]
+    solo = [mixtral_jax.inference.generate(qmodel, [p], max_new_tokens=12, stop_tokens=[])[0] for p in ids]
     engine = Engine(qmodel, EngineConfig(max_batch=2, max_context=64, prefill_chunk=16))
     outs = [[] for _ in ids]
     for p, out in zip(ids, outs, strict=True):

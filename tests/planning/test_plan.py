@@ -18,10 +18,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mixtral_jax import MixtralConfig
-from mixtral_jax import plan as plan_lib
-from mixtral_jax.cli import main
-from mixtral_jax.plan_command import PRESETS
-from mixtral_jax.topologies import GIB, TopologyError, get_topology
+from mixtral_jax.cli.main import main
+from mixtral_jax.cli.plan import PRESETS
+from mixtral_jax.planning import planner as plan_lib
+from mixtral_jax.planning.topologies import GIB, TopologyError, get_topology
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # test processes may load libtpu side by side
 
@@ -177,7 +177,7 @@ def test_valid_meshes_respect_the_model():
 
 def test_training_hints_keep_every_data_group_busy():
     """The accumulation hint never proposes a micro-batch smaller than the data x expert groups."""
-    from mixtral_jax.plan_command import suggestion
+    from mixtral_jax.cli.plan import suggestion
 
     def report(mesh, chips, remat=False):
         return types.SimpleNamespace(workload=plan_lib.train(64, 4096, fsdp=True, remat=remat), mesh=mesh,

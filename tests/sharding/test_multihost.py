@@ -7,12 +7,13 @@ import sys
 
 import numpy as np
 import pytest
-from hf_reference import hf_logits, hf_model, save_hf
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
+from tests.helpers import REPO_ROOT
+from tests.helpers.hf_reference import hf_logits, hf_model, save_hf
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.join(REPO_ROOT, "tests", "helpers")
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ from flax import nnx
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig
-from mixtral_jax.placement import shard_model
+from mixtral_jax.model.placement import shard_model
 from mixtral_jax.sharding import ShardingError, make_mesh, parse_mesh_spec
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU mesh from conftest.py")
@@ -28,7 +28,7 @@ def forward():
 
 
 def _zero_router(model):
-    from mixtral_jax.params import assemble_model, model_arrays
+    from mixtral_jax.model.params import assemble_model, model_arrays
 
     arrays = dict(model_arrays(model))
     for name in arrays:
@@ -109,7 +109,7 @@ def test_spec_parsing():
 
 @pytest.mark.parametrize("spec", ["expert=4,tensor=2", "data=2,expert=4"])
 def test_sampler_on_a_sharded_mesh_equals_one_device(model, spec):
-    from mixtral_jax.sampler import Sampler
+    from mixtral_jax.inference.sampler import Sampler
 
     prompts = [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15], [3, 3]]
     ref = Sampler(model)(prompts, 12, stop_tokens=[])
@@ -128,7 +128,7 @@ def test_sampler_on_a_sharded_mesh_equals_one_device(model, spec):
     ("expert=8", 1, None, None, 1, 1),                           # batch 1 stays replicated
 ])
 def test_kv_cache_is_laid_out_by_the_rules(model, spec, batch, batch_axes, head_axes, split_b, split_h):
-    from mixtral_jax.sampler import Greedy, prefill
+    from mixtral_jax.inference.sampler import Greedy, prefill
     from mixtral_jax.sharding.rules import KV_CACHE_AXES, activation_spec
 
     mesh = make_mesh(spec)

@@ -1,4 +1,4 @@
-"""mixtral_jax.tokenizer against mistral-common's own v1 tokenizer (the reference Mixtral uses)."""
+"""mixtral_jax.text.tokenizer against mistral-common's own v1 tokenizer (the reference Mixtral uses)."""
 
 import random
 import sys
@@ -10,7 +10,7 @@ from mistral_common.exceptions import MistralCommonException  # noqa: E402
 from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
 
-from mixtral_jax.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer  # noqa: E402
+from mixtral_jax.text.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from mistral_common.exceptions import MistralCommonException  # noqa: E402
 from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
 
-from mixtral_jax.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from mixtral_jax.text.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

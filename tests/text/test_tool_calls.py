@@ -19,9 +19,9 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E
 
 import mixtral_jax  # noqa: E402
 from mixtral_jax import MixtralConfig, RuntimeConfig  # noqa: E402
-from mixtral_jax.params import assemble_model  # noqa: E402
-from mixtral_jax.tokenizer import load_tokenizer  # noqa: E402
-from mixtral_jax.tool_calls import assistant_message, new_call_id  # noqa: E402
+from mixtral_jax.model.params import assemble_model  # noqa: E402
+from mixtral_jax.text.tokenizer import load_tokenizer  # noqa: E402
+from mixtral_jax.text.tool_calls import assistant_message, new_call_id  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -229,4 +229,4 @@ def test_a_tokenizer_larger_than_the_model_is_refused():
     with pytest.raises(mixtral_jax.SamplingError, match="v3 tokenizer has 32768 tokens, the model only 32000"):
         mixtral_jax.chat(model, [{"role": "user", "content": "hi"}], tokenizer=load_tokenizer("v3"))
     with pytest.raises(mixtral_jax.SamplingError, match="model's own tokenizer"):
-        mixtral_jax.generate(model, ["hi"], tokenizer=load_tokenizer("v3"))
+        mixtral_jax.inference.generate(model, ["hi"], tokenizer=load_tokenizer("v3"))

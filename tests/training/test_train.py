@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_reference import hf_model, save_hf
 
 import mixtral_jax
 from mixtral_jax import MixtralConfig, RuntimeConfig
 from mixtral_jax.config import ConfigError
-from mixtral_jax.data import PackedDataset, read_documents, tokenize_documents
-from mixtral_jax.train import TrainConfig, Trainer, list_checkpoints, loss_terms
+from mixtral_jax.training.data import PackedDataset, read_documents, tokenize_documents
+from mixtral_jax.training.trainer import TrainConfig, Trainer, list_checkpoints, loss_terms
+from tests.helpers.hf_reference import hf_model, save_hf
 
 TINY = MixtralConfig.tiny(router_aux_loss_coef=0.05)  # not HF's default: proves the coefficient is read
 SMALL = MixtralConfig.tiny(router_aux_loss_coef=0.05, n_layers=1)  # for training: compiles in half the time
@@ -195,7 +195,7 @@ def test_packing(tmp_path):
 
 # ------------------------------------------------------------------------------------ bad inputs
 def _cli_args(tmp_path, *extra):
-    from mixtral_jax import train_command
+    from mixtral_jax.cli import train as train_command
 
     parser = argparse.ArgumentParser()
     train_command.register(parser.add_subparsers())
@@ -211,7 +211,7 @@ def _cli_args(tmp_path, *extra):
     ("accum", "divisible by grad_accum"),
 ])
 def test_bad_inputs_give_one_line_errors(tmp_path, case, message):
-    from mixtral_jax.train_command import run_train
+    from mixtral_jax.cli.train import run_train
 
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "short.txt").write_text("just a few words")
@@ -236,7 +236,7 @@ def test_train_config_rejects_nonsense():
 
 # ------------------------------------------------------------------------------------------- CLI
 def test_train_command_end_to_end(tmp_path):
-    from mixtral_jax.train_command import run_train
+    from mixtral_jax.cli.train import run_train
 
     config = MixtralConfig.tiny(vocab_size=32000, n_layers=1)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
@@ -259,8 +259,8 @@ def test_train_command_end_to_end(tmp_path):
 
 def test_init_from_with_skip_sequences_continues_on_unseen_data(tmp_path):
     """bench.train_demo's second stage: start from a model, at a later point of the data stream."""
-    from mixtral_jax.train import read_train_state
-    from mixtral_jax.train_command import run_train
+    from mixtral_jax.cli.train import run_train
+    from mixtral_jax.training.trainer import read_train_state
 
     config = MixtralConfig.tiny(vocab_size=32000, n_layers=1)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
