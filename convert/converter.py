@@ -5,7 +5,7 @@
     print(report)
 
 Steps: detect the format and open the source lazily (`open_source`); map every source key to its place
-with the rule table and fail on anything unknown, missing, duplicated or mis-shaped (`keymap.plan`)
+with the rule table and fail on anything unknown, missing, duplicated or mis-shaped (`keymap.match_keys`)
 *before* writing anything; then build one parameter at a time in the model's layout (dropping the
 source's memory-mapped pages after every tensor read) and hand it to the `orbax_io.StreamingWriter`,
 which saves groups of at most `buffer_bytes`, one group in flight while the next is built
@@ -44,7 +44,7 @@ from mixtral_jax.progress import progress
 
 from . import orbax_io
 from .hf import HFCheckpoint
-from .keymap import HF_RULES, MISTRAL_RULES, TensorSource, plan
+from .keymap import HF_RULES, MISTRAL_RULES, TensorSource, match_keys
 from .mistral import MistralCheckpoint
 
 FORMATS = ("hf", "mistral")
@@ -130,7 +130,7 @@ def open_source(src, format: str | None = None) -> Source:
 
 
 @dataclasses.dataclass
-class Plan:
+class Conversion:
     """Everything decided before writing: targets, their sources, dtypes and sizes."""
     source: Source
     specs: dict
@@ -198,11 +198,11 @@ def tiled_copy(dst: np.ndarray, src: np.ndarray, block: int = 128):
     np.copyto(dst, src, casting="unsafe")
 
 
-def make_plan(source: Source, dtype=None, quantize: str | None = None) -> Plan:
+def prepare_conversion(source: Source, dtype=None, quantize: str | None = None) -> Conversion:
     check_quantize(quantize)
     cast = as_dtype(dtype) if dtype is not None else None
     specs = param_specs(source.config, RuntimeConfig())
-    by_target = plan(source.tensors, source.rules, source.config, specs)
+    by_target = match_keys(source.tensors, source.rules, source.config, specs)
     dtypes, source_bytes = {}, 0
     for name, parts in by_target.items():
         keys = [k for k, _ in parts]
@@ -225,12 +225,12 @@ def make_plan(source: Source, dtype=None, quantize: str | None = None) -> Plan:
                                   f"as they are (pass --dtype to cast)")
         dtypes[name] = d
     if quantize is None:
-        return Plan(source, specs, by_target, dtypes, source_bytes, cast)
+        return Conversion(source, specs, by_target, dtypes, source_bytes, cast)
     specs = param_specs(source.config, RuntimeConfig(quantize=quantize))
     contract = quantized_weights(specs)
     float_dtypes = {name: dtypes[name] for name in contract}
     stored = {name: np.dtype(np.int8) if name in contract else dtypes.get(name, np.dtype(np.float32)) for name in specs}
-    return Plan(source, specs, by_target, stored, source_bytes, cast, quantize, contract, float_dtypes)
+    return Conversion(source, specs, by_target, stored, source_bytes, cast, quantize, contract, float_dtypes)
 
 
 # --------------------------------------------------------------------------------------- the driver
@@ -277,7 +277,7 @@ def convert(src, dst, format: str | None = None, dtype=None, overwrite: bool = F
         raise CheckpointError(f"destination {dst} already exists; pass --overwrite (overwrite=True) to replace it")
     source = open_source(src, format)
     say(f"found {source.description}")
-    p = make_plan(source, dtype, quantize)
+    p = prepare_conversion(source, dtype, quantize)
     if os.path.lexists(dst) and not orbax_io.may_replace(dst):
         raise CheckpointError(f"destination {dst} exists and is not a mixtral-jax checkpoint; refusing to replace "
                               f"it even with --overwrite")

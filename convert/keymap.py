@@ -27,14 +27,14 @@ class Placement:
     transform: Callable[[np.ndarray], np.ndarray]
 
 
-Rule = tuple[str, Callable[[re.Match, MixtralConfig], list[Placement]]]
+KeyRule = tuple[str, Callable[[re.Match, MixtralConfig], list[Placement]]]
 
 
 def _t(w):
     return w.T
 
 
-# Rule builders shared by the HF and Mistral tables.
+# KeyRule builders shared by the HF and Mistral tables.
 def _whole(target, shape_fn, transform=lambda w: w):
     """One source tensor fills a whole parameter; `target` is formatted with the regex groups."""
     return lambda m, c: [Placement(target.format(*m.groups()), (), shape_fn(c), transform)]
@@ -69,7 +69,7 @@ def _wo(m, c):
                       lambda w: w.T.reshape(c.n_heads, c.head_dim, c.dim))]
 
 
-def _hf_rules() -> list[Rule]:
+def _hf_rules() -> list[KeyRule]:
     L = r"model\.layers\.(\d+)\."
 
     def gate_up(m, c):
@@ -164,7 +164,7 @@ class FileIndexedTensors:
             f.release()
 
 
-def plan(source: TensorSource, rules: list[Rule], config: MixtralConfig,
+def match_keys(source: TensorSource, rules: list[KeyRule], config: MixtralConfig,
          specs: Mapping[str, object]) -> dict[str, list[tuple[str, Placement]]]:
     """Map every source key to its placements; fail on unknown keys, bad shapes and missing parameters."""
     compiled = [(re.compile(pattern), fn) for pattern, fn in rules]
@@ -213,7 +213,7 @@ def mistral_to_hf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(0, 2, 1, 3).reshape(dim1, dim2)
 
 
-def _mistral_rules() -> list[Rule]:
+def _mistral_rules() -> list[KeyRule]:
     """Mistral's `consolidated.*` keys, both layouts: the release's per-expert `feed_forward.experts.E.wN`
     and the pre-release torrent's stacked `block_sparse_moe.wN` (`[E*F, D]`; each w2 slice is the
     transposed expert weight). wq/wk rows are permuted from interleaved RoPE into our (HF) convention."""

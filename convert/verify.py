@@ -14,16 +14,12 @@ import time
 
 import numpy as np
 
-from mixtral_jax.errors import CheckpointError
+from mixtral_jax.errors import VerificationError
 from mixtral_jax.model.quant import SCALE_SUFFIX
 from mixtral_jax.progress import progress
 
 from . import orbax_io
-from .converter import make_plan, open_source
-
-
-class VerificationError(CheckpointError):
-    """The checkpoint differs from its source."""
+from .converter import open_source, prepare_conversion
 
 
 @dataclasses.dataclass
@@ -49,7 +45,7 @@ def verify(src, dst, format: str | None = None, show_progress: bool = True) -> V
         diff = [f"{k}: checkpoint {a[k]!r} vs source {b[k]!r}" for k in a if a[k] != b[k]]
         raise VerificationError(f"config differs from the source's: {'; '.join(diff)}")
     cast = info.metadata.get("source", {}).get("cast_to")
-    p = make_plan(source, cast, info.quantize)
+    p = prepare_conversion(source, cast, info.quantize)
     orbax_io.check_specs(info, p.specs)
     stored = orbax_io.stored_tree(dst)
     if set(stored) != set(p.specs):

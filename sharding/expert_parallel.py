@@ -104,7 +104,7 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
                     y = jax.lax.psum(y, hidden_axes)
                 back = jax.lax.all_to_all(y, expert_axis, 0, 0, tiled=True).reshape(n_shards, capacity, d)
                 picked = buckets.collect(back).reshape(t, top_k, d)
-                return jnp.einsum("tk,tkd->td", routing.weights.astype(picked.dtype), picked)
+                return jnp.einsum("tr,trd->td", routing.weights.astype(picked.dtype), picked)
             return run
 
         capacity = bucket_capacity(copies, 1, n_shards, capacity_factor)

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mixtral_jax.errors import ShardingError
+
 MESH_AXES = ("data", "expert", "tensor")
 
 Rule = str | tuple[str, ...] | None  # a mesh axis, several (split over their product), or None: replicated
@@ -49,10 +51,6 @@ KV_CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")   # k, v: (b, k, 
 KV_SCALE_AXES = ("batch", "kv_heads", "cache_seq")               # an int8 cache's scales: (b, k, s)
 CACHE_ROW_AXES = ("batch", "cache_seq")                           # the cache's positions and valid flags
 ACTIVATION_AXES = ("batch", "seq", None)                          # the residual stream (b, t, d)
-
-
-class ShardingError(ValueError):
-    """A mesh or rule that cannot lay out this model."""
 
 
 def _mesh_axes(rule: Rule, mesh: Mesh) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ import os
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.convert import orbax_io
-from mixtral_jax.convert.converter import detect_format, make_plan, open_source
+from mixtral_jax.convert.converter import detect_format, open_source, prepare_conversion
 from mixtral_jax.convert.orbax_io import default_tokenizer
 from mixtral_jax.errors import CheckpointError
 
@@ -80,11 +80,11 @@ def _pytorch(path: str, fmt: str) -> dict:
     described = {"format": "Hugging Face safetensors" if fmt == "hf" else "Mistral original", "config": config,
                  "dtype": "unknown (tensors unreadable)", "tokenizer": _tokenizer_files(path, config)}
     try:
-        plan = make_plan(open_source(path, fmt))
+        conversion = prepare_conversion(open_source(path, fmt))
     except CheckpointError as e:
         return described | {"complete": f"no: {e}"}
-    dtypes = sorted({str(d) for d in plan.dtypes.values()})
-    return described | {"format": plan.source.description, "dtype": ", ".join(dtypes), "complete": "yes"}
+    dtypes = sorted({str(d) for d in conversion.dtypes.values()})
+    return described | {"format": conversion.source.description, "dtype": ", ".join(dtypes), "complete": "yes"}
 
 
 def describe(path: str) -> dict:

@@ -10,7 +10,7 @@ columns no running request still needs. Sampling parameters are per slot; greedy
 a greedy answer does not depend on what else is running.
 
 Multi-host: process 0 owns the queue and decides each step (which slots to free, which request to admit);
-`broadcast_one_to_all` sends that plan to every process, and all of them run the same jitted steps.
+`broadcast_one_to_all` sends those orders to every process, and all of them run the same jitted steps.
 
 The engine knows nothing of HTTP: `submit` takes token ids and two callbacks, called on the engine thread.
 """
@@ -32,12 +32,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mixtral_jax.config import KV_CACHE_DTYPES
+from mixtral_jax.errors import RequestError
 from mixtral_jax.inference.sampler import argmax, bucket, make_strategy, merge_flat, replicator, split_flat, to_host
 from mixtral_jax.model.mixtral import KVCache, Mixtral
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve (bad prompt or sampling parameters): raised by `submit`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +104,7 @@ class Stats:
 
 
 @dataclasses.dataclass
-class _Plan:
+class _Orders:
     """What every process does this step: free these slots, start prefilling this request into that slot."""
 
     free: list[int]
@@ -255,11 +252,11 @@ class Engine:
     def step(self) -> bool:
         """One round: free and admit (as planned by process 0), one prefill chunk, one decode step.
         Returns False once the engine has shut down."""
-        plan = self._plan() if self.lead else None
+        orders = self._decide() if self.lead else None
         if jax.process_count() > 1:
-            plan = self._broadcast(plan)
-        self._apply(plan)
-        if plan.shutdown:
+            orders = self._broadcast(orders)
+        self._apply(orders)
+        if orders.shutdown:
             return False
         if self.prefill is not None:
             self._prefill_chunk()
@@ -267,8 +264,8 @@ class Engine:
             self._decode()
         return True
 
-    # ------------------------------------------------------------------------------ planning
-    def _plan(self) -> _Plan:
+    # ------------------------------------------------------------------------------ deciding
+    def _decide(self) -> _Orders:
         with self._lock:
             while True:
                 free = list(self._to_free)
@@ -288,40 +285,40 @@ class Engine:
                     request = self.waiting.popleft()
                     admit = (open_slots[0], request.prompt, request.params)
                 if free or admit or prefilling or any(s is not None for s in self.slots):
-                    return _Plan(free, admit, request=request)
+                    return _Orders(free, admit, request=request)
                 if self._stopping:
-                    return _Plan([], None, shutdown=True)
+                    return _Orders([], None, shutdown=True)
                 if not self._lock.wait(timeout=0.5) and jax.process_count() > 1:
-                    return _Plan([])  # idle: an empty step keeps the other processes' collectives from timing out
+                    return _Orders([])  # idle: an empty step keeps the other processes' collectives from timing out
 
-    def _broadcast(self, plan: _Plan | None) -> _Plan:
-        """Process 0's plan on every process, as one fixed-size int32 array: a header (shutdown, number of
+    def _broadcast(self, orders: _Orders | None) -> _Orders:
+        """Process 0's orders on every process, as one fixed-size int32 array: a header (shutdown, number of
         slots to free, admit?, slot, prompt length, max_tokens, temperature and top_p bits, seed low and
         high words), the slots to free, the prompt."""
         b, h = self.config.max_batch, 10
         buf = np.zeros(h + b + self.max_context, np.int32)
-        if plan is not None:
-            buf[0], buf[1] = plan.shutdown, len(plan.free)
-            buf[h:h + len(plan.free)] = plan.free
-            if plan.admit is not None:
-                slot, prompt, p = plan.admit
+        if orders is not None:
+            buf[0], buf[1] = orders.shutdown, len(orders.free)
+            buf[h:h + len(orders.free)] = orders.free
+            if orders.admit is not None:
+                slot, prompt, p = orders.admit
                 floats = np.array([p.temperature, p.top_p], np.float32).view(np.int32)
                 seed = np.array([p.seed & 0xFFFFFFFF, (p.seed >> 32) & 0xFFFFFFFF], np.uint32).view(np.int32)
                 buf[2:h] = (1, slot, len(prompt), p.max_tokens, *floats, *seed)
                 buf[h + b:h + b + len(prompt)] = prompt
         buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-        if plan is not None:
-            return plan
+        if orders is not None:
+            return orders
         admit = None
         if buf[2]:
             temperature, top_p = buf[6:8].view(np.float32).tolist()
             lo, hi = buf[8:10].view(np.uint32).tolist()
             params = SamplingParams(int(buf[5]), temperature, top_p, lo | (hi << 32))
             admit = (int(buf[3]), buf[h + b:h + b + buf[4]].tolist(), params)
-        return _Plan(buf[h:h + buf[1]].tolist(), admit, bool(buf[0]))
+        return _Orders(buf[h:h + buf[1]].tolist(), admit, bool(buf[0]))
 
-    def _apply(self, plan: _Plan) -> None:
-        for i in plan.free:
+    def _apply(self, orders: _Orders) -> None:
+        for i in orders.free:
             if self.prefill is not None and self.prefill.slot == i:
                 if self.prefill.request is not None:
                     self._finish(self.prefill.request, "cancelled")
@@ -330,9 +327,9 @@ class Engine:
             if slot is not None and slot.request is not None and slot.request.finish_reason is None:
                 self._finish(slot.request, "cancelled")
             self.slots[i] = None
-        if plan.admit is not None:
-            slot, prompt, params = plan.admit
-            self.prefill = _new_prefill(slot, plan.request, params, prompt, self.config.prefill_chunk)
+        if orders.admit is not None:
+            slot, prompt, params = orders.admit
+            self.prefill = _new_prefill(slot, orders.request, params, prompt, self.config.prefill_chunk)
 
     # ------------------------------------------------------------------------------ device steps
     def _prefill_chunk(self) -> None:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from mixtral_jax.config import RuntimeConfig, as_dtype, check_quantize
 from mixtral_jax.convert import orbax_io
 from mixtral_jax.convert.hf import HFCheckpoint
-from mixtral_jax.convert.keymap import HF_RULES, assemble, plan
+from mixtral_jax.convert.keymap import HF_RULES, assemble, match_keys
 from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.model.params import assemble_model, param_specs, quantized_weights, quantizing
 from mixtral_jax.model.placement import sharded_runtime
@@ -116,7 +116,7 @@ def load_hf(path: str | os.PathLike, dtype=None, *, compute_dtype=None, moe_stra
     specs = param_specs(ckpt.config, runtime)
     shardings = param_shardings(specs, runtime.mesh) if mesh is not None else None
     float_specs = param_specs(ckpt.config, dataclasses.replace(runtime, quantize=None))
-    by_target = plan(ckpt, HF_RULES, ckpt.config, float_specs)
+    by_target = match_keys(ckpt, HF_RULES, ckpt.config, float_specs)
     bar = progress(total=len(specs), description="loading", unit="tensors", enabled=show_progress)
     to_quantize = {n for w in quantized_weights(specs) for n in (w, w + SCALE_SUFFIX)}
     quantized = quantizing(ckpt.config, runtime, lambda name, spec: assemble(ckpt, by_target[name], spec.shape,

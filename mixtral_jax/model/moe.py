@@ -16,7 +16,7 @@ Every strategy takes the same `Routing` (computed once by `route`) and returns t
               reads its expert's weights in place, so a decode step reads only the experts it uses and a
               prefill pays ~10% padding instead of `capacity`'s 2x. Dropless by construction.
 
-Einsum letters: t tokens, d model dim, f expert hidden dim, e experts, k experts per token, c bucket slot.
+Einsum letters: t tokens, d model dim, f expert hidden dim, e experts, r experts per token (top_k), c bucket slot.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from mixtral_jax.model.quant import QArray, qeinsum
 
 class Routing(NamedTuple):
     logits: jax.Array      # (t, e) float32, the router's raw output (for the aux loss)
-    weights: jax.Array     # (t, k) float32, softmax over the top-k logits
-    expert_ids: jax.Array  # (t, k) int32, the chosen experts
+    weights: jax.Array     # (t, r) float32, softmax over the top-k logits
+    expert_ids: jax.Array  # (t, r) int32, the chosen experts
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
@@ -56,7 +56,7 @@ def _swiglu(x, w1, w3, w2, spec_in: str, spec_w: str, spec_h: str, spec_w2: str,
 def moe_dense(x, routing: Routing, w1, w3, w2) -> jax.Array:
     y = _swiglu(x, w1, w3, w2, "td", "edf", "etf", "efd", "etd")  # (e, t, d)
     n_experts = w1.shape[0]
-    combine = jnp.einsum("tk,tke->te", routing.weights, jax.nn.one_hot(routing.expert_ids, n_experts))  # (t, e)
+    combine = jnp.einsum("tr,tre->te", routing.weights, jax.nn.one_hot(routing.expert_ids, n_experts))  # (t, e)
     return jnp.einsum("te,etd->td", combine.astype(y.dtype), y)
 
 
@@ -117,8 +117,8 @@ def moe_capacity(x, routing: Routing, w1, w3, w2, capacity_factor: float = 2.0) 
 
     def in_buckets(x):
         y = _swiglu(buckets.dispatch(x[token_of], capacity), w1, w3, w2, "ecd", "edf", "ecf", "efd", "ecd")
-        picked = buckets.collect(y).reshape(t, k, -1)                              # (t, k, d)
-        return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), picked)
+        picked = buckets.collect(y).reshape(t, k, -1)                              # (t, r, d)
+        return jnp.einsum("tr,trd->td", routing.weights.astype(y.dtype), picked)
 
     if capacity >= t:  # buckets hold every token: cannot overflow
         return in_buckets(x)
@@ -128,7 +128,7 @@ def moe_capacity(x, routing: Routing, w1, w3, w2, capacity_factor: float = 2.0) 
 def moe_gather(x, routing: Routing, w1, w3, w2) -> jax.Array:
     y = _swiglu(x, w1[routing.expert_ids], w3[routing.expert_ids], w2[routing.expert_ids],
                 "td", "tkdf", "tkf", "tkfd", "tkd")
-    return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), y)
+    return jnp.einsum("tr,trd->td", routing.weights.astype(y.dtype), y)
 
 
 def bucket_sizes(n_tokens: int, top_k: int, n_experts: int) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.config import MixtralConfig, RuntimeConfig, check_quantize
+from mixtral_jax.errors import PlanError
 from mixtral_jax.inference import sampler as sampler_lib
 from mixtral_jax.model.mixtral import KVCache, Mixtral
 from mixtral_jax.model.moe import resolve_strategy
@@ -132,10 +133,6 @@ class Report:
         d = dataclasses.asdict(self)
         d["workload"] = dict(d["workload"], label=self.workload.label)
         return dict(d, total_bytes=self.total_bytes, fits=self.fits)
-
-
-class PlanError(ValueError):
-    """A plan that cannot be made: a mesh that does not fit the slice or the model."""
 
 
 # ------------------------------------------------------------------------------------------- mesh

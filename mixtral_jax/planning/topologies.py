@@ -19,11 +19,9 @@ import os
 
 from jax.experimental import topologies
 
+from mixtral_jax.errors import TopologyError
+
 GIB = 1024**3
-
-
-class TopologyError(ValueError):
-    """An unknown slice name, or a mesh that does not match the slice."""
 
 
 @dataclasses.dataclass(frozen=True)

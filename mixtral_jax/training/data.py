@@ -22,11 +22,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from mixtral_jax.errors import DataError
 from mixtral_jax.text.tokenizer import load_tokenizer
-
-
-class DataError(ValueError):
-    """Training data that cannot be read or is too small to train on."""
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:

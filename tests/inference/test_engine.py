@@ -197,8 +197,8 @@ def test_plan_broadcast_round_trip(monkeypatch):
                         lambda x: sent.append(np.array(x)) or sent[0])
     lead = types.SimpleNamespace(config=EngineConfig(max_batch=4, max_context=32), max_context=32)
     params = SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=(1 << 40) + 12345)
-    plan = engine_module._Plan([1, 3], (2, [5, 6, 7], params))
-    assert Engine._broadcast(lead, plan) is plan
+    orders = engine_module._Orders([1, 3], (2, [5, 6, 7], params))
+    assert Engine._broadcast(lead, orders) is orders
     got = Engine._broadcast(lead, None)
     assert got.free == [1, 3] and not got.shutdown
     slot, prompt, p = got.admit
