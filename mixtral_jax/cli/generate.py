@@ -24,7 +24,7 @@ from mixtral_jax.text.tokenizer import load_tokenizer, tokenizer_for
 # does not. Checkpoints default to greedy, like the Python API.
 DEMO_DECODING = {"temperature": 0.8, "top_p": 0.95}
 _API_DEFAULTS = {"temperature": 0.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0,
-                 "presence_penalty": 0.0, "frequency_penalty": 0.0}  # `mixtral_jax.inference.generate`'s
+                 "presence_penalty": 0.0, "frequency_penalty": 0.0}  # `mixtral_jax.generate`'s
 _DECODING_FLAGS = (  # (name, type, help)
     ("temperature", float, "0 is greedy"),
     ("top_k", int, "sample from the k likeliest tokens"),

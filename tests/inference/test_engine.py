@@ -51,7 +51,7 @@ def test_concurrent_greedy_equals_solo_through_chunked_prefill_and_cache_shifts(
     shared write column runs out several times (the cache shifts left, and right for a long prompt)."""
     lengths, new = [5, 40, 12, 3, 44, 9, 35], [30, 20, 25, 32, 18, 31, 20]  # few sampler compiles (buckets)
     ids = prompts(lengths)
-    solo = [mixtral_jax.inference.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
+    solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
     engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16))
     params = [SamplingParams(max_tokens=n, stop_tokens=()) for n in new]
     requests, outs, reasons = submit_all(engine, ids, params)
@@ -77,7 +77,7 @@ def test_int8_cache_answers_like_the_sampler_with_an_int8_cache():
     same greedy tokens as the sampler's int8 cache."""
     lengths, new = [5, 40, 12], [30, 20, 25]
     ids = prompts(lengths, seed=1)
-    solo = [mixtral_jax.inference.generate(model(), [p], max_new_tokens=n, stop_tokens=[], kv_cache_dtype="int8")[0]
+    solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[], kv_cache_dtype="int8")[0]
             for p, n in zip(ids, new)]
     engine = Engine(model(), EngineConfig(max_batch=2, max_context=64, prefill_chunk=16, cache_dtype="int8"))
     assert engine.cache.k[0].dtype == jnp.int8 and engine.cache.k_scale is not None
@@ -91,7 +91,7 @@ def test_int8_cache_answers_like_the_sampler_with_an_int8_cache():
 def test_stop_token_and_cancel_free_the_slot_at_once():
     ids = prompts([6, 6])
     engine = Engine(model(), EngineConfig(max_batch=1, max_context=64, prefill_chunk=16))
-    free_run = mixtral_jax.inference.generate(model(), [ids[0]], max_new_tokens=20, stop_tokens=[])[0]
+    free_run = mixtral_jax.generate(model(), [ids[0]], max_new_tokens=20, stop_tokens=[])[0]
     stop = free_run[4]  # the 5th greedy token, used as a stop token: the answer is the 4 before it
     first = free_run.index(stop)
     (r1, r2), outs, reasons = submit_all(engine, ids, [SamplingParams(max_tokens=10, stop_tokens=(stop,)),
@@ -124,7 +124,7 @@ def test_sampling_is_per_slot_and_reproducible_by_seed():
                                                                                  seed=12, stop_tokens=()), hot]
     _, outs, _ = submit_all(engine, ids, mixed)
     run(engine)
-    greedy = mixtral_jax.inference.generate(model(), [ids[1]], max_new_tokens=20, stop_tokens=[])[0]
+    greedy = mixtral_jax.generate(model(), [ids[1]], max_new_tokens=20, stop_tokens=[])[0]
     assert outs[0] == alone[0] == outs[3]
     assert outs[1] == greedy
     assert outs[2] != outs[0]  # another seed: another draw (20 tokens from a 128-word vocabulary)
@@ -181,7 +181,7 @@ def test_on_a_sharded_mesh_equals_one_device():
     """The simulated 8-device CPU mesh (conftest.py): the cache and every input replicated over it, the MoE
     expert-parallel; greedy answers equal the single-device sampler's."""
     ids, new = prompts([5, 14, 9], seed=2), [20, 18, 24]
-    solo = [mixtral_jax.inference.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
+    solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
     engine = Engine(shard_model(model(), "expert=4,tensor=2"), EngineConfig(max_batch=2, max_context=64,
                                                                             prefill_chunk=16))
     _, outs, _ = submit_all(engine, ids, [SamplingParams(max_tokens=n, stop_tokens=()) for n in new])

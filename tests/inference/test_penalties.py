@@ -110,8 +110,8 @@ def test_penalties_with_sampling_and_the_text_api(pair):
     """Penalised sampling repeats with its seed, and generate() passes the penalties through."""
     _, model = pair
     kwargs = dict(temperature=0.9, top_p=0.95, seed=5, repetition_penalty=1.3, frequency_penalty=0.5)
-    a = mixtral_jax.inference.generate(model, [[4, 5, 6]], 16, stop_tokens=[], **kwargs)
-    assert a == mixtral_jax.inference.generate(model, [[4, 5, 6]], 16, stop_tokens=[], **kwargs)
+    a = mixtral_jax.generate(model, [[4, 5, 6]], 16, stop_tokens=[], **kwargs)
+    assert a == mixtral_jax.generate(model, [[4, 5, 6]], 16, stop_tokens=[], **kwargs)
     assert a == Sampler(model)([[4, 5, 6]], 16, stop_tokens=[], **kwargs)
 
 

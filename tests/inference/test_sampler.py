@@ -301,11 +301,11 @@ def test_text_api_with_the_demo_model():
     model = default_model()
     tok = load_tokenizer()
     pieces = []
-    out = mixtral_jax.inference.generate(model, ["Hello there", "A"], max_new_tokens=8,
+    out = mixtral_jax.generate(model, ["Hello there", "A"], max_new_tokens=8,
                                on_text=lambda row, text: pieces.append((row, text)))
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
     assert "".join(t for r, t in pieces if r == 0) == out[0]
-    ids = mixtral_jax.inference.generate(model, [tok.encode("Hello there")], max_new_tokens=8)
+    ids = mixtral_jax.generate(model, [tok.encode("Hello there")], max_new_tokens=8)
     assert tok.decode(ids[0]) == out[0]
     reply = mixtral_jax.chat(model, [{"role": "user", "content": "Hi"}], max_new_tokens=4)
     assert isinstance(reply, str)

@@ -17,7 +17,7 @@ from mixtral_jax.convert import orbax_io
 from mixtral_jax.convert.converter import convert, open_source
 from mixtral_jax.loading.checkpoint import load
 from mixtral_jax.text.tokenizer import load_tokenizer, tokenizer_for
-from tests.helpers.hf_reference import hf_logits, hf_model, save_hf
+from tests.helpers.hf_reference import hf_logits
 from tests.helpers.mistral_reference import save_mistral
 
 CONFIG = MixtralConfig.tiny(vocab_size=32768)  # 8x22B's vocabulary at a tiny width
@@ -85,11 +85,10 @@ def test_converter_recognises_8x22b_in_both_layouts(tmp_path, layout):
 
 
 # ------------------------------------------------------------------------------ parity at 32768 tokens
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf = hf_model(CONFIG, seed=3)
-    path = save_hf(hf, tmp_path_factory.mktemp("hf8x22b"))
-    return hf, mixtral_jax.load_hf(path, show_progress=False), path
+@pytest.fixture
+def pair(reference):
+    ref = reference(CONFIG)
+    return ref.hf, ref.model(), ref.path
 
 
 def test_logits_equal_transformers(pair):
@@ -107,7 +106,7 @@ def test_greedy_chat_equals_transformers_in_the_v3_template(pair):
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(prompt):].tolist()
-    assert mixtral_jax.inference.generate(model, [prompt], 12, stop_tokens=[]) == [ref]
+    assert mixtral_jax.generate(model, [prompt], 12, stop_tokens=[]) == [ref]
     assert mixtral_jax.chat(model, MESSAGES, 12, stop_tokens=[]) == tok.decode(ref)
 
 

@@ -18,12 +18,10 @@ CONFIGS = {
 SEQ = 40  # longer than every sliding window above
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def pair(request, tmp_path_factory):
-    config = CONFIGS[request.param]
-    hf = hf_model(config, seed=len(request.param))
-    path = save_hf(hf, tmp_path_factory.mktemp(request.param))
-    return config, hf, path
+@pytest.fixture(params=list(CONFIGS))
+def pair(request, reference):
+    ref = reference(CONFIGS[request.param])
+    return ref.config, ref.hf, ref.path
 
 
 def _tokens(config, batch=2, seq=SEQ, seed=0):

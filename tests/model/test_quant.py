@@ -266,7 +266,7 @@ def test_engine_serves_an_int8_model_as_generate_does(qmodel):
     """The server's continuous-batching engine on int8 weights: concurrent greedy answers equal each
     request generated alone."""
     ids = [np.random.default_rng(s).integers(3, 120, n).tolist() for s, n in ((0, 5), (1, 19), (2, 9))]
-    solo = [mixtral_jax.inference.generate(qmodel, [p], max_new_tokens=12, stop_tokens=[])[0] for p in ids]
+    solo = [mixtral_jax.generate(qmodel, [p], max_new_tokens=12, stop_tokens=[])[0] for p in ids]
     engine = Engine(qmodel, EngineConfig(max_batch=2, max_context=64, prefill_chunk=16))
     outs = [[] for _ in ids]
     for p, out in zip(ids, outs, strict=True):

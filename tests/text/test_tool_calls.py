@@ -229,4 +229,4 @@ def test_a_tokenizer_larger_than_the_model_is_refused():
     with pytest.raises(mixtral_jax.SamplingError, match="v3 tokenizer has 32768 tokens, the model only 32000"):
         mixtral_jax.chat(model, [{"role": "user", "content": "hi"}], tokenizer=load_tokenizer("v3"))
     with pytest.raises(mixtral_jax.SamplingError, match="model's own tokenizer"):
-        mixtral_jax.inference.generate(model, ["hi"], tokenizer=load_tokenizer("v3"))
+        mixtral_jax.generate(model, ["hi"], tokenizer=load_tokenizer("v3"))
