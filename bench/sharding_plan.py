@@ -1,6 +1,6 @@
 """What Mixtral (bf16) needs on TPU slices, from XLA's TPU compiler (`mixtral_jax.planning.planner`), not arithmetic.
 
-    python -m bench.sharding_plan                       # the README table (compiles the full model: slow)
+    python -m bench.sharding_plan                       # the docs/planning.md table (compiles the full model: slow)
     python -m bench.sharding_plan --json bench/results/sharding_plan.json --only v5e-8
     python -m bench.sharding_plan --model 8x22b --no-prefill   # Mixtral-8x22B on v5p-32 and v5p-64
 

@@ -1,4 +1,4 @@
-"""The import graph points one way (the layering the README draws), and the code stays lint clean.
+"""The import graph points one way (the layering docs/architecture.md draws), and the code stays lint clean.
 
 Read from the source with `ast`, so a cycle or an upward import fails here even where Python would
 happen to import it in a lucky order.
@@ -66,7 +66,7 @@ def _layer(module: str) -> int:
     for rank, (_, patterns) in enumerate(LAYERS):
         if any(fnmatch.fnmatchcase(module, p) for p in patterns):
             return rank
-    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: add it (and to the README)")
+    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: add it (and to docs/architecture.md)")
 
 
 def _imports(module: str, path: str):

@@ -10,14 +10,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mixtral_jax.config import KV_CACHE_DTYPES, QUANTIZE_MODES, RuntimeConfig
+from mixtral_jax.cli.model_flags import add_model_flags, load_model
 from mixtral_jax.errors import ConfigError
 from mixtral_jax.inference.generate import chat, check_tokenizer, generate
 from mixtral_jax.inference.penalties import make_penalties
 from mixtral_jax.inference.sampler import make_strategy
-from mixtral_jax.loading.checkpoint import load_checkpoint
-from mixtral_jax.loading.demo import default_model, has_trained_model
-from mixtral_jax.sharding import make_mesh
 from mixtral_jax.text.tokenizer import load_tokenizer, tokenizer_for
 
 # The demo model's decoding when no flag says otherwise: its greedy text falls into loops, sampled text
@@ -36,27 +33,9 @@ _DECODING_FLAGS = (  # (name, type, help)
 
 
 def _load_model(args):
-    """The checkpoint given (a Hugging Face directory or one of our Orbax checkpoints), or the demo model."""
-    if args.checkpoint is None:
-        what = "trained on Python's standard library" if has_trained_model() else "random weights: checkpoint absent"
-        print(f"using the embedded demo model ({what}); unless flags say otherwise it samples at temperature "
-              f"{DEMO_DECODING['temperature']}, top-p {DEMO_DECODING['top_p']} (--temperature 0: greedy)",
-              file=sys.stderr)
-        mesh = make_mesh(args.mesh) if args.mesh else None
-        return default_model(RuntimeConfig(param_dtype=args.dtype or "float32", mesh=mesh, quantize=args.quantize))
-    return load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=args.mesh, quantize=args.quantize)
-
-
-def add_model_flags(p: argparse.ArgumentParser):
-    """The flags that choose and place a model and its KV cache (shared with `serve`)."""
-    p.add_argument("--checkpoint", help="Hugging Face directory or converted Orbax checkpoint "
-                                        "(default: the embedded demo model)")
-    p.add_argument("--mesh", help="device mesh spec such as expert=4,tensor=2 (default: one device)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: the checkpoint's)")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8 weights for the experts and attention, "
-                                                              "quantized while loading (default: as stored)")
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
-                   help="the KV cache's dtype (default: the compute dtype; int8 halves bf16's bytes)")
+    return load_model(args, note=f"; unless flags say otherwise it samples at temperature "
+                                 f"{DEMO_DECODING['temperature']}, top-p {DEMO_DECODING['top_p']} "
+                                 "(--temperature 0: greedy)")
 
 
 def _add_common(p: argparse.ArgumentParser):

@@ -15,29 +15,12 @@ import os
 
 import jax
 
+from mixtral_jax.cli.model_flags import NAMED_CONFIGS, model_config
 from mixtral_jax.config import KV_CACHE_DTYPES, QUANTIZE_MODES, MixtralConfig
-from mixtral_jax.convert.orbax_io import read_info
-from mixtral_jax.errors import ConfigError
 from mixtral_jax.planning import planner as plan
 from mixtral_jax.planning.topologies import GIB, TOPOLOGIES, get_topology
 from mixtral_jax.sharding.distributed import on_cloud_tpu_vm
 from mixtral_jax.sharding.mesh import parse_mesh_spec
-
-PRESETS = {"8x7b": lambda: MixtralConfig.from_preset("8x7b"), "8x22b": lambda: MixtralConfig.from_preset("8x22b"),
-           "tiny": lambda: MixtralConfig.tiny(dim=256, head_dim=128, hidden_dim=512, vocab_size=512)}
-
-
-def model_config(spec: str) -> MixtralConfig:
-    """A preset name, a mixtral-jax checkpoint, a Hugging Face / Mistral checkpoint directory, or a JSON
-    config file (a `MixtralConfig` dict, `config.json` or `params.json`)."""
-    if spec.lower() in PRESETS:
-        return PRESETS[spec.lower()]()
-    if os.path.isfile(os.path.join(spec, "mixtral_jax.json")):
-        return read_info(spec).config
-    if os.path.isfile(spec) or any(os.path.isfile(os.path.join(spec, n)) for n in ("config.json", "params.json")):
-        return MixtralConfig.from_file(spec)
-    raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, a checkpoint directory or a config JSON file; "
-                      f"{spec!r} is none of these")
 
 
 def workloads(args) -> list:
@@ -156,7 +139,7 @@ def register(subparsers):
                     "estimated step time. Without workload flags: prefill 1x4096 and decode 8x8192.")
     p.add_argument("--topology", required=True, help=f"Cloud TPU slice: {', '.join(TOPOLOGIES)}")
     p.add_argument("--mesh", required=True, help="mesh over the slice's chips, e.g. expert=4,tensor=2")
-    p.add_argument("--model", default="8x7b", help=f"{', '.join(PRESETS)}, a checkpoint, or a config JSON "
+    p.add_argument("--model", default="8x7b", help=f"{', '.join(NAMED_CONFIGS)}, a checkpoint, or a config JSON "
                                                   "(default: 8x7b)")
     p.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default: bfloat16)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8 expert and attention weights (serving plans)")

@@ -11,30 +11,17 @@ import sys
 
 import jax
 
-from mixtral_jax.cli.generate import add_model_flags
-from mixtral_jax.config import RuntimeConfig
+from mixtral_jax.cli.model_flags import add_model_flags, load_model
 from mixtral_jax.inference.engine import Engine, EngineConfig
-from mixtral_jax.loading.checkpoint import load_checkpoint
-from mixtral_jax.loading.demo import DEMO_CHECKPOINT, default_model, has_trained_model
 from mixtral_jax.serving.app import create_app, run_server
 from mixtral_jax.text.tokenizer import load_tokenizer
-
-
-def _load_model(args):
-    if args.checkpoint is not None:
-        return load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=args.mesh, quantize=args.quantize)
-    what = "trained on Python's standard library" if has_trained_model() else "random weights: checkpoint absent"
-    print(f"serving the embedded demo model ({what})", file=sys.stderr)
-    if args.mesh and has_trained_model():
-        return load_checkpoint(DEMO_CHECKPOINT, dtype=args.dtype or "float32", mesh=args.mesh, quantize=args.quantize)
-    return default_model(RuntimeConfig(param_dtype=args.dtype or "float32", quantize=args.quantize))
 
 
 def run_serve(args) -> int:
     config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
                           cache_dtype=args.kv_cache_dtype)
     tokenizer = load_tokenizer(args.tokenizer)
-    engine = Engine(_load_model(args), config)
+    engine = Engine(load_model(args), config)
     name = args.model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
                                else "mixtral-jax-demo")
     if jax.process_index() != 0:  # follow process 0's steps until it shuts down

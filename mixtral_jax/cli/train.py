@@ -14,25 +14,13 @@ import sys
 
 from flax import nnx
 
+from mixtral_jax.cli.model_flags import NAMED_CONFIGS, model_config
 from mixtral_jax.config import MixtralConfig, RuntimeConfig
 from mixtral_jax.errors import ConfigError
 from mixtral_jax.loading.checkpoint import load_checkpoint
-from mixtral_jax.loading.demo import DEMO_CONFIG
 from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.training.data import PackedDataset
 from mixtral_jax.training.trainer import TrainConfig, Trainer, list_checkpoints, read_train_state
-
-
-def model_config(spec: str) -> MixtralConfig:
-    """`tiny` (dim 64, real vocabulary), `demo` (the embedded demo model's shape), or a JSON file: a
-    `MixtralConfig` dict, a Hugging Face `config.json`, Mistral's `params.json`, or a directory holding one."""
-    if spec == "tiny":
-        return MixtralConfig.tiny(vocab_size=32000, max_seq_len=2048)
-    if spec == "demo":
-        return DEMO_CONFIG
-    if not (os.path.isdir(spec) or os.path.isfile(spec)):
-        raise ConfigError(f"--config must be tiny, demo or a JSON config file; {spec} is none of these")
-    return MixtralConfig.from_file(spec)
 
 
 def train_config(args) -> TrainConfig:
@@ -100,7 +88,8 @@ def register(subparsers):
                               description="Train a Mixtral on plain-text or JSONL ({\"text\": ...}) files.")
     p.add_argument("--data", nargs="+", required=True, help="text or .jsonl files")
     p.add_argument("--out", required=True, help="run directory: checkpoints/ and final/")
-    p.add_argument("--config", default="tiny", help="tiny, demo, or a config JSON file (default: tiny)")
+    p.add_argument("--config", default="tiny", help=f"{', '.join(NAMED_CONFIGS)}, a checkpoint, or a config JSON "
+                                                    "file (default: tiny)")
     p.add_argument("--init-from", help="start from these weights (HF directory or mixtral-jax checkpoint)")
     p.add_argument("--skip-sequences", type=int, default=0,
                    help="start the data stream at this sequence (to continue an --init-from model on unseen data; "

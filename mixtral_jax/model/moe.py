@@ -225,7 +225,7 @@ STRATEGIES: dict[str, Callable] = {
 def resolve_strategy(strategy: str, backend: str | None = None) -> str:
     """Turn 'auto' into a concrete strategy for this backend (default: JAX's default backend).
 
-    Chosen by `python -m bench.moe_strategies` (figures in the README): on CPU `grouped` is fastest from
+    Chosen by `python -m bench.moe_strategies` (figures in docs/performance.md): on CPU `grouped` is fastest from
     one decode token to a 1024-token prefill; on GPU and TPU `ragged_dot` is a grouped kernel that
     touches only the experts in use.
     """

@@ -8,7 +8,7 @@ sharding rules lay the scales out with their weights and checkpoints hold them l
 In a matmul the int8 values are cast to the compute dtype *inside* the jitted step and the product is
 multiplied by the scale afterwards (`qeinsum`): the whole weight is never dequantized into a stored
 array. (On GPU and TPU XLA fuses the cast into the dot; XLA:CPU casts into a temporary first, see the
-README's int8 section for what that costs.)
+int8 section of docs/model.md for what that costs.)
 
 `quantize` (numpy) is the one definition every path uses: the converter, verify, and quantizing while
 loading, so a converted int8 checkpoint and one quantized on load hold the same bits.

@@ -10,7 +10,7 @@ import shutil
 import jax
 import pytest
 
-from mixtral_jax import MixtralConfig
+from mixtral_jax import ConfigError, MixtralConfig
 from mixtral_jax.cli import main as cli
 from mixtral_jax.cli.generate import DEMO_DECODING, _sampling_kwargs
 from mixtral_jax.convert import convert
@@ -170,3 +170,31 @@ def test_info_on_something_else_is_one_line(tmp_path, capsys):
     assert "cannot tell the format" in err and "\n" not in err
     assert cli.main(["info", str(tmp_path / "nowhere")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trained", [True, False], ids=["trained", "random"])
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_every_command_places_the_demo_model_on_the_mesh(monkeypatch, command, trained):
+    """`serve --mesh` once ran the random demo model on one device: generate and serve share one loader now."""
+    from mixtral_jax.cli import model_flags
+    from mixtral_jax.loading import demo
+
+    monkeypatch.setattr(demo, "has_trained_model", lambda: trained and demo.is_complete(demo.DEMO_CHECKPOINT))
+    args = cli.build_parser().parse_args([command, "--mesh", "expert=2,data=4"])
+    model = model_flags.load_model(args)
+    assert model.config == demo.DEMO_CONFIG and model.runtime.mesh.shape["expert"] == 2
+    w1 = model.layers[0].moe.w1[...]
+    assert len(w1.sharding.device_set) == 8 and w1.addressable_shards[0].data.shape[0] == model.config.n_experts // 2
+
+
+def test_one_meaning_for_each_model_name(tmp_path):
+    from mixtral_jax.cli import model_flags, plan, train
+
+    assert plan.model_config is train.model_config is model_flags.model_config  # `plan --model`, `train --config`
+    assert model_flags.model_config("8x7b") == MixtralConfig()
+    assert model_flags.model_config("tiny").vocab_size == 32000  # the real tokenizer's: trainable on real text
+    assert model_flags.model_config("tiny").head_dim == 128      # and compilable by the TPU attention kernels
+    (tmp_path / "c.json").write_text(json.dumps(MixtralConfig.tiny().to_dict()))
+    assert model_flags.model_config(str(tmp_path / "c.json")) == MixtralConfig.tiny()
+    with pytest.raises(ConfigError, match="none of these"):
+        model_flags.model_config(str(tmp_path / "missing"))

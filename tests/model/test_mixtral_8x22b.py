@@ -127,7 +127,7 @@ def test_mistral_layout_converts_records_v3_and_generates_with_it(pair, tmp_path
 
 def test_plan_knows_the_preset_and_h100_arithmetic_matches_the_rules():
     from bench.sharding_plan import H100_MESH, h100_arithmetic
-    from mixtral_jax.cli.plan import model_config
+    from mixtral_jax.cli.model_flags import model_config
     from mixtral_jax.planning.topologies import H100
 
     config = MixtralConfig.from_preset("8x22b")

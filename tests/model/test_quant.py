@@ -20,7 +20,7 @@ from flax import nnx
 import mixtral_jax
 from mixtral_jax import MixtralConfig
 from mixtral_jax.cli.main import main as command_main
-from mixtral_jax.cli.plan import PRESETS
+from mixtral_jax.cli.model_flags import model_config
 from mixtral_jax.config import ConfigError, RuntimeConfig
 from mixtral_jax.convert import convert, orbax_io
 from mixtral_jax.convert.verify import VerificationError, verify
@@ -247,7 +247,7 @@ def test_bad_quantize_values_are_one_line_errors(converted, capsys, tmp_path):
 # ------------------------------------------------------------------------------------ TPU plans
 def test_plan_compiles_int8_weights_for_a_tpu_slice_at_about_half_the_bytes():
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    config = PRESETS["tiny"]()
+    config = model_config("tiny")
     (report,) = plan_lib.plan(config, "v5e-4", "expert=2,tensor=2", [plan_lib.decode(8, 256)], quantize="int8")
     # by hand: int8 attention and experts (+ f32 scales), bf16 router, norms, embedding and LM head
     d, h, k, x, ff, e, v = (config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.hidden_dim,

@@ -19,14 +19,14 @@ from jax.sharding import PartitionSpec as P
 
 from mixtral_jax import MixtralConfig
 from mixtral_jax.cli.main import main
-from mixtral_jax.cli.plan import PRESETS
+from mixtral_jax.cli.model_flags import model_config
 from mixtral_jax.planning import planner as plan_lib
 from mixtral_jax.planning.topologies import GIB, TopologyError, get_topology
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # test processes may load libtpu side by side
 
 # TPU-friendly widths (multiples of 128), so XLA's tiled layouts add no padding to the parameters
-CONFIG = PRESETS["tiny"]()
+CONFIG = model_config("tiny")
 SLACK = 64 * 1024  # the small inputs (tokens, flags, key) padded to TPU tiles
 
 
