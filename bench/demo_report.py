@@ -25,7 +25,7 @@ from mixtral_jax import load
 from mixtral_jax.config import KV_CACHE_DTYPES, QUANTIZE_MODES
 from mixtral_jax.errors import CheckpointError
 from mixtral_jax.loading.demo import default_model, has_trained_model
-from mixtral_jax.model.mixtral import KVCache
+from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.placement import quantize_model
 from mixtral_jax.text.tokenizer import load_tokenizer
 

@@ -12,21 +12,18 @@ g query heads per kv head, x head dim, e experts, f expert hidden dim, v vocabul
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.config import KV_CACHE_DTYPES, MixtralConfig, RuntimeConfig
+from mixtral_jax.config import MixtralConfig, RuntimeConfig
 from mixtral_jax.kernels import cpu as cpu_kernels
 from mixtral_jax.model.attention import Span, attention
+from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.moe import expert_views, resolve_strategy, route, run_experts
 from mixtral_jax.model.quant import qeinsum, qeinsums, quantize_jax, read
 from mixtral_jax.sharding.expert_parallel import moe_expert_parallel
-from mixtral_jax.sharding.rules import ACTIVATION_AXES, CACHE_ROW_AXES, KV_CACHE_AXES, KV_SCALE_AXES, constrain
+from mixtral_jax.sharding.rules import ACTIVATION_AXES, constrain
 
 _INIT_STD = 0.02  # transformers' initializer_range
 
@@ -285,92 +282,3 @@ class Mixtral(nnx.Module):
                                       next_position=cache.next_position + valid.sum(-1).astype(jnp.int32)
                                       ).laid_out(self.runtime.mesh)
         return self.logits(h[:, -1:] if last_only else h), new_cache
-
-
-def quantize_kv(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Symmetric int8 per token and head: a (..., x) -> (int8 values, float32 scales (...,)). The scale is
-    max|a| / 127 over the head's vector, so each key and value keeps its own range."""
-    af = a.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(af), axis=-1) / 127.0
-    values = jnp.round(af / jnp.where(scale == 0, 1.0, scale)[..., None])
-    return jnp.clip(values, -127, 127).astype(jnp.int8), scale
-
-
-class LayerKV(NamedTuple):
-    """One layer's slice of a `KVCache`: k, v (b, k, s, x); for an int8 cache also k_scale, v_scale (b, k, s)."""
-
-    k: jax.Array
-    v: jax.Array
-    k_scale: jax.Array | None = None
-    v_scale: jax.Array | None = None
-
-    def write(self, k, v, start, mesh=None) -> LayerKV:
-        """Keys/values (b, k, t, x) written at slot `start` (quantised first for an int8 cache)."""
-        put = lambda cache, new, axes: constrain(  # noqa: E731
-            jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), start, axis=2), axes, mesh)
-        if self.k_scale is None:
-            return LayerKV(put(self.k, k, KV_CACHE_AXES), put(self.v, v, KV_CACHE_AXES))
-        (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
-        return LayerKV(put(self.k, k, KV_CACHE_AXES), put(self.v, v, KV_CACHE_AXES),
-                       put(self.k_scale, ks, KV_SCALE_AXES), put(self.v_scale, vs, KV_SCALE_AXES))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    """Preallocated keys/values for every layer, one slot per step; rows may hold different amounts of
-    padding. k, v: one (b, kv_heads, s, head_dim) array per layer (separate arrays update in place; a
-    stacked one would be sliced and restacked every step); positions, valid: (b, s); length: slots
-    used; next_position (b,): the position the row's next token will have. An int8 cache (`dtype="int8"`)
-    also holds k_scale, v_scale: one (b, kv_heads, s) float32 array per layer (a scale per token and head;
-    half the bytes of bf16 plus 3%). On a mesh, the arrays are laid out by the sharding rules
-    (`KV_CACHE_AXES`: sequences over data x expert, KV heads over tensor)."""
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    positions: jax.Array
-    valid: jax.Array
-    length: jax.Array
-    next_position: jax.Array
-    k_scale: tuple[jax.Array, ...] | None = None
-    v_scale: tuple[jax.Array, ...] | None = None
-
-    @classmethod
-    def empty(cls, config: MixtralConfig, batch: int, size: int, dtype=jnp.bfloat16, mesh=None) -> KVCache:
-        dtype = jnp.dtype(dtype)
-        if dtype.name not in KV_CACHE_DTYPES:
-            raise ValueError(f"unknown KV cache dtype {dtype.name!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
-        shape = (batch, config.n_kv_heads, size, config.head_dim)
-        per_layer = lambda shape, dtype: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
-        scales = (lambda: per_layer(shape[:3], jnp.float32)) if dtype == jnp.int8 else (lambda: None)
-        return cls(k=per_layer(shape, dtype), v=per_layer(shape, dtype),
-                   positions=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
-                   length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch,), jnp.int32),
-                   k_scale=scales(), v_scale=scales()).laid_out(mesh)
-
-    def layer(self, i: int) -> LayerKV:
-        if self.k_scale is None:
-            return LayerKV(self.k[i], self.v[i])
-        return LayerKV(self.k[i], self.v[i], self.k_scale[i], self.v_scale[i])
-
-    def with_layers(self, layers: Sequence[LayerKV], **rows) -> KVCache:
-        """A cache holding these layers' arrays, and `rows` (positions, valid, length, next_position) replaced."""
-        quantized = layers[0].k_scale is not None
-        return dataclasses.replace(self, k=tuple(lk.k for lk in layers), v=tuple(lk.v for lk in layers),
-                                   k_scale=tuple(lk.k_scale for lk in layers) if quantized else None,
-                                   v_scale=tuple(lk.v_scale for lk in layers) if quantized else None, **rows)
-
-    def laid_out(self, mesh) -> KVCache:
-        """This cache pinned to the rules' layout on `mesh` (inside jit; unchanged without a mesh)."""
-        if mesh is None:
-            return self
-        pin = lambda arrays, axes: None if arrays is None else tuple(constrain(a, axes, mesh) for a in arrays)  # noqa: E731
-        return KVCache(k=pin(self.k, KV_CACHE_AXES), v=pin(self.v, KV_CACHE_AXES),
-                       positions=constrain(self.positions, CACHE_ROW_AXES, mesh),
-                       valid=constrain(self.valid, CACHE_ROW_AXES, mesh), length=self.length,
-                       next_position=constrain(self.next_position, CACHE_ROW_AXES[:1], mesh),
-                       k_scale=pin(self.k_scale, KV_SCALE_AXES), v_scale=pin(self.v_scale, KV_SCALE_AXES))
-
-    @property
-    def size(self) -> int:
-        return self.k[0].shape[2]

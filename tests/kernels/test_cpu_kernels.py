@@ -334,7 +334,7 @@ def test_attend_equals_plain_attention(cache, b, t, h, kh, s, x):
     and 128 take the vectorized path (Mixtral's 32 heads over 8 KV heads of 128 among them; 3 query
     heads a KV head leave a partial block of rows; 1 and 2 take smaller blocks), 20 the portable one."""
     from mixtral_jax.model.attention import Span, attend_plain, make_mask
-    from mixtral_jax.model.mixtral import quantize_kv
+    from mixtral_jax.model.kv_cache import quantize_kv
 
     rng = np.random.default_rng(b * 100 + t * 10 + s)
     q = jnp.asarray(rng.standard_normal((b, t, h, x)).astype(np.float32))

@@ -23,7 +23,8 @@ from mixtral_jax.model.attention import (
     resolve,
     tile_sizes,
 )
-from mixtral_jax.model.mixtral import KVCache, Mixtral, quantize_kv
+from mixtral_jax.model.kv_cache import KVCache, quantize_kv
+from mixtral_jax.model.mixtral import Mixtral
 from tests.helpers.hf_reference import hf_logits, hf_model, save_hf
 
 

@@ -245,6 +245,7 @@ def test_bad_quantize_values_are_one_line_errors(converted, capsys, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ TPU plans
+@pytest.mark.tpu
 def test_plan_compiles_int8_weights_for_a_tpu_slice_at_about_half_the_bytes():
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     config = model_config("tiny")

@@ -19,14 +19,15 @@ from jax.sharding import PartitionSpec as P
 
 from mixtral_jax import MixtralConfig
 from mixtral_jax.cli.main import main
-from mixtral_jax.cli.model_flags import model_config
 from mixtral_jax.planning import planner as plan_lib
 from mixtral_jax.planning.topologies import GIB, TopologyError, get_topology
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # test processes may load libtpu side by side
 
 # TPU-friendly widths (multiples of 128), so XLA's tiled layouts add no padding to the parameters
-CONFIG = model_config("tiny")
+pytestmark = pytest.mark.tpu
+# TPU-sized heads and a small vocabulary, so that a training step's temporaries are the layers' (not the logits')
+CONFIG = MixtralConfig.tiny(dim=256, head_dim=128, hidden_dim=512, vocab_size=512)
 SLACK = 64 * 1024  # the small inputs (tokens, flags, key) padded to TPU tiles
 
 

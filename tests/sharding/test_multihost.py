@@ -14,6 +14,7 @@ from tests.helpers import REPO_ROOT
 from tests.helpers.hf_reference import hf_logits, hf_model, save_hf
 
 HERE = os.path.join(REPO_ROOT, "tests", "helpers")
+pytestmark = pytest.mark.multiprocess
 
 
 def _free_port() -> int:
