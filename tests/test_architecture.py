@@ -14,9 +14,8 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT as ROOT
 
-ROOT = REPO_ROOT
 PACKAGE_DIRS = {"mixtral_jax": "mixtral_jax", "mixtral_jax.convert": "convert", "mixtral_jax.sharding": "sharding"}
 SUBPACKAGES = ("kernels", "text", "model", "loading", "inference", "serving", "training", "planning", "cli")
 PACKAGE_DIRS.update({f"mixtral_jax.{p}": f"mixtral_jax/{p}" for p in SUBPACKAGES})

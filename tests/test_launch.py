@@ -17,10 +17,9 @@ import time
 import pytest
 
 from mixtral_jax import MixtralConfig
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT as REPO
 from tests.helpers.hf_reference import hf_model, save_hf
 
-REPO = REPO_ROOT
 LAUNCH = os.path.join(REPO, "launch")
 MIXTRAL_JAX = os.path.join(os.path.dirname(sys.executable), "mixtral-jax")
 # A prompt that breaks naive quoting in either shell: spaces, both quotes, $, backquotes, a backslash, ;.

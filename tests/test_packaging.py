@@ -4,9 +4,7 @@ building the project prints no "Package ... is absent from the `packages` config
 import os
 import tomllib
 
-from tests.helpers import REPO_ROOT
-
-ROOT = REPO_ROOT
+from tests.helpers import REPO_ROOT as ROOT
 
 
 def _importable_asset_folders() -> set[str]:
@@ -27,3 +25,12 @@ def test_asset_folders_are_declared_packages():
     assert folders - declared == set(), "add these to [tool.setuptools] packages in pyproject.toml"
     stale = {p for p in declared if p.startswith("mixtral_jax.assets")} - folders
     assert stale == set(), "remove these from [tool.setuptools] packages: their folders are gone"
+
+
+def test_every_code_package_is_declared():
+    """A subpackage missing from `packages` would be left out of a wheel (an editable install hides that)."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        declared = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {"mixtral_jax." + d for d in os.listdir(os.path.join(ROOT, "mixtral_jax"))
+             if os.path.isfile(os.path.join(ROOT, "mixtral_jax", d, "__init__.py"))}
+    assert found and found - declared == set(), "add these to [tool.setuptools] packages in pyproject.toml"

@@ -32,11 +32,10 @@ from mixtral_jax.convert.verify import VerificationError, verify
 from mixtral_jax.errors import CheckpointError
 from mixtral_jax.loading.checkpoint import load
 from mixtral_jax.model.params import model_arrays
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT as ROOT
 from tests.helpers.hf_reference import hf_logits, hf_model, save_hf
 from tests.helpers.mistral_reference import save_mistral
 
-ROOT = REPO_ROOT
 CONFIG = MixtralConfig.tiny()
 TOKENS = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (2, 11))
 
