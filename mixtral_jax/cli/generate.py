@@ -14,7 +14,7 @@ from mixtral_jax.cli.model_flags import add_model_flags, load_model
 from mixtral_jax.errors import ConfigError
 from mixtral_jax.inference.generate import chat, check_tokenizer, generate
 from mixtral_jax.inference.penalties import make_penalties
-from mixtral_jax.inference.sampler import make_strategy
+from mixtral_jax.inference.sampling import make_strategy
 from mixtral_jax.text.tokenizer import load_tokenizer, tokenizer_for
 
 # The demo model's decoding when no flag says otherwise: its greedy text falls into loops, sampled text

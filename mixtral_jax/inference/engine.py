@@ -6,8 +6,14 @@ is prefilled on its own, in chunks of bucketed sizes (a handful of shapes compil
 one chunk between two decode steps so the running requests keep going; its row is then copied into a free
 slot with its history ending at the shared column (left padding, which positions and the validity mask
 ignore, exactly as in the batched sampler). When the columns run out, the whole cache shifts left past the
-columns no running request still needs. Sampling parameters are per slot; greedy rows take the argmax, so
-a greedy answer does not depend on what else is running.
+columns no running request still needs.
+
+Sampling is per slot, by the batched sampler's core (`mixtral_jax.inference.sampling`): temperature,
+top_k, top_p and the penalties are arrays with a row per slot; the penalties count each slot's prompt and
+generated tokens in a (slots, vocab) array kept on the device (set from the prompt on admission, updated
+by every decode step); each slot draws with the key of its own (seed, token index). So an answer does not
+depend on what else is running, and equals the sampler's for the same request where the sampler's is
+deterministic (greedy, or top_k 1).
 
 Multi-host: process 0 owns the queue and decides each step (which slots to free, which request to admit);
 `broadcast_one_to_all` sends those orders to every process, and all of them run the same jitted steps.
@@ -32,8 +38,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mixtral_jax.config import KV_CACHE_DTYPES
-from mixtral_jax.errors import RequestError
-from mixtral_jax.inference.sampler import argmax, bucket, make_strategy, merge_flat, replicator, split_flat, to_host
+from mixtral_jax.errors import RequestError, SamplingError
+from mixtral_jax.inference.penalties import penalize_rows, penalty_row
+from mixtral_jax.inference.sampler import bucket, merge_flat, replicator, split_flat, to_host
+from mixtral_jax.inference.sampling import RowParams, SamplingParams, check_request, row_keys, sample, seed_words
 from mixtral_jax.model.mixtral import KVCache, Mixtral
 
 
@@ -57,18 +65,6 @@ class EngineConfig:
             raise RequestError(f"prefill_chunk must be a power of two >= 16, got {self.prefill_chunk}")
         if self.cache_dtype is not None and self.cache_dtype not in KV_CACHE_DTYPES:
             raise RequestError(f"unknown cache_dtype {self.cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """One request's sampling; `stop_tokens` end it (the model's EOS when None); the seed makes a sampled
-    answer reproducible whatever else shares the batch."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_tokens: tuple[int, ...] | None = None
 
 
 class Request:
@@ -156,6 +152,8 @@ class Engine:
                               out_shardings=None if model.runtime.mesh is None
                               else NamedSharding(model.runtime.mesh, PartitionSpec()))
         self.cache = self._empty(mc, config.max_batch, self.size, self._cache_dtype)
+        self.counts = self._put(np.zeros((config.max_batch, mc.vocab_size), np.int32))  # for the penalties
+        self._rows = None  # the slots' sampling arrays on the device, made again when a slot changes
         self.length = 0  # host copy of cache.length
         self.slots: list[_Slot | None] = [None] * config.max_batch
         self.prefill: _Prefill | None = None
@@ -170,24 +168,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------ public API
     def validate(self, prompt: Sequence[int], params: SamplingParams) -> list[int]:
-        """Raise RequestError unless the engine can serve this prompt with these parameters."""
+        """Raise RequestError unless the engine can serve this prompt with these parameters (`check_request`,
+        the sampler's check, in this engine's context). Returns the prompt as a list of ints."""
         try:
-            make_strategy(params.temperature, None, params.top_p)
-        except ValueError as e:
+            (prompt,), _ = check_request([prompt], params, vocab_size=self.model.config.vocab_size,
+                                         context=self.max_context)
+        except SamplingError as e:
             raise RequestError(str(e)) from None
-        prompt = [int(t) for t in prompt]
-        vocab = self.model.config.vocab_size
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise RequestError(f"prompt token ids must lie in [0, {vocab})")
-        if not isinstance(params.max_tokens, int) or isinstance(params.max_tokens, bool) or params.max_tokens < 1:
-            raise RequestError(f"max_tokens must be an integer >= 1, got {params.max_tokens!r}")
-        if not isinstance(params.seed, int) or isinstance(params.seed, bool):
-            raise RequestError(f"seed must be an integer, got {params.seed!r}")
-        if len(prompt) + params.max_tokens > self.max_context:
-            raise RequestError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                               f"this server's context of {self.max_context} tokens")
         return prompt
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_token: Callable[[int], None] = lambda t: None,
@@ -293,27 +280,31 @@ class Engine:
 
     def _broadcast(self, orders: _Orders | None) -> _Orders:
         """Process 0's orders on every process, as one fixed-size int32 array: a header (shutdown, number of
-        slots to free, admit?, slot, prompt length, max_tokens, temperature and top_p bits, seed low and
-        high words), the slots to free, the prompt."""
-        b, h = self.config.max_batch, 10
+        slots to free, admit?, slot, prompt length, max_tokens, top_k (0: off), the seed's low and high
+        words, then the bits of temperature, top_p and the repetition, presence and frequency penalties),
+        the slots to free, the prompt. (The stop tokens stay on process 0, which decides when a slot frees.)"""
+        b, h = self.config.max_batch, 14
         buf = np.zeros(h + b + self.max_context, np.int32)
         if orders is not None:
             buf[0], buf[1] = orders.shutdown, len(orders.free)
             buf[h:h + len(orders.free)] = orders.free
             if orders.admit is not None:
                 slot, prompt, p = orders.admit
-                floats = np.array([p.temperature, p.top_p], np.float32).view(np.int32)
-                seed = np.array([p.seed & 0xFFFFFFFF, (p.seed >> 32) & 0xFFFFFFFF], np.uint32).view(np.int32)
-                buf[2:h] = (1, slot, len(prompt), p.max_tokens, *floats, *seed)
+                floats = np.array([p.temperature, p.top_p, *penalty_row(p.repetition_penalty, p.presence_penalty,
+                                                                         p.frequency_penalty)], np.float32)
+                buf[2:h] = (1, slot, len(prompt), p.max_tokens, p.top_k or 0, *seed_words(p.seed).view(np.int32),
+                            *floats.view(np.int32))
                 buf[h + b:h + b + len(prompt)] = prompt
         buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
         if orders is not None:
             return orders
         admit = None
         if buf[2]:
-            temperature, top_p = buf[6:8].view(np.float32).tolist()
-            lo, hi = buf[8:10].view(np.uint32).tolist()
-            params = SamplingParams(int(buf[5]), temperature, top_p, lo | (hi << 32))
+            lo, hi = buf[7:9].view(np.uint32).tolist()
+            temperature, top_p, repetition, presence, frequency = buf[9:14].view(np.float32).tolist()
+            params = SamplingParams(max_tokens=int(buf[5]), temperature=temperature, top_k=int(buf[6]) or None,
+                                    top_p=top_p, repetition_penalty=repetition, presence_penalty=presence,
+                                    frequency_penalty=frequency, seed=lo | (hi << 32))
             admit = (int(buf[3]), buf[h + b:h + b + buf[4]].tolist(), params)
         return _Orders(buf[h:h + buf[1]].tolist(), admit, bool(buf[0]))
 
@@ -327,6 +318,7 @@ class Engine:
             if slot is not None and slot.request is not None and slot.request.finish_reason is None:
                 self._finish(slot.request, "cancelled")
             self.slots[i] = None
+            self._rows = None
         if orders.admit is not None:
             slot, prompt, params = orders.admit
             self.prefill = _new_prefill(slot, orders.request, params, prompt, self.config.prefill_chunk)
@@ -347,10 +339,12 @@ class Engine:
         if self.length < p.n_real:  # the prompt must end at the shared write column
             self._shift(p.n_real)
         self.cache = _insert(self.cache, p.cache, self._put(np.int32(p.slot)))
-        params = p.params
-        first = _sample(logits, *self._sampling_arrays([params], [0]))
+        prompt_counts = np.bincount(p.tokens[p.valid], minlength=self.model.config.vocab_size).astype(np.int32)
+        first, self.counts = _admit(self.counts, self._put(np.int32(p.slot)), self._put(prompt_counts), logits,
+                                    *self._sampling_arrays([p.params]))
         token = int(to_host(first)[0])
-        self.slots[p.slot] = _Slot(p.request, params, span=p.n_real)
+        self.slots[p.slot] = _Slot(p.request, p.params, span=p.n_real)
+        self._rows = None
         if p.request is not None:
             self.stats.prompt_tokens += p.n_real
         self._emit(p.slot, token)
@@ -359,15 +353,16 @@ class Engine:
         if self.length == self.size:  # out of columns: drop those no running request still needs
             self._shift(max(s.span for s in self.slots if s is not None))
         b = self.config.max_batch
-        tokens, active = np.zeros(b, np.int32), np.zeros(b, bool)
-        params, counts = [SamplingParams()] * b, [0] * b
+        tokens, active, index = np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, np.int32)
         for i, s in enumerate(self.slots):
             if s is not None:
-                tokens[i], active[i], params[i], counts[i] = s.last_token, True, s.params, s.n_generated
+                tokens[i], active[i], index[i] = s.last_token, True, s.n_generated
                 s.span += 1
-        temperature, top_p, keys = self._sampling_arrays(params, counts)
-        out, self.cache = _decode(self._graphdef, self._treedef, self._leaves, self._experts, self.cache,
-                                  self._put(tokens), self._put(active), temperature, top_p, keys)
+        if self._rows is None:
+            self._rows = self._sampling_arrays([SamplingParams() if s is None else s.params for s in self.slots])
+        out, self.cache, self.counts = _decode(self._graphdef, self._treedef, self._leaves, self._experts, self.cache,
+                                               self.counts, self._put(tokens), self._put(active), *self._rows,
+                                               self._put(index))
         self.length += 1
         out = to_host(out)
         for i, s in enumerate(self.slots):
@@ -378,12 +373,12 @@ class Engine:
         self.cache = _shift(self.cache, self._put(np.int32(new_length)))
         self.length = new_length
 
-    def _sampling_arrays(self, params: Sequence[SamplingParams], counts: Sequence[int]):
-        temperature = np.array([p.temperature for p in params], np.float32)
-        top_p = np.array([p.top_p for p in params], np.float32)
-        seeds = np.array([[p.seed & 0xFFFFFFFF, (p.seed >> 32) & 0xFFFFFFFF, c] for p, c in zip(params, counts)],
-                         np.uint32)
-        return self._put(temperature), self._put(top_p), self._put(seeds)
+    def _sampling_arrays(self, params: Sequence[SamplingParams]):
+        """(RowParams, (3, rows) penalty table, (rows, 2) seed words) on the device, a row per request."""
+        table = np.stack([penalty_row(p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+                          for p in params], axis=1)
+        seeds = np.stack([seed_words(p.seed) for p in params])
+        return jax.tree.map(self._put, RowParams.of(params)), self._put(table), self._put(seeds)
 
     # ------------------------------------------------------------------------------ host bookkeeping
     def _emit(self, i: int, token: int) -> None:
@@ -440,45 +435,29 @@ def _prefill(graphdef, treedef, leaves, experts, cache, tokens, valid):
     return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "treedef"), donate_argnames=("cache",))
-def _decode(graphdef, treedef, leaves, experts, cache, tokens, active, temperature, top_p, keys):
+@functools.partial(jax.jit, static_argnames=("graphdef", "treedef"), donate_argnames=("cache", "counts"))
+def _decode(graphdef, treedef, leaves, experts, cache, counts, tokens, active, strategy, penalties, seeds, index):
+    """One decode step of every slot: feed each its last token (now counted for the penalties) and choose
+    its next, token number `index` of its request. Returns (tokens, cache, counts)."""
     model = merge_flat(graphdef, treedef, leaves)
     logits, cache = model.extend(cache, tokens[:, None], active[:, None], last_only=True, expert_weights=experts)
-    return _sample_rows(logits[:, -1], temperature, top_p, keys), cache
+    counts = counts.at[jnp.arange(tokens.shape[0]), tokens].add(active.astype(jnp.int32))
+    logits = penalize_rows(logits[:, -1], counts, penalties)
+    return sample(logits, strategy, _slot_keys(seeds, index)), cache, counts
 
 
-@jax.jit
-def _sample(logits, temperature, top_p, keys):
-    return _sample_rows(logits, temperature, top_p, keys)
+@functools.partial(jax.jit, donate_argnames=("counts",))
+def _admit(counts, slot, prompt_counts, logits, strategy, penalties, seeds):
+    """A prefilled request's first token (its token 0), penalised by its prompt's counts, which become its
+    slot's row of `counts` (whatever the slot's last request left there)."""
+    counts = jax.lax.dynamic_update_slice(counts, prompt_counts[None], (slot, jnp.int32(0)))
+    logits = penalize_rows(logits, prompt_counts[None], penalties)
+    return sample(logits, strategy, _slot_keys(seeds, jnp.zeros((1,), jnp.int32))), counts
 
 
-def _sample_rows(logits, temperature, top_p, seeds):
-    """Per row: argmax where temperature is 0, else a draw at that row's temperature from its top_p mass,
-    keyed by (seed, token index) only, so a row's draws do not depend on the other rows."""
-    greedy = argmax(logits)
-    sampling = temperature > 0
-
-    def draw(logits):
-        scaled = logits / jnp.where(sampling, temperature, 1.0)[:, None]
-        neg = jnp.finfo(jnp.float32).min
-
-        def nucleus(scaled):
-            sorted_logits = jnp.sort(scaled, axis=-1)[..., ::-1]
-            probs = jax.nn.softmax(sorted_logits, axis=-1)
-            keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
-            threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-            return jnp.where(scaled < threshold, neg, scaled)
-
-        cut = sampling & (top_p < 1)
-        scaled = jax.lax.cond(jnp.any(cut), lambda x: jnp.where(cut[:, None], nucleus(x), x), lambda x: x, scaled)
-
-        def one(seed, row):
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), seed[1]), seed[2])
-            return jax.random.categorical(key, row).astype(jnp.int32)
-        return jax.vmap(one)(seeds, scaled)
-
-    sampled = jax.lax.cond(jnp.any(sampling), draw, lambda x: greedy, logits)
-    return jnp.where(sampling, sampled, greedy)
+def _slot_keys(seeds, index):
+    """Each slot's key for its token `index`: a request is one row (row 0), as in a one-prompt Sampler call."""
+    return row_keys(seeds, jnp.zeros_like(index), index)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

@@ -6,8 +6,9 @@
   presence`, where `count` is how often the token occurred; 0 is off.
 
 Tokens are counted per row over its prompt (padding excluded) and its generated tokens. The values are
-per row (one request each), passed to the jitted sampler as a (3, batch) array, so changing them never
-recompiles; the counts come from the prompt once and from the sampler's own output buffer each step.
+per row (one request each), passed to the jitted steps as a (3, batch) array, so changing them never
+recompiles. The Sampler counts the prompt once and its own output buffer each step; the Engine keeps a
+(slots, vocab) count per slot, set from the prompt on admission and updated by each decode step.
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ def apply_penalties(logits: jax.Array, counts: jax.Array, penalties: jax.Array |
     seen = counts > 0
     logits = jnp.where(seen, jnp.where(logits < 0, logits * repetition, logits / repetition), logits)
     return logits - counts * frequency - seen * presence
+
+
+def penalize_rows(logits: jax.Array, counts: jax.Array, penalties: jax.Array) -> jax.Array:
+    """`apply_penalties` for a table every row has (the engine's slots, neutral where off): skipped at run
+    time when every row is neutral, which leaves the logits as they are (float32)."""
+    neutral = jnp.all(penalties == jnp.asarray(NEUTRAL, jnp.float32)[:, None])
+    return jax.lax.cond(neutral, lambda x: x.astype(jnp.float32), lambda x: apply_penalties(x, counts, penalties),
+                        logits)
+
+
+def penalty_row(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0) -> np.ndarray:
+    """One request's (3,) penalty values, checked (`make_penalties`), neutral where off."""
+    table = make_penalties(1, repetition_penalty, presence_penalty, frequency_penalty)
+    return np.asarray(NEUTRAL, np.float32) if table is None else table[:, 0]
 
 
 def penalized(logits: jax.Array, prompt_counts: jax.Array | None, generated: jax.Array,

@@ -9,7 +9,9 @@ Streaming (`Sampler.stream`, a generator) runs the same decode step one jitted c
 each step's tokens: no callback state lives anywhere, so concurrent generations in one process (a
 server's threads) never see each other's tokens.
 
-Sampling strategies are tiny frozen classes with one method `(logits, key) -> tokens`.
+Each token is chosen by `mixtral_jax.inference.sampling.sample`, the core the serving engine uses too:
+the strategy (`Greedy()`, or per-row `RowParams` arrays, traced, so a new temperature compiles nothing) is
+an argument of the jitted functions, and row r's token i is drawn with the key of (seed, r, i).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,68 +33,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mixtral_jax.config import KV_CACHE_DTYPES
 from mixtral_jax.errors import SamplingError
-from mixtral_jax.inference.penalties import PenaltyValue, apply_penalties, make_penalties, penalized, token_counts
+from mixtral_jax.inference.penalties import PenaltyValue, apply_penalties, penalized, token_counts
+from mixtral_jax.inference.sampling import (
+    Greedy,
+    RowParams,
+    SamplingParams,
+    check_request,
+    make_strategy,
+    row_keys,
+    sample,
+    seed_words,
+)
 from mixtral_jax.model.mixtral import KVCache, Mixtral
 
 _BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-
-
-# --------------------------------------------------------------------------------- strategies
-def argmax(logits: jax.Array) -> jax.Array:
-    """`jnp.argmax(logits, -1)` as int32 (the first of equal maxima; the first NaN where there is one),
-    as plain max/min reductions, which XLA:CPU vectorizes, where argmax's paired (value, index) reduction
-    runs element by element (a 32000-word vocabulary: 146 -> 26 us a row, 1-4% of a CPU decode step).
-    NaNs are found on their own: a vectorized max does not reliably return them."""
-    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    none = logits.shape[-1]
-    nan = jnp.isnan(logits)
-    top = jnp.max(jnp.where(nan, -jnp.inf, logits), axis=-1, keepdims=True)
-    first_top = jnp.min(jnp.where(logits == top, index, none), axis=-1)
-    first_nan = jnp.min(jnp.where(nan, index, none), axis=-1)
-    return jnp.where(first_nan < none, first_nan, first_top)
-
-
-@dataclasses.dataclass(frozen=True)
-class Greedy:
-    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        return argmax(logits)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """Temperature sampling restricted to the top_k tokens and to the top_p probability mass."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        logits = logits.astype(jnp.float32) / self.temperature
-        neg = jnp.finfo(jnp.float32).min
-        if self.top_k is not None and self.top_k < logits.shape[-1]:
-            kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
-            logits = jnp.where(logits < kth, neg, logits)
-        if self.top_p is not None and self.top_p < 1.0:
-            sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-            probs = jax.nn.softmax(sorted_logits, axis=-1)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs
-            keep = mass_before < self.top_p  # the smallest prefix whose mass reaches top_p
-            threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-            logits = jnp.where(logits < threshold, neg, logits)
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def make_strategy(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
-    """Validate the sampling parameters; temperature 0 is greedy."""
-    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
-        raise SamplingError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise SamplingError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or math.isnan(top_p) or not 0 < top_p <= 1):
-        raise SamplingError(f"top_p must be in (0, 1], got {top_p!r}")
-    if temperature == 0:
-        return Greedy()
-    return Sample(float(temperature), top_k, None if top_p is None else float(top_p))
 
 
 # ------------------------------------------------------------------------------------ sampler
@@ -103,7 +56,7 @@ def bucket(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """Generate from `model`. Hold one per model: compiled functions are cached per shape and strategy.
+    """Generate from `model`. Hold one per model: compiled functions are cached per shape (and greedy or not).
     `cache_dtype`: the KV cache's (default: the compute dtype; "int8" stores int8 with a scale per token
     and head)."""
 
@@ -154,27 +107,15 @@ class Sampler:
     def _request(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, stop_sequences,
                  repetition_penalty, presence_penalty, frequency_penalty) -> _Request:
         config = self.model.config
-        strategy = make_strategy(temperature, top_k, top_p)
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            raise SamplingError("no prompts given")
-        penalties = make_penalties(len(prompts), repetition_penalty, presence_penalty, frequency_penalty)
-        for i, p in enumerate(prompts):
-            if not p:
-                raise SamplingError(f"prompt {i} is empty")
-            if min(p) < 0 or max(p) >= config.vocab_size:
-                raise SamplingError(f"prompt {i} has token ids outside [0, {config.vocab_size})")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise SamplingError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        longest = max(map(len, prompts))
-        if longest > config.max_seq_len:
-            raise SamplingError(f"a prompt has {longest} tokens but the context holds {config.max_seq_len}")
-        if longest + max_new_tokens > config.max_seq_len:
-            raise SamplingError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                                f"context of {config.max_seq_len}; lower max_new_tokens to "
-                                f"{config.max_seq_len - longest}")
-        stops = [config.eos_id] if stop_tokens is None else list(stop_tokens)
+        params = SamplingParams(max_new_tokens, temperature, top_k, 1.0 if top_p is None else top_p,
+                                repetition_penalty, presence_penalty, frequency_penalty, seed,
+                                None if stop_tokens is None else tuple(stop_tokens))
+        prompts, penalties = check_request(prompts, params, vocab_size=config.vocab_size,
+                                           context=config.max_seq_len, length_name="max_new_tokens")
+        strategy = make_strategy(params.temperature, params.top_k, params.top_p, rows=len(prompts))
+        stops = [config.eos_id] if stop_tokens is None else list(params.stop_tokens)
         seqs = [list(s) for s in stop_sequences if len(s)]
+        longest = max(map(len, prompts))
         prompt_len = bucket(longest)
         tokens = np.zeros((len(prompts), prompt_len), np.int32)
         valid = np.zeros((len(prompts), prompt_len), bool)
@@ -185,23 +126,22 @@ class Sampler:
         for i, s in enumerate(seqs):
             stop_arr[i, stop_arr.shape[1] - len(s):] = s
         put = replicator(self.model.runtime.mesh)
-        key = jax.random.key_data(jax.random.key(seed))
-        return _Request(put(tokens), put(valid), put(key), put(np.asarray(stops or [-1], np.int32)), put(stop_arr),
-                        None if penalties is None else put(penalties), strategy, bucket(max_new_tokens),
-                        max_new_tokens, seqs)
+        return _Request(put(tokens), put(valid), put(seed_words(seed)), put(np.asarray(stops or [-1], np.int32)),
+                        put(stop_arr), None if penalties is None else put(penalties), jax.tree.map(put, strategy),
+                        bucket(max_new_tokens), max_new_tokens, seqs)
 
     def _prefill(self, r: _Request):
         graphdef, state = nnx.split(self.model)
         graphdef = HashedOnce.of(graphdef)
         weights = self.model.expert_views(rows=r.tokens.shape[0])
-        first, cache, key, prompt_counts = prefill(
-            graphdef, state, weights, r.tokens, r.valid, r.key, r.penalties, strategy=r.strategy, max_new=r.max_new,
+        first, cache, seed, prompt_counts = prefill(
+            graphdef, state, weights, r.tokens, r.valid, r.seed, r.penalties, strategy=r.strategy, max_new=r.max_new,
             cache_dtype=jnp.dtype(self.cache_dtype or self.model.runtime.dtype))
-        return graphdef, state, weights, first, cache, key, prompt_counts
+        return graphdef, state, weights, first, cache, seed, prompt_counts
 
     def _run(self, r: _Request):
-        graphdef, state, weights, first, cache, key, prompt_counts = self._prefill(r)
-        out, n_out, _ = decode(graphdef, state, weights, first, cache, key, r.stop_tokens, r.stop_seqs, prompt_counts,
+        graphdef, state, weights, first, cache, seed, prompt_counts = self._prefill(r)
+        out, n_out, _ = decode(graphdef, state, weights, first, cache, seed, r.stop_tokens, r.stop_seqs, prompt_counts,
                                r.penalties, jnp.int32(r.limit), strategy=r.strategy, max_new=r.max_new)
         return to_host(out), to_host(n_out)
 
@@ -214,11 +154,11 @@ class _Request(NamedTuple):
 
     tokens: jax.Array          # (b, prompt_len) left-padded
     valid: jax.Array           # (b, prompt_len)
-    key: jax.Array             # key data
+    seed: jax.Array            # (2,) uint32 seed_words
     stop_tokens: jax.Array     # (n,)
     stop_seqs: jax.Array       # (m, window), left-padded with -1
     penalties: jax.Array | None  # (3, b) or None
-    strategy: Callable
+    strategy: Greedy | RowParams
     max_new: int               # the output buffer: a bucket >= limit
     limit: int                 # max_new_tokens
     seqs: list                 # the stop sequences, to cut from the answers
@@ -251,8 +191,8 @@ class _Steps:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         r = self._r
-        graphdef, state, weights, first, cache, key, prompt_counts = self._sampler._prefill(r)
-        carry = start_decoding(first, cache, key, max_new=r.max_new)
+        graphdef, state, weights, first, cache, seed, prompt_counts = self._sampler._prefill(r)
+        carry = start_decoding(first, cache, seed, max_new=r.max_new)
         limit = jnp.int32(r.limit)
         treedef, leaves = flat_state(state)
 
@@ -351,18 +291,18 @@ def merge_flat(graphdef, treedef, leaves) -> Mixtral:
 PREFILL_CHUNK = 512  # tokens per prefill step: one compiled step serves every prompt length
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new", "cache_dtype", "chunk"))
-def prefill(graphdef, state, expert_weights, tokens, valid, key, penalties, *, strategy, max_new, cache_dtype,
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "cache_dtype", "chunk"))
+def prefill(graphdef, state, expert_weights, tokens, valid, seed, penalties, *, strategy, max_new, cache_dtype,
             chunk=PREFILL_CHUNK):
     """Prompts (b, prompt_len) into a cache of prompt_len + `max_new` slots, `chunk` tokens at a time.
 
     The chunks run in a `lax` loop, so tracing and compiling cost one chunk's program whatever the prompt's
     length, and each step's activations (and the MoE's buckets) are chunk-sized; chunks that are padding
-    in every row are skipped. Returns (first new tokens (b,), cache, key data, the prompts' token counts
-    (for the penalties; None without them)). Jitted apart from `decode` so that each compiles (and
-    `mixtral_jax.planning.planner` lowers each) exactly as generation runs it."""
+    in every row are skipped. `seed`: (2,) uint32 `seed_words`; `strategy`: `Greedy()` or per-row
+    `RowParams` (a traced argument). Returns (first new tokens (b,), cache, `seed` (for `decode`), the
+    prompts' token counts (for the penalties; None without them)). Jitted apart from `decode` so that each
+    compiles (and `mixtral_jax.planning.planner` lowers each) exactly as generation runs it."""
     model = nnx.merge(HashedOnce.unwrap(graphdef), state)
-    key = jax.random.wrap_key_data(key)
     b, prompt_len = tokens.shape
     mesh = model.runtime.mesh
     cache = KVCache.empty(model.config, b, prompt_len + max_new, cache_dtype, mesh=mesh)
@@ -382,10 +322,15 @@ def prefill(graphdef, state, expert_weights, tokens, valid, key, penalties, *, s
         cache, logits = step(0, (cache, logits))
     else:
         cache, logits = jax.lax.fori_loop(start, prompt_len // chunk, step, (cache, logits))
-    key, sub = jax.random.split(key)
     prompt_counts = None if penalties is None else token_counts(tokens, valid, logits.shape[-1])
-    first = strategy(apply_penalties(logits[:, -1], prompt_counts, penalties), sub)
-    return first, cache, jax.random.key_data(key), prompt_counts
+    logits = apply_penalties(logits[:, -1], prompt_counts, penalties)
+    first = sample(logits, strategy, _keys(seed, b, jnp.int32(0)))
+    return first, cache, seed, prompt_counts
+
+
+def _keys(seed, b: int, index) -> jax.Array:
+    """Row r's key for token `index`: the same seed for every row, told apart by the row's number."""
+    return row_keys(jnp.broadcast_to(seed, (b, 2)), jnp.arange(b, dtype=jnp.int32), jnp.full((b,), index, jnp.int32))
 
 
 class DecodeState(NamedTuple):
@@ -395,13 +340,13 @@ class DecodeState(NamedTuple):
     n_out: jax.Array       # (b,) tokens each row keeps
     alive: jax.Array       # (b,) rows still generating
     cache: KVCache
-    key: jax.Array         # key data
+    seed: jax.Array        # (2,) uint32 seed_words
 
 
-def _start(first, cache, key, max_new: int) -> DecodeState:
+def _start(first, cache, seed, max_new: int) -> DecodeState:
     b = first.shape[0]
     return DecodeState(jnp.zeros((), jnp.int32), first, jnp.full((b, max_new), -1, jnp.int32),
-                       jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), cache, key)
+                       jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), cache, seed)
 
 
 def _step(model: Mixtral, expert_weights, s: DecodeState, stop_tokens, stop_seqs, prompt_counts, penalties,
@@ -428,17 +373,17 @@ def _step(model: Mixtral, expert_weights, s: DecodeState, stop_tokens, stop_seqs
     _, seq_hit = finished(tok, out, i)
     alive = keep & ~seq_hit
     logits, cache = model.extend(s.cache, tok[:, None], last_only=True, expert_weights=expert_weights)
-    key, sub = jax.random.split(jax.random.wrap_key_data(s.key))
-    nxt = strategy(penalized(logits[:, -1], prompt_counts, out, penalties), sub)
-    return DecodeState(i + 1, nxt, out, n_out, alive, cache, jax.random.key_data(key)), emitted
+    logits = penalized(logits[:, -1], prompt_counts, out, penalties)
+    nxt = sample(logits, strategy, _keys(s.seed, tok.shape[0], i + 1))  # token i + 1 (the prefill chose token 0)
+    return DecodeState(i + 1, nxt, out, n_out, alive, cache, s.seed), emitted
 
 
 def _running(s: DecodeState, limit) -> jax.Array:
     return (s.step < limit) & jnp.any(s.alive)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_new"), donate_argnames=("cache",))
-def decode(graphdef, state, expert_weights, first, cache, key, stop_tokens, stop_seqs, prompt_counts, penalties,
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new"), donate_argnames=("cache",))
+def decode(graphdef, state, expert_weights, first, cache, seed, stop_tokens, stop_seqs, prompt_counts, penalties,
            limit, *, strategy, max_new):
     """The decode loop: one `lax.while_loop` from the prefill's first tokens until every row is done or
     `limit` tokens are out. Returns (tokens (b, max_new), counts (b,), cache). The cache is donated and
@@ -449,17 +394,17 @@ def decode(graphdef, state, expert_weights, first, cache, key, stop_tokens, stop
     def body(s):
         return _step(model, expert_weights, s, stop_tokens, stop_seqs, prompt_counts, penalties, strategy, limit)[0]
 
-    final = jax.lax.while_loop(lambda s: _running(s, limit), body, _start(first, cache, key, max_new))
+    final = jax.lax.while_loop(lambda s: _running(s, limit), body, _start(first, cache, seed, max_new))
     return final.out, final.n_out, final.cache
 
 
 @functools.partial(jax.jit, static_argnames=("max_new",), donate_argnames=("cache",))
-def start_decoding(first, cache, key, *, max_new) -> DecodeState:
+def start_decoding(first, cache, seed, *, max_new) -> DecodeState:
     """The decode loop's initial state, for running it a group of steps at a time (`decode_steps`)."""
-    return _start(first, cache, key, max_new)
+    return _start(first, cache, seed, max_new)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "treedef", "strategy"), donate_argnames=("s",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "treedef"), donate_argnames=("s",))
 def decode_steps(graphdef, treedef, leaves, expert_weights, s: DecodeState, stop_tokens, stop_seqs, prompt_counts,
                  penalties, limit, steps, *, strategy) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
     """Up to `steps` (<= `STREAM_GROUP`, a traced count: one program serves every group size) iterations

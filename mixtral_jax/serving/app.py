@@ -13,13 +13,15 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import secrets
 import signal
 import time
 import uuid
 from collections.abc import Mapping
 
-from mixtral_jax.inference.engine import Engine, RequestError, SamplingParams
+from mixtral_jax.inference.engine import Engine, RequestError
+from mixtral_jax.inference.sampling import SamplingParams
 from mixtral_jax.text.tokenizer import Tokenizer
 
 _MAX_STOPS = 4
@@ -58,8 +60,34 @@ def _number(body, name, default, lo, hi, integer=False):
     return value
 
 
+def _top_k(body) -> int | None:
+    """`top_k` (not OpenAI's; vLLM's meaning): an integer >= 1, or -1 or 0 (or absent) for off."""
+    value = body.get("top_k")
+    if value is None or (type(value) is int and value in (-1, 0)):
+        return None
+    if type(value) is not int or value < 1:
+        raise BadRequest(f"'top_k' must be an integer >= 1 (or -1 or 0: off), got {value!r}", "top_k")
+    return value
+
+
+def _repetition_penalty(body) -> float:
+    """transformers' `repetition_penalty` (not OpenAI's): a number > 0, 1 (the default) is off."""
+    value = body.get("repetition_penalty")
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise BadRequest(f"'repetition_penalty' must be a number > 0, got {value!r}", "repetition_penalty")
+    return float(value)
+
+
+# what the engine's check may name first in its message, so a 400 names that field
+_ENGINE_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                  "seed", "max_tokens")
+
+
 def parse_request(body, *, chat: bool, model_name: str, tokenizer: Tokenizer, engine: Engine) -> Parsed:
-    """Check an OpenAI request body and turn it into token ids and sampling parameters (BadRequest if not)."""
+    """Check an OpenAI request body and turn it into token ids and sampling parameters (BadRequest if not).
+    Besides OpenAI's, it takes vLLM's `top_k` and transformers' `repetition_penalty`."""
     if not isinstance(body, Mapping):
         raise BadRequest("the request body must be a JSON object")
     if body.get("model") not in (None, model_name):
@@ -97,6 +125,10 @@ def parse_request(body, *, chat: bool, model_name: str, tokenizer: Tokenizer, en
     top_p = _number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:
         raise BadRequest("'top_p' must be in (0, 1]", "top_p")
+    top_k = _top_k(body)
+    presence = _number(body, "presence_penalty", 0.0, -2, 2)
+    frequency = _number(body, "frequency_penalty", 0.0, -2, 2)
+    repetition = _repetition_penalty(body)
     seed = body.get("seed")
     seed = secrets.randbits(63) if seed is None else _number(body, "seed", 0, -(1 << 63), (1 << 64) - 1, integer=True)
     stop = body.get("stop")
@@ -109,12 +141,15 @@ def parse_request(body, *, chat: bool, model_name: str, tokenizer: Tokenizer, en
     options = body.get("stream_options") or {}
     if not isinstance(options, Mapping):
         raise BadRequest("'stream_options' must be an object", "stream_options")
-    params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                            seed=seed % (1 << 64))
+    params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+                            repetition_penalty=repetition, presence_penalty=float(presence),
+                            frequency_penalty=float(frequency), seed=seed % (1 << 64))
     try:
         prompt = engine.validate(prompt, params)
     except RequestError as e:
-        raise BadRequest(str(e), "max_tokens" if "max_tokens" in str(e) else "prompt") from None
+        message = str(e)
+        field = next((f for f in _ENGINE_FIELDS if message.startswith(f)), None)
+        raise BadRequest(message, field or ("max_tokens" if "max_tokens" in message else "prompt")) from None
     return Parsed(prompt, params, stops, stream, bool(options.get("include_usage")))
 
 

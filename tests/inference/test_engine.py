@@ -1,5 +1,6 @@
 """The continuous-batching engine without HTTP: concurrent greedy answers equal solo ones, slots free on
-finish and cancel, per-slot sampling is reproducible, and bad requests are refused before queueing."""
+finish and cancel, per-slot sampling (top_k, top_p, penalties) is reproducible and equals the batched
+sampler's where that is deterministic, and bad requests are refused before queueing."""
 
 import functools
 import types
@@ -12,7 +13,8 @@ from flax import nnx
 import mixtral_jax
 from mixtral_jax import MixtralConfig, RuntimeConfig
 from mixtral_jax.inference import engine as engine_module
-from mixtral_jax.inference.engine import Engine, EngineConfig, RequestError, SamplingParams, _sample
+from mixtral_jax.inference.engine import Engine, EngineConfig, RequestError, SamplingParams
+from mixtral_jax.inference.sampler import Sampler
 from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.model.placement import shard_model
 
@@ -130,17 +132,51 @@ def test_sampling_is_per_slot_and_reproducible_by_seed():
     assert outs[2] != outs[0]  # another seed: another draw (20 tokens from a 128-word vocabulary)
 
 
-def test_per_row_sampling_rules():
-    """One call, four rows: greedy, a nucleus so small it holds only the top token, a full-mass draw, and
-    greedy again; each row follows its own parameters."""
-    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32))
-    temperature = jnp.asarray([0.0, 1.0, 5.0, 0.0])
-    top_p = jnp.asarray([1.0, 1e-3, 1.0, 0.5])
-    top = np.asarray(jnp.argmax(logits, -1))
-    draws = [np.asarray(_sample(logits, temperature, top_p, jnp.asarray([[s, 0, c]] * 4, jnp.uint32)))
-             for s in range(3) for c in range(10)]
-    assert all(d[0] == top[0] and d[1] == top[1] and d[3] == top[3] for d in draws)
-    assert len({int(d[2]) for d in draws}) > 5  # temperature 5 over 50 tokens: many different draws
+def test_top_k_and_penalties_per_slot_equal_the_samplers_answers():
+    """Requests with their own top_k and penalties, beside plain ones, through slot reuse and cache shifts:
+    each greedy answer (penalties included) equals the batched sampler's for that request exactly, a
+    sampled one at top_k 1 is the greedy one, and a seeded sampled one (top_k and penalties) draws what
+    the sampler draws for that prompt alone with that seed (the same keys: seed, row 0, token index)."""
+    ids = prompts([5, 30, 12, 3, 20, 9], seed=4)
+    asks = [dict(repetition_penalty=1.4), dict(), dict(presence_penalty=1.5, frequency_penalty=0.5),
+            dict(temperature=0.9, top_k=1, frequency_penalty=2.0), dict(frequency_penalty=-0.5, repetition_penalty=0.8),
+            dict(temperature=1.0, top_k=12, repetition_penalty=1.3, seed=77)]
+    new = [24, 20, 26, 22, 18, 25]
+    sampler = Sampler(model())
+    solo = [sampler([p], n, stop_tokens=[], **a)[0] for p, n, a in zip(ids, new, asks)]
+    greedy = [sampler([p], n, stop_tokens=[], **(a | dict(temperature=0.0)))[0] for p, n, a in zip(ids, new, asks)]
+    plain = [sampler([p], n, stop_tokens=[])[0] for p, n in zip(ids, new)]
+    engine = Engine(model(), EngineConfig(max_batch=3, max_context=56, prefill_chunk=16))
+    _, outs, reasons = submit_all(engine, ids, [SamplingParams(max_tokens=n, stop_tokens=(), **a)
+                                                for n, a in zip(new, asks)])
+    shifts, length = 0, engine.length
+    for _ in range(2000):
+        if engine.idle:
+            break
+        engine.step()
+        shifts, length = shifts + (engine.length < length), engine.length
+    assert engine.idle and shifts and all(r == ["length"] for r in reasons)
+    assert outs == solo
+    assert solo[3] == greedy[3]  # top_k 1: only the top token can be drawn
+    assert all(solo[i] != plain[i] for i in (0, 2, 3, 4, 5)) and solo[1] == plain[1]  # the parameters did act
+
+
+def test_sampling_is_per_slot_and_reproducible_by_seed_with_top_p():
+    """top_p in the engine: a seeded request draws the same tokens alone and beside others, and a tiny
+    nucleus (only the top token) is greedy."""
+    ids = prompts([7, 7, 7], seed=1)
+    engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16))
+    # a nucleus that is not on a boundary: this random model's distribution is nearly uniform, so top_p
+    # 0.5 over ~128 tokens would fall between logits 1e-7 apart, where batch-dependent rounding decides
+    hot = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.999, seed=11, stop_tokens=())
+    tiny = SamplingParams(max_tokens=20, temperature=1.0, top_p=1e-6, seed=3, stop_tokens=())
+    _, alone, _ = submit_all(engine, ids[:1], hot)
+    run(engine)
+    _, outs, _ = submit_all(engine, ids, [hot, tiny, SamplingParams(max_tokens=20, temperature=1.0, seed=5,
+                                                                    stop_tokens=())])
+    run(engine)
+    greedy = mixtral_jax.generate(model(), [ids[1]], max_new_tokens=20, stop_tokens=[])[0]
+    assert outs[0] == alone[0] and outs[1] == greedy and outs[2] != outs[0]
 
 
 @pytest.mark.parametrize("prompt, params, message", [
@@ -149,6 +185,10 @@ def test_per_row_sampling_rules():
     ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
     ([1, 2], SamplingParams(temperature=-1.0), "temperature"),
     ([1, 2], SamplingParams(top_p=0.0), "top_p"),
+    ([1, 2], SamplingParams(top_k=0), "top_k"),
+    ([1, 2], SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+    ([1, 2], SamplingParams(presence_penalty=2.5), "presence_penalty"),
+    ([1, 2], SamplingParams(frequency_penalty=float("nan")), "frequency_penalty"),
     ([1] * 60, SamplingParams(max_tokens=5), "context of 64"),
 ])
 def test_bad_requests_are_refused_and_nothing_is_queued(prompt, params, message):
@@ -196,14 +236,20 @@ def test_plan_broadcast_round_trip(monkeypatch):
     monkeypatch.setattr(engine_module.multihost_utils, "broadcast_one_to_all",
                         lambda x: sent.append(np.array(x)) or sent[0])
     lead = types.SimpleNamespace(config=EngineConfig(max_batch=4, max_context=32), max_context=32)
-    params = SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=(1 << 40) + 12345)
+    params = SamplingParams(max_tokens=9, temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.3,
+                            presence_penalty=-0.5, frequency_penalty=1.75, seed=(1 << 63) + 12345)
     orders = engine_module._Orders([1, 3], (2, [5, 6, 7], params))
     assert Engine._broadcast(lead, orders) is orders
     got = Engine._broadcast(lead, None)
     assert got.free == [1, 3] and not got.shutdown
     slot, prompt, p = got.admit
-    assert (slot, prompt, p.max_tokens, p.seed) == (2, [5, 6, 7], 9, params.seed)
-    assert np.float32(p.temperature) == np.float32(0.7) and np.float32(p.top_p) == np.float32(0.9)
+    assert (slot, prompt, p.max_tokens, p.top_k, p.seed) == (2, [5, 6, 7], 9, 40, params.seed)
+    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        assert np.float32(getattr(p, name)) == np.float32(getattr(params, name)), name
+    sent.clear()  # top_k off comes back off, and the neutral penalties
+    Engine._broadcast(lead, engine_module._Orders([], (0, [4], SamplingParams(max_tokens=3))))
+    _, _, p = Engine._broadcast(lead, None).admit
+    assert (p.top_k, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (None, 1.0, 0.0, 0.0)
 
 
 def test_a_failing_step_aborts_every_request_and_refuses_new_ones(monkeypatch):

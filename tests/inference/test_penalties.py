@@ -1,4 +1,5 @@
-"""Sampling penalties against transformers' RepetitionPenaltyLogitsProcessor and OpenAI's formula."""
+"""Sampling penalties against transformers' RepetitionPenaltyLogitsProcessor and OpenAI's formula, in the
+batched sampler and in the serving engine."""
 
 from collections import Counter
 
@@ -9,18 +10,10 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 import mixtral_jax
-from mixtral_jax import MixtralConfig
-from mixtral_jax.inference.penalties import apply_penalties, make_penalties, token_counts
+from mixtral_jax.inference.engine import Engine, EngineConfig, SamplingParams
+from mixtral_jax.inference.penalties import apply_penalties, make_penalties, penalize_rows, token_counts
 from mixtral_jax.inference.sampler import Sampler, SamplingError
-from tests.helpers.hf_reference import hf_model, save_hf
-
-CONFIG = MixtralConfig.tiny(max_seq_len=128)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf = hf_model(CONFIG, seed=11)
-    return hf, mixtral_jax.load_hf(save_hf(hf, tmp_path_factory.mktemp("hf")), show_progress=False)
+from tests.inference.test_sampler import CONFIG, SEED  # one reference model (and its programs) for both files
 
 
 class OpenAIPenalty(LogitsProcessor):
@@ -76,9 +69,10 @@ def test_counts_leave_out_padding_and_masked_positions():
     assert counts[1].tolist() == [1, 0, 0, 3, 0, 0, 0, 0, 0, 0]  # a real token 0 counts, padding does not
 
 
-def test_sampler_with_repetition_penalty_equals_transformers_generate(pair):
+def test_sampler_with_repetition_penalty_equals_transformers_generate(reference):
     """Per-row penalties in one batch (left-padded) = transformers' generate row by row."""
-    hf, model = pair
+    ref = reference(CONFIG, SEED)
+    hf, model = ref.hf, ref.model()
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, CONFIG.vocab_size, n).tolist() for n in (6, 2, 13)]
     penalties = [1.5, 1.0, 1.2]
@@ -92,8 +86,9 @@ def test_sampler_with_repetition_penalty_equals_transformers_generate(pair):
     assert ours[1] == plain[1] and ours[0] != plain[0]  # the penalty changed the penalised rows' text
 
 
-def test_sampler_with_openai_penalties_equals_the_formula_in_transformers_generate(pair):
-    hf, model = pair
+def test_sampler_with_openai_penalties_equals_the_formula_in_transformers_generate(reference):
+    ref = reference(CONFIG, SEED)
+    hf, model = ref.hf, ref.model()
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, CONFIG.vocab_size, n).tolist() for n in (9, 4)]
     presence, frequency = [0.8, 0.0], [0.4, 1.1]
@@ -106,9 +101,9 @@ def test_sampler_with_openai_penalties_equals_the_formula_in_transformers_genera
     assert ours != Sampler(model)(prompts, 24, stop_tokens=[])
 
 
-def test_penalties_with_sampling_and_the_text_api(pair):
+def test_penalties_with_sampling_and_the_text_api(reference):
     """Penalised sampling repeats with its seed, and generate() passes the penalties through."""
-    _, model = pair
+    model = reference(CONFIG, SEED).model()
     kwargs = dict(temperature=0.9, top_p=0.95, seed=5, repetition_penalty=1.3, frequency_penalty=0.5)
     a = mixtral_jax.generate(model, [[4, 5, 6]], 16, stop_tokens=[], **kwargs)
     assert a == mixtral_jax.generate(model, [[4, 5, 6]], 16, stop_tokens=[], **kwargs)
@@ -123,8 +118,8 @@ def test_penalties_with_sampling_and_the_text_api(pair):
     (dict(frequency_penalty="0.5"), "frequency_penalty"),
     (dict(repetition_penalty=[1.1, 1.2, 1.3]), r"one per prompt \(2\), got 3 values"),
 ])
-def test_bad_penalties_fail_in_one_line(pair, kwargs, message):
-    _, model = pair
+def test_bad_penalties_fail_in_one_line(reference, kwargs, message):
+    model = reference(CONFIG, SEED).model()
     with pytest.raises(SamplingError, match=message) as err:
         Sampler(model)([[1, 2], [3]], 4, **kwargs)
     assert "\n" not in str(err.value)
@@ -134,3 +129,45 @@ def test_neutral_penalties_are_off():
     assert make_penalties(2) is None
     assert make_penalties(2, repetition_penalty=[1.0, 1.0], presence_penalty=0) is None
     assert make_penalties(2, presence_penalty=[0.0, 0.1]).shape == (3, 2)
+
+
+def test_the_engines_per_row_table_penalises_only_its_rows():
+    """The engine's table has a row per slot, neutral where off: those rows keep their logits exactly, and
+    an all-neutral table (skipped at run time) changes nothing."""
+    logits, ids = _random_case(2)
+    counts = token_counts(jnp.asarray(ids), jnp.ones(ids.shape, bool), logits.shape[1])
+    table = np.array([[1.0, 1.4, 1.0], [0.0, 0.0, 0.7], [0.0, 0.0, 0.3]], np.float32)
+    ours = np.asarray(penalize_rows(jnp.asarray(logits), counts, jnp.asarray(table)))
+    np.testing.assert_array_equal(ours[0], logits[0])
+    np.testing.assert_array_equal(ours[1:], np.asarray(apply_penalties(jnp.asarray(logits), counts,
+                                                                       jnp.asarray(table)))[1:])
+    assert not np.allclose(ours[1:], logits[1:])
+    neutral = np.array([[1.0] * 3, [0.0] * 3, [0.0] * 3], np.float32)
+    np.testing.assert_array_equal(np.asarray(penalize_rows(jnp.asarray(logits), counts, jnp.asarray(neutral))), logits)
+
+
+def test_engine_with_repetition_penalty_equals_transformers_generate(reference):
+    """Three requests with their own repetition penalties share the engine's decode steps (with a plain one
+    beside them, and a slot reused: its counts start again from the new prompt): each answer is
+    transformers' generate with that penalty, as the batched sampler's is."""
+    ref = reference(CONFIG, SEED)
+    hf, model = ref.hf, ref.model()
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, CONFIG.vocab_size, n).tolist() for n in (6, 2, 13, 9)]
+    penalties = [1.5, 1.0, 1.2, 1.3]
+    engine = Engine(model, EngineConfig(max_batch=2, max_context=64, prefill_chunk=16))
+    outs = [[] for _ in prompts]
+    for prompt, p, out in zip(prompts, penalties, outs):
+        engine.submit(prompt, SamplingParams(max_tokens=24, repetition_penalty=p, stop_tokens=()), on_token=out.append)
+    for _ in range(2000):
+        if engine.idle:
+            break
+        engine.step()
+    assert engine.idle
+    for prompt, p, out in zip(prompts, penalties, outs):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, repetition_penalty=p)
+        assert out == want[0, len(prompt):].tolist()
+    plain = Sampler(model)(prompts, 24, stop_tokens=[])
+    assert outs[1] == plain[1] and all(outs[i] != plain[i] for i in (0, 2, 3))

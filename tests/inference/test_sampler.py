@@ -1,8 +1,8 @@
-"""KV-cached decoding against the full forward pass, greedy generation against transformers, sampling laws."""
+"""KV-cached decoding against the full forward pass, greedy generation against transformers, the sampler's
+streaming and seeds (the sampling core itself: test_sampling.py)."""
 
 import threading
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,11 +12,13 @@ from flax import nnx
 import mixtral_jax
 import mixtral_jax.model.attention as attention_module
 from mixtral_jax import MixtralConfig
-from mixtral_jax.inference.sampler import Greedy, Sample, Sampler, SamplingError, argmax, make_strategy
+from mixtral_jax.inference.sampler import Sampler, SamplingError
 from mixtral_jax.model.mixtral import KVCache
-from tests.helpers.hf_reference import hf_model, save_hf
 
+# shared with test_penalties.py (one reference model and its compiled programs for both): a window shorter
+# than the longer tests' prompt + answer, so decoding crosses it
 CONFIG = MixtralConfig.tiny(sliding_window=12, max_seq_len=128)
+SEED = 4
 
 
 def _with_attention(model, impl: str):
@@ -27,30 +29,9 @@ def _with_attention(model, impl: str):
     return copy
 
 
-@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-def test_argmax_is_numpys_with_ties_nans_and_infinities(dtype):
-    """The vectorized argmax picks what numpy's does: the first of equal maxima, the first NaN."""
-    rng = np.random.default_rng(0)
-    x = rng.integers(-4, 5, (6, 3, 300)).astype(np.float32)  # small integers: many ties
-    x[0, 0] = -np.inf
-    x[1, 1, [7, 90]] = np.nan
-    x[2, 2, 5] = np.inf
-    x[3, 0, :] = np.nan
-    x = np.asarray(jnp.asarray(x, dtype).astype(np.float32))  # the values the dtype holds
-    got = np.asarray(jax.jit(argmax)(jnp.asarray(x, dtype)))
-    assert got.dtype == np.int32
-    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf = hf_model(CONFIG, seed=4)
-    return hf, mixtral_jax.load_hf(save_hf(hf, tmp_path_factory.mktemp("hf")), show_progress=False)
-
-
-def test_cached_decoding_equals_full_forward_every_step(pair):
+def test_cached_decoding_equals_full_forward_every_step(reference):
     """Ragged batch (left padding), prefill in one call, then one token at a time across the window."""
-    _, model = pair
+    model = reference(CONFIG, SEED).model()
     rng = np.random.default_rng(0)
     lengths, steps, width = [9, 3, 14], 20, 16
     tokens = np.zeros((3, width + steps), np.int32)
@@ -72,12 +53,12 @@ def test_cached_decoding_equals_full_forward_every_step(pair):
 
 
 @pytest.mark.parametrize("impl", ["plain", "blockwise"])
-def test_prefill_into_a_cache_skips_nothing_it_needs(pair, monkeypatch, impl):
+def test_prefill_into_a_cache_skips_nothing_it_needs(reference, monkeypatch, impl):
     """A prompt written into a cache with room to spare (blockwise: in 16-key tiles, the unwritten ones
     skipped): the same logits as the full forward pass, with left padding and the sliding window."""
     monkeypatch.setattr(attention_module, "Q_BLOCK", 16)
     monkeypatch.setattr(attention_module, "KV_BLOCK", 16)
-    _, model = pair
+    model = reference(CONFIG, SEED).model()
     model = _with_attention(model, impl)
     rng = np.random.default_rng(5)
     width = 40
@@ -92,9 +73,9 @@ def test_prefill_into_a_cache_skips_nothing_it_needs(pair, monkeypatch, impl):
         np.testing.assert_allclose(np.asarray(logits)[valid], full[valid], atol=1e-5, err_msg=f"cache {size}")
 
 
-def test_expert_views_share_the_parameters_and_change_nothing(pair, xla_only):
+def test_expert_views_share_the_parameters_and_change_nothing(reference, xla_only):
     """On CPU the per-expert views alias the stacked weights (no copy) and give the same logits."""
-    _, model = pair
+    model = reference(CONFIG, SEED).model()
     views = model.expert_views()
     assert views is not None and len(views) == CONFIG.n_layers
     for layer, (w1s, w3s, w2s) in zip(model.layers, views):
@@ -108,8 +89,9 @@ def test_expert_views_share_the_parameters_and_change_nothing(pair, xla_only):
     np.testing.assert_allclose(np.asarray(viewed), np.asarray(plain), atol=1e-5)
 
 
-def test_greedy_equals_transformers_generate(pair):
-    hf, model = pair
+def test_greedy_equals_transformers_generate(reference):
+    ref = reference(CONFIG, SEED)
+    hf, model = ref.hf, ref.model()
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, CONFIG.vocab_size, n).tolist() for n in (5, 1, 17, 11)]
     ours = Sampler(model)(prompts, 32, stop_tokens=[])
@@ -120,8 +102,8 @@ def test_greedy_equals_transformers_generate(pair):
         assert out == ref[0, len(prompt):].tolist()
 
 
-def test_stop_token_and_stop_sequence_end_a_row(pair):
-    _, model = pair
+def test_stop_token_and_stop_sequence_end_a_row(reference):
+    model = reference(CONFIG, SEED).model()
     sampler = Sampler(model)
     prompts = [[5, 6, 7], [9, 10]]
     free = sampler(prompts, 24, stop_tokens=[])
@@ -135,8 +117,8 @@ def test_stop_token_and_stop_sequence_end_a_row(pair):
     assert cut[0] == free[0]
 
 
-def test_streaming_delivers_the_same_tokens(pair):
-    _, model = pair
+def test_streaming_delivers_the_same_tokens(reference):
+    model = reference(CONFIG, SEED).model()
     steps = []
     out = Sampler(model)([[1, 2, 3], [4]], 10, stop_tokens=[], stream=lambda t: steps.append(t.copy()))
     streamed = np.stack(steps, axis=1)
@@ -144,10 +126,10 @@ def test_streaming_delivers_the_same_tokens(pair):
         assert streamed[row][streamed[row] >= 0].tolist() == o
 
 
-def test_streaming_runs_one_step_ahead_without_changing_the_answer(pair):
+def test_streaming_runs_one_step_ahead_without_changing_the_answer(reference):
     """The stream dispatches each group of steps before reading the last one back: it still yields
     exactly the steps that emit something, and nothing runs past the limit."""
-    _, model = pair
+    model = reference(CONFIG, SEED).model()
     sampler = Sampler(model)
     for limit in (1, 10, 16):  # below, at and on the output bucket
         steps = list(sampler.stream([[1, 2, 3], [4]], limit, stop_tokens=[]))
@@ -155,13 +137,13 @@ def test_streaming_runs_one_step_ahead_without_changing_the_answer(pair):
         assert sampler([[1, 2, 3], [4]], limit, stop_tokens=[]) == np.stack(steps, axis=1).tolist()
 
 
-def test_streaming_in_groups_of_steps_yields_every_step_and_stops_where_the_loop_does(pair, monkeypatch):
+def test_streaming_in_groups_of_steps_yields_every_step_and_stops_where_the_loop_does(reference, monkeypatch):
     """A fast model streams several steps per dispatch (`STREAM_LATENCY`): still one yield per step,
     ending on the same step as `__call__`, for limits inside a group and stop tokens met mid-group."""
     import mixtral_jax.inference.sampler as sampler_module
 
     monkeypatch.setattr(sampler_module, "STREAM_LATENCY", 60.0)  # every group as large as allowed
-    _, model = pair
+    model = reference(CONFIG, SEED).model()
     sampler = Sampler(model)
     prompts = [[1, 2, 3], [4]]
     free = sampler(prompts, 20, stop_tokens=[])
@@ -174,10 +156,10 @@ def test_streaming_in_groups_of_steps_yields_every_step_and_stops_where_the_loop
         assert all((s >= 0).any() for s in steps[:-1])
 
 
-def test_a_later_stream_sizes_its_first_group_by_the_last_streams_step_time(pair, monkeypatch):
+def test_a_later_stream_sizes_its_first_group_by_the_last_streams_step_time(reference, monkeypatch):
     import mixtral_jax.inference.sampler as sampler_module
 
-    _, model = pair
+    model = reference(CONFIG, SEED).model()
     sampler = Sampler(model)
     list(sampler.stream([[1, 2, 3]], 12, stop_tokens=[]))
     assert 0 < sampler._step_times[1] < 60
@@ -191,11 +173,12 @@ def test_a_later_stream_sizes_its_first_group_by_the_last_streams_step_time(pair
     assert sizes[before] == 1 and sampler_module.STREAM_GROUP in sizes[before:]
 
 
-def test_streamed_steps_equal_the_compiled_loop_when_sampling_with_penalties(pair):
+def test_streamed_steps_equal_the_compiled_loop_when_sampling_with_penalties(reference):
     """`stream` runs the decode step one jitted call at a time; `__call__` without it runs the same step
     inside one `lax.while_loop`: the same tokens, random draws and penalties included."""
-    _, model = pair
-    kwargs = dict(temperature=1.1, top_p=0.9, seed=5, stop_tokens=[], presence_penalty=0.5, repetition_penalty=1.3)
+    model = reference(CONFIG, SEED).model()
+    kwargs = dict(temperature=1.1, top_k=20, top_p=0.9, seed=5, stop_tokens=[], presence_penalty=0.5,
+                  repetition_penalty=1.3)
     prompts = [[3, 4, 5, 6], [7]]
     sampler = Sampler(model)
     steps = list(sampler.stream(prompts, 12, **kwargs))
@@ -204,9 +187,9 @@ def test_streamed_steps_equal_the_compiled_loop_when_sampling_with_penalties(pai
     assert [r[r >= 0].tolist() for r in streamed] == looped
 
 
-def test_concurrent_streams_in_threads_each_get_their_own_tokens(pair):
+def test_concurrent_streams_in_threads_each_get_their_own_tokens(reference):
     """No module state: two generations streaming at once in one process never see each other's tokens."""
-    _, model = pair
+    model = reference(CONFIG, SEED).model()
     sampler = Sampler(model)
     jobs = {"a": [[5, 6, 7]], "b": [[9], [10, 11]]}
     solo = {name: sampler(p, 10, stop_tokens=[]) for name, p in jobs.items()}
@@ -235,8 +218,8 @@ def test_concurrent_streams_in_threads_each_get_their_own_tokens(pair):
         assert [r[r >= 0].tolist() for r in streamed] == solo[name]
 
 
-def test_seed_repeats_and_temperature_zero_is_greedy(pair):
-    _, model = pair
+def test_seed_repeats_and_temperature_zero_is_greedy(reference):
+    model = reference(CONFIG, SEED).model()
     sampler = Sampler(model)
     prompts = [[3, 4, 5], [7]]
     a = sampler(prompts, 16, temperature=1.0, top_p=0.9, seed=7, stop_tokens=[])
@@ -244,39 +227,27 @@ def test_seed_repeats_and_temperature_zero_is_greedy(pair):
     c = sampler(prompts, 16, temperature=1.0, top_p=0.9, seed=8, stop_tokens=[])
     assert a == b and a != c
     assert sampler(prompts, 16, temperature=0.0, seed=3, stop_tokens=[]) == sampler(prompts, 16, stop_tokens=[])
-    assert isinstance(make_strategy(0.0, top_k=5), Greedy)
+    assert sampler(prompts, 16, temperature=1.0, top_k=1, seed=3, stop_tokens=[]) == sampler(prompts, 16,
+                                                                                               stop_tokens=[])
 
 
-def test_top_k_and_top_p_never_leave_the_allowed_set():
-    logits = jnp.asarray(np.random.default_rng(2).normal(size=(4, 50)) * 2, jnp.float32)
-    keys = jax.random.split(jax.random.key(0), 4000)
-    for strategy in (Sample(1.0, top_k=5), Sample(1.3, top_p=0.6), Sample(0.7, top_k=8, top_p=0.5)):
-        draws = np.asarray(jax.vmap(lambda k, strategy=strategy: strategy(logits, k))(keys))  # (4000, 4)
-        for row in range(4):
-            order = np.argsort(-np.asarray(logits[row]))
-            order = order[: strategy.top_k or 50]  # top-k first, then top-p on what is left (as HF's warpers)
-            allowed = set(order.tolist())
-            if strategy.top_p is not None:
-                probs = np.asarray(jax.nn.softmax(logits[row][order] / strategy.temperature))
-                n = int(np.searchsorted(np.cumsum(probs), strategy.top_p) + 1)  # smallest prefix reaching top_p
-                allowed = set(order[:n].tolist())
-            seen = set(draws[:, row].tolist())
-            assert seen <= allowed
-            assert len(seen) == len(allowed)  # and every allowed token does occur over 4000 draws
-
-
-def test_sampling_frequencies_follow_the_tempered_distribution():
-    logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
-    draws = np.asarray(jax.vmap(lambda k: Sample(0.8)(logits, k))(jax.random.split(jax.random.key(1), 20000)))
-    freq = np.bincount(draws[:, 0], minlength=4) / draws.shape[0]
-    expect = np.asarray(jax.nn.softmax(logits[0] / 0.8))
-    assert np.max(np.abs(freq - expect)) < 0.015
+def test_rows_of_one_seed_draw_apart_and_a_row_draws_as_it_would_alone(reference):
+    """Row r's token i is drawn with the key of (seed, r, i): the same prompt twice in one call gets two
+    answers, and row 0 gets what the same seed gives that prompt alone (the other rows change nothing)."""
+    model = reference(CONFIG, SEED).model()
+    sampler = Sampler(model)
+    kwargs = dict(temperature=1.0, top_k=40, seed=11, stop_tokens=[])
+    twice = sampler([[3, 4, 5], [3, 4, 5]], 16, **kwargs)
+    assert twice[0] != twice[1]
+    assert sampler([[3, 4, 5]], 16, **kwargs)[0] == twice[0] == sampler([[3, 4, 5], [9, 8]], 16, **kwargs)[0]
+    assert sampler([[3, 4, 5]], 16, **(kwargs | dict(seed=11 + (1 << 32)))) != [twice[0]]  # all 64 bits count
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(prompts=[[5] * 128]), "exceeds the context"),
-    (dict(prompts=[[5] * 129]), "context holds 128"),
-    (dict(prompts=[[]]), "prompt 0 is empty"),
+    (dict(prompts=[[5] * 127], max_new_tokens=4), "exceeds the context of 128 tokens; lower max_new_tokens to 1"),
+    (dict(prompts=[[5] * 128]), "context holds 128"),
+    (dict(prompts=[[]]), "the prompt is empty"),
+    (dict(prompts=[[1], []]), "prompt 1 is empty"),
     (dict(prompts=[]), "no prompts"),
     (dict(prompts=[[1, 999]]), "outside"),
     (dict(temperature=-0.5), "temperature"),
@@ -284,11 +255,14 @@ def test_sampling_frequencies_follow_the_tempered_distribution():
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=0), "top_k"),
+    (dict(top_k=True), "top_k"),
+    (dict(seed=1.5), "seed"),
+    (dict(presence_penalty=3.0), "presence_penalty"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(prompts=[[1] * 100], max_new_tokens=40), "lower max_new_tokens to 28"),
 ])
-def test_bad_requests_fail_before_compiling(pair, kwargs, message):
-    _, model = pair
+def test_bad_requests_fail_before_compiling(reference, kwargs, message):
+    model = reference(CONFIG, SEED).model()
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
     with pytest.raises(SamplingError, match=message):
         Sampler(model)(args.pop("prompts"), args.pop("max_new_tokens"), **args)
@@ -311,12 +285,12 @@ def test_text_api_with_the_demo_model():
     assert isinstance(reply, str)
 
 
-def test_a_later_request_reuses_the_compiled_programs(pair):
+def test_a_later_request_reuses_the_compiled_programs(reference):
     """The graph is a once-hashed static argument: equal graphs from new requests (and new Samplers) hit
     jit's cache instead of compiling again."""
     import mixtral_jax.inference.sampler as sampler_module
 
-    _, model = pair
+    model = reference(CONFIG, SEED).model()
     Sampler(model)([[5, 6, 7]], 3)
     list(Sampler(model).stream([[5, 6, 7]], 3))
     sizes = (sampler_module.prefill._cache_size(), sampler_module.decode._cache_size(),
@@ -325,16 +299,25 @@ def test_a_later_request_reuses_the_compiled_programs(pair):
     list(Sampler(model).stream([[1, 2, 3]], 3))
     assert (sampler_module.prefill._cache_size(), sampler_module.decode._cache_size(),
             sampler_module.decode_steps._cache_size()) == sizes
+    # sampling parameters are traced arrays: once one sampled request has compiled, new values compile nothing
+    Sampler(model)([[5, 6, 7]], 3, temperature=0.7, top_p=0.9)
+    list(Sampler(model).stream([[5, 6, 7]], 3, temperature=0.7))
+    sizes = (sampler_module.prefill._cache_size(), sampler_module.decode._cache_size(),
+             sampler_module.decode_steps._cache_size())
+    Sampler(model)([[5, 6, 7]], 3, temperature=1.3, top_k=4, top_p=0.5, seed=9)
+    list(Sampler(model).stream([[5, 6, 7]], 3, temperature=0.2, top_k=2))
+    assert (sampler_module.prefill._cache_size(), sampler_module.decode._cache_size(),
+            sampler_module.decode_steps._cache_size()) == sizes
 
 
-def test_equal_graphs_share_one_wrapper_so_each_step_is_an_identity_check(pair):
+def test_equal_graphs_share_one_wrapper_so_each_step_is_an_identity_check(reference):
     """jit compares a static argument with its cached key on every call; one wrapper per distinct graph
     makes that `is`, not a walk of the whole module tree each decode step."""
     from flax import nnx
 
     from mixtral_jax.inference.sampler import HashedOnce
 
-    _, model = pair
+    model = reference(CONFIG, SEED).model()
     first, second = nnx.split(model)[0], nnx.split(model)[0]
     assert first is not second and first == second
     assert HashedOnce.of(first) is HashedOnce.of(second)

@@ -2,6 +2,7 @@
 official `openai` client (and raw HTTP for malformed requests). Every wait is bounded."""
 
 import concurrent.futures
+import functools
 import http.client
 import json
 import os
@@ -10,11 +11,15 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
+
+from mixtral_jax.inference.sampling import SamplingParams
+from mixtral_jax.serving.app import BadRequest, parse_request
 
 MODEL = "mixtral-jax-demo"
 MAX_CONTEXT = 128
@@ -150,12 +155,63 @@ def test_concurrent_requests_equal_their_solo_answers(server):
     (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": MAX_CONTEXT}).encode(), "max_tokens"),
     (json.dumps({"model": MODEL, "prompt": [1, 99999]}).encode(), "prompt"),
     (json.dumps(["a", "list"]).encode(), None),
+    (json.dumps({"model": MODEL, "prompt": "hi", "top_k": 2.5}).encode(), "top_k"),
+    (json.dumps({"model": MODEL, "prompt": "hi", "top_k": -2}).encode(), "top_k"),
+    (json.dumps({"model": MODEL, "prompt": "hi", "top_k": "5"}).encode(), "top_k"),
+    (json.dumps({"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}).encode(), "presence_penalty"),
+    (json.dumps({"model": MODEL, "prompt": "hi", "frequency_penalty": -3}).encode(), "frequency_penalty"),
+    (json.dumps({"model": MODEL, "prompt": "hi", "repetition_penalty": 0}).encode(), "repetition_penalty"),
+    (json.dumps({"model": MODEL, "prompt": "hi", "repetition_penalty": "high"}).encode(), "repetition_penalty"),
 ])
 def test_bad_completion_requests_get_400_with_an_openai_error(server, body, param):
     _, base, _ = server
     status, error = _post(base, "/v1/completions", body)
     assert status == 400 and error["error"]["type"] == "invalid_request_error" and error["error"]["message"]
     assert error["error"]["param"] == param
+
+
+def test_parse_request_passes_top_k_and_the_penalties_to_the_engine():
+    """The body's top_k (-1 or 0: off) and penalties reach the engine's SamplingParams as given."""
+    from mixtral_jax.text.tokenizer import load_tokenizer
+
+    seen = []
+    engine = types.SimpleNamespace(max_context=MAX_CONTEXT,
+                                   validate=lambda prompt, params: seen.append(params) or prompt)
+    parse = functools.partial(parse_request, chat=False, model_name=MODEL, tokenizer=load_tokenizer(), engine=engine)
+    body = {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0.5, "top_k": 5, "top_p": 0.9, "seed": 3,
+            "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2}
+    assert parse(body).params == SamplingParams(max_tokens=4, temperature=0.5, top_k=5, top_p=0.9, seed=3,
+                                                presence_penalty=0.5, frequency_penalty=-1.0,
+                                                repetition_penalty=1.2)
+    for off in (-1, 0, None):
+        assert parse(body | {"top_k": off}).params.top_k is None
+    plain = parse({"prompt": [5], "seed": 1}).params
+    assert (plain.top_k, plain.repetition_penalty, plain.presence_penalty, plain.frequency_penalty) == (None, 1, 0, 0)
+    with pytest.raises(BadRequest, match="top_k") as e:
+        parse(body | {"top_k": True})
+    assert e.value.param == "top_k"
+    assert len(seen) == 5  # each good body was checked by the engine, the bad one never reached it
+
+
+def test_top_k_and_penalties_are_applied(server):
+    """top_k 1 makes a hot sampled answer the greedy one whatever the seed; -1 and 0 leave sampling as it
+    was; the penalties change the greedy answer, reproducibly, and their neutral values change nothing."""
+    _, _, client = server
+    prompt = "def read_config(path):"
+
+    def ask(**kwargs):
+        extra = {k: kwargs.pop(k) for k in ("top_k", "repetition_penalty") if k in kwargs}
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, extra_body=extra,
+                                         **kwargs).choices[0].text
+
+    greedy = ask(temperature=0)
+    assert ask(temperature=1.5, seed=1, top_k=1) == ask(temperature=1.5, seed=2, top_k=1) == greedy
+    hot = ask(temperature=1.5, seed=1)
+    assert hot != greedy and ask(temperature=1.5, seed=1, top_k=-1) == hot == ask(temperature=1.5, seed=1, top_k=0)
+    for penalty in (dict(presence_penalty=2.0), dict(frequency_penalty=2.0), dict(repetition_penalty=3.0)):
+        penalised = ask(temperature=0, **penalty)
+        assert penalised != greedy and ask(temperature=0, **penalty) == penalised, penalty
+    assert ask(temperature=0, presence_penalty=0, frequency_penalty=0, repetition_penalty=1) == greedy
 
 
 def test_bad_chat_requests_through_the_client(server):
