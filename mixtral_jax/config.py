@@ -216,7 +216,7 @@ _SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head
 _MISTRAL_DEFAULT_CONTEXT = 32768
 
 
-MOE_STRATEGIES = ("auto", "dense", "ragged", "capacity", "gather", "grouped")
+MOE_STRATEGIES = ("auto", "dense", "ragged", "capacity", "gather", "grouped", "gmm")
 KV_CACHE_DTYPES = ("bfloat16", "float16", "float32", "int8")  # int8: per token and head scales (KVCache)
 ATTENTION_IMPLEMENTATIONS = ("auto", "plain", "blockwise", "splash", "cudnn")  # see mixtral_jax.model.attention
 QUANTIZE_MODES = ("int8",)  # weight-only, see mixtral_jax.model.quant

@@ -8,11 +8,12 @@ from tests.helpers import REPO_ROOT as ROOT
 
 
 def _importable_asset_folders() -> set[str]:
-    """Dotted names of the folders under mixtral_jax/assets whose path Python could import."""
+    """Dotted names of the folders under mixtral_jax holding data, not code, whose path Python could import."""
     found = set()
-    for folder, _, _ in os.walk(os.path.join(ROOT, "mixtral_jax", "assets")):
+    for folder, dirs, files in os.walk(os.path.join(ROOT, "mixtral_jax")):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
         parts = os.path.relpath(folder, ROOT).split(os.sep)
-        if all(p.isidentifier() for p in parts):
+        if "__init__.py" not in files and all(p.isidentifier() for p in parts):
             found.add(".".join(parts))
     return found
 
@@ -23,7 +24,10 @@ def test_asset_folders_are_declared_packages():
     folders = _importable_asset_folders()
     assert "mixtral_jax.assets.demo_model" in folders
     assert folders - declared == set(), "add these to [tool.setuptools] packages in pyproject.toml"
-    stale = {p for p in declared if p.startswith("mixtral_jax.assets")} - folders
+    code = {"mixtral_jax"} | {f"mixtral_jax.{d}" for d in os.listdir(os.path.join(ROOT, "mixtral_jax"))
+                              if os.path.isfile(os.path.join(ROOT, "mixtral_jax", d, "__init__.py"))}
+    stale = {p for p in declared if p.startswith("mixtral_jax.") and p not in code
+             and not p.startswith(("mixtral_jax.convert", "mixtral_jax.sharding"))} - folders
     assert stale == set(), "remove these from [tool.setuptools] packages: their folders are gone"
 
 

@@ -1,11 +1,14 @@
-"""`mixtral-jax plan`: will this model and workload fit this TPU slice on this mesh? XLA's own answer.
+"""`mixtral-jax plan`: will this model and workload fit this TPU slice (or these GPU hosts) on this mesh? XLA's
+own answer.
 
     mixtral-jax plan --topology v5e-8 --mesh expert=4,tensor=2 --decode-batch 8 --context 8192
     mixtral-jax plan --topology v5p-128 --mesh data=8,expert=8 --train-seq 4096 --train-batch 64 --fsdp --json
+    mixtral-jax plan --topology h100-8 --mesh expert=8 --decode-batch 64 --context 32768
 
 Compiles the sampler's prefill and decode and the trainer's step ahead of time for the slice (see
-`mixtral_jax.planning.planner`); needs `jax[tpu]` installed (no TPU). Prints per-chip memory against HBM, whether it
-fits, compile time, the collectives, and an estimated step time; `--json` prints the reports as JSON.
+`mixtral_jax.planning.planner`); needs `jax[tpu]` installed for TPU slices and the `gpu-plan` extra for GPU hosts
+(no TPU or GPU). Prints per-chip memory against HBM, whether it fits, compile time, the collectives, and an
+estimated step time; `--json` prints the reports as JSON.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 from mixtral_jax.cli.model_flags import NAMED_CONFIGS, model_config
 from mixtral_jax.config import KV_CACHE_DTYPES, QUANTIZE_MODES, MixtralConfig
 from mixtral_jax.planning import planner as plan
-from mixtral_jax.planning.topologies import GIB, TOPOLOGIES, get_topology
+from mixtral_jax.planning.topologies import GIB, GPU_TOPOLOGIES, TOPOLOGIES, get_topology
 from mixtral_jax.sharding.distributed import on_cloud_tpu_vm
 from mixtral_jax.sharding.mesh import parse_mesh_spec
 
@@ -52,12 +55,13 @@ def _params(n: int) -> str:
 
 def format_reports(config: MixtralConfig, topology, reports, quantize: str | None = None) -> str:
     chip = topology.chip
+    unit = "GPU" if topology.backend == "gpu" else "chip"
     lines = [f"{_params(config.param_count())}-parameter Mixtral{f' ({quantize} weights)' if quantize else ''} on "
              f"{topology.name}: {topology.chips} x "
              f"{chip.name} ({chip.hbm_bytes / GIB:.2f} GiB HBM each), {topology.hosts} host(s), mesh "
              f"{reports[0].mesh if reports else '-'}",
              "",
-             f"{'per chip (GiB)':<28}{'weights':>8}{'args':>8}{'temps':>8}{'outputs':>8}{'total':>8}"
+             f"{f'per {unit} (GiB)':<28}{'weights':>8}{'args':>8}{'temps':>8}{'outputs':>8}{'total':>8}"
              f"{'HBM':>8}  fits  compile"]
     for r in reports:
         temps, outs = ("-", "-") if r.xla_error else (_gib(r.temp_bytes), _gib(r.output_bytes - r.alias_bytes))
@@ -66,7 +70,7 @@ def format_reports(config: MixtralConfig, topology, reports, quantize: str | Non
                      f"{r.compile_s:>6.0f}s")
     compiled = [r for r in reports if not r.xla_error]
     if compiled:
-        lines += ["", "collectives per chip in the compiled program (count, result bytes; a loop body counts once):"]
+        lines += ["", f"collectives per {unit} in the compiled program (count, result bytes; a loop body counts once):"]
         for r in compiled:
             parts = [f"{op} {c['count']} ({_size(c['bytes'])})" for op, c in r.collectives.items() if c["count"]]
             lines.append(f"  {r.workload.label:<26}{', '.join(parts) or 'none'}")
@@ -74,13 +78,27 @@ def format_reports(config: MixtralConfig, topology, reports, quantize: str | Non
                       "bandwidth); not a measurement):"]
         for r in compiled:
             lines.append(f"  {r.workload.label:<26}{r.est_step_s * 1e3:9.1f} ms  ({r.est_bound}-bound: "
-                         f"{r.flops / 1e12:.2f} TFLOP, {r.bytes_accessed / GIB:.1f} GiB per chip)")
+                         f"{r.flops / 1e12:.2f} TFLOP, {r.bytes_accessed / GIB:.1f} GiB per {unit})")
+        kernels = [r for r in compiled if r.moe_active_flops]
+        if kernels:
+            # top-k experts' three matmuls per token and layer: what a sparse MoE must compute
+            active = config.n_layers * config.top_k * 3 * 2 * config.dim * config.hidden_dim
+            lines += ["", f"MoE grouped-matmul kernels ({kernels[0].moe_strategy}; FLOPs as launched, an upper "
+                          f"bound, against the routed rows'; top-{config.top_k} is {active / 1e9:.3g} GFLOP per "
+                          f"token, all {config.n_experts} experts {config.n_experts / config.top_k:.0f}x that):"]
+            for r in kernels:
+                lines.append(f"  {r.workload.label:<26}{r.moe_kernel_flops / r.moe_active_flops:9.2f}x  "
+                             f"({r.moe_kernel_flops / 1e12:.2f} TFLOP per {unit})")
     misfits = [r for r in reports if not r.fits]
     if misfits:
         lines.append("")
         for r in misfits:
             why = f"XLA: {r.xla_error}" if r.xla_error else f"{_gib(r.total_bytes - r.hbm_bytes)} GiB over"
             lines.append(f"{r.workload.label}: does NOT fit ({why}); {suggestion(r)}")
+    if topology.backend == "gpu":
+        lines += ["", f"GPU HBM is the whole {chip.hbm_bytes / GIB:.2f} GiB the driver reports: run with "
+                      "XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (JAX's allocator takes 75% by default). MoE strategy: "
+                      f"{reports[0].moe_strategy if reports else '-'}."]
     return "\n".join(lines)
 
 
@@ -90,7 +108,10 @@ def suggestion(report) -> str:
     variable = report.total_bytes - report.weight_bytes
     room = report.hbm_bytes - report.weight_bytes
     if room <= 0:
-        return "the weights alone exceed HBM: use more chips on the expert/tensor axes (or FSDP for training)"
+        quantized = w.kind == "train" or getattr(report, "quantize", None)
+        int8 = "" if quantized else "--quantize int8 (int8 expert and attention weights), or "
+        return f"the weights alone exceed HBM: {int8}use more chips on the expert/tensor axes" + \
+            (" (or FSDP for training)" if w.kind == "train" else "")
     if w.kind == "train":
         # a micro-batch must still split over the batch's mesh axes (data x expert), or chips sit idle
         sizes = parse_mesh_spec(report.mesh, report.chips)
@@ -133,11 +154,13 @@ def run_plan(args) -> int:
 def register(subparsers):
     p = subparsers.add_parser(
         "plan", allow_abbrev=False,
-        help="compile for a TPU slice ahead of time: per-chip memory, fit, collectives, step estimate",
-        description="Compile the sampler's prefill/decode and the training step for a TPU slice on this machine "
-                    "(jax[tpu] installed, no TPU needed) and report XLA's per-chip memory, collectives and an "
-                    "estimated step time. Without workload flags: prefill 1x4096 and decode 8x8192.")
-    p.add_argument("--topology", required=True, help=f"Cloud TPU slice: {', '.join(TOPOLOGIES)}")
+        help="compile for a TPU slice or GPU hosts ahead of time: per-chip memory, fit, collectives, step estimate",
+        description="Compile the sampler's prefill/decode and the training step for a TPU slice (jax[tpu] installed, "
+                    "no TPU needed) or NVIDIA GPU hosts (the gpu-plan extra, no GPU needed) on this machine and "
+                    "report XLA's per-chip memory, collectives and an estimated step time. Without workload flags: "
+                    "prefill 1x4096 and decode 8x8192.")
+    p.add_argument("--topology", required=True, help=f"Cloud TPU slice: {', '.join(TOPOLOGIES)}; or GPU hosts "
+                                                     f"(8 GPUs a host): {', '.join(GPU_TOPOLOGIES)}")
     p.add_argument("--mesh", required=True, help="mesh over the slice's chips, e.g. expert=4,tensor=2")
     p.add_argument("--model", default="8x7b", help=f"{', '.join(NAMED_CONFIGS)}, a checkpoint, or a config JSON "
                                                   "(default: 8x7b)")

@@ -15,6 +15,11 @@ Every strategy takes the same `Routing` (computed once by `route`) and returns t
               chosen with `lax.switch`), and nothing at all for an expert with no tokens. Each branch
               reads its expert's weights in place, so a decode step reads only the experts it uses and a
               prefill pays ~10% padding instead of `capacity`'s 2x. Dropless by construction.
+- `gmm`:      `ragged`'s sorted token copies through a Pallas Triton grouped matmul (`kernels.grouped_matmul`):
+              each block of rows of one expert multiplies that expert's weights only, so it is sparse on
+              GPU, where XLA expands `ragged_dot` into a masked dense dot over every expert. Int8 weights
+              go into the kernel as int8. On other backends the same kernel runs in Pallas' interpreter
+              (exact, slow: for tests).
 
 Einsum letters: t tokens, d model dim, f expert hidden dim, e experts, r experts per token (top_k), c bucket slot.
 """
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax.kernels import cpu as cpu_kernels
+from mixtral_jax.kernels.grouped_matmul import grouped_matmul
 from mixtral_jax.model import quant
 from mixtral_jax.model.quant import QArray, qeinsum
 
@@ -216,9 +222,34 @@ def expert_views(w) -> tuple | None:
     return views
 
 
+# ------------------------------------------------------------------------------------------- gmm
+def _gmm_dot(x, w, group_sizes, row_group):
+    if w.shape[0] == 1:  # one local expert (expert-parallel over every expert): a plain dot, no blocks to pad
+        return quant.ragged_dot(x, w, group_sizes, row_group)
+    if not isinstance(w, QArray):
+        return grouped_matmul(x, w, group_sizes)
+    y = grouped_matmul(x, w.q, group_sizes, out_dtype=jnp.float32)  # int8 into the kernel
+    return (y * w.scale[row_group]).astype(x.dtype)
+
+
+def moe_gmm(x, routing: Routing, w1, w3, w2) -> jax.Array:
+    """`moe_ragged` with `grouped_matmul` for the three grouped matmuls."""
+    t, k = routing.expert_ids.shape
+    flat_experts = routing.expert_ids.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    token_of = order // k
+    group_sizes = jnp.bincount(flat_experts, length=w1.shape[0]).astype(jnp.int32)
+    xs = x[token_of]
+    row_expert = flat_experts[order]
+    h = jax.nn.silu(_gmm_dot(xs, w1, group_sizes, row_expert)) * _gmm_dot(xs, w3, group_sizes, row_expert)
+    ys = _gmm_dot(h, w2, group_sizes, row_expert)
+    ys = ys * routing.weights.reshape(-1)[order][:, None].astype(ys.dtype)
+    return jnp.zeros_like(x).at[token_of].add(ys)
+
+
 STRATEGIES: dict[str, Callable] = {
     "dense": moe_dense, "ragged": moe_ragged, "capacity": moe_capacity, "gather": moe_gather,
-    "grouped": moe_grouped,
+    "grouped": moe_grouped, "gmm": moe_gmm,
 }
 
 
@@ -226,13 +257,14 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
     """Turn 'auto' into a concrete strategy for this backend (default: JAX's default backend).
 
     Chosen by `python -m bench.moe_strategies` (figures in docs/performance.md): on CPU `grouped` is fastest from
-    one decode token to a 1024-token prefill; on GPU and TPU `ragged_dot` is a grouped kernel that
-    touches only the experts in use.
+    one decode token to a 1024-token prefill; on TPU `ragged_dot` is a grouped kernel that touches only
+    the experts in use; on GPU XLA expands `ragged_dot` into a masked dense dot over every expert, so
+    `gmm` (the Pallas Triton grouped matmul) is the sparse one.
     """
     if strategy != "auto":
         return strategy
     backend = backend or jax.default_backend()
-    return "grouped" if backend == "cpu" else "ragged"
+    return {"cpu": "grouped", "gpu": "gmm", "cuda": "gmm"}.get(backend, "ragged")
 
 
 def run_experts(x, routing: Routing, w1, w3, w2, strategy: str = "auto", capacity_factor: float = 2.0,

@@ -1,4 +1,5 @@
-"""Plans for a TPU slice: the real jitted functions compiled ahead of time for it, on abstract inputs.
+"""Plans for a TPU slice or GPU hosts: the real jitted functions compiled ahead of time for them, on abstract
+inputs.
 
     reports = plan(MixtralConfig(), "v5e-8", "expert=4,tensor=2", [decode(8, 8192)])
 
@@ -9,6 +10,12 @@ jits them, and the trainer's step with its optimizer state. XLA's TPU compiler t
 holds (`memory_analysis`), what it computes and reads (`cost_analysis`), and which collectives the
 partitioned program runs (read from the compiled HLO). Multi-host slices compile as the one SPMD
 program every host runs.
+
+GPU hosts (`h100-8`, `h200-1`, `h100-16`, ...) compile the same way through the CUDA PJRT plugin's topology
+description (`mixtral_jax.planning.topologies.GpuTopology`): XLA:GPU's buffer assignment per GPU, its
+optimized HLO's collectives, and the cost analysis of that HLO (XLA:GPU's `cost_analysis()` is empty, so
+the HLO is counted by XLA's cost-analysis pass through the CPU client; custom calls such as cuBLAS GEMMs
+are counted, kernels XLA cannot see into are not).
 
 The step time is an estimate from XLA's cost analysis (max of FLOPs / peak and bytes / HBM bandwidth),
 not a measurement; inside the decode loop and the MoE's branches, XLA counts each body once.
@@ -26,16 +33,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax._src import xla_bridge
+from jax._src.lib import _jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.config import MixtralConfig, RuntimeConfig, check_quantize
 from mixtral_jax.errors import PlanError
 from mixtral_jax.inference import sampler as sampler_lib
-from mixtral_jax.model.mixtral import KVCache, Mixtral
+from mixtral_jax.model.kv_cache import KVCache
+from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.model.moe import resolve_strategy
 from mixtral_jax.model.params import param_specs
 from mixtral_jax.model.placement import check_mesh
-from mixtral_jax.planning.topologies import GIB, Topology, TopologyError, get_topology
+from mixtral_jax.planning.topologies import GIB, GpuTopology, Topology, TopologyError, get_topology
 from mixtral_jax.sharding.mesh import make_mesh, parse_mesh_spec
 from mixtral_jax.sharding.rules import (
     CACHE_ROW_AXES,
@@ -118,6 +128,10 @@ class Report:
     est_bound: str                # "compute" or "memory"
     xla_error: str | None = None  # XLA refused to compile: more memory than HBM (then only `required_bytes`
     required_bytes: int = 0       # and the arguments, from their shardings, are known)
+    moe_strategy: str = ""        # the MoE strategy compiled (`auto` resolved for the target backend)
+    moe_kernel_flops: float = 0.0   # `gmm`: the grouped-matmul kernels' FLOPs as launched (in `flops`),
+    moe_active_flops: float = 0.0   # and those of the routed rows (see `planner.gmm_cost`)
+    quantize: str | None = None   # "int8": int8 expert and attention weights
 
     @property
     def total_bytes(self) -> int:
@@ -281,20 +295,71 @@ def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
         cost = cost[0] if cost else {}
+    if not cost:  # XLA:GPU's compiled-for-a-topology executable has none: count its optimized HLO here
+        cost = hlo_cost(compiled)
     return cost or {}
+
+
+def hlo_cost(compiled) -> dict:
+    """XLA's HLO cost analysis (flops, bytes accessed) of a compiled program's optimized HLO module, run
+    through this machine's CPU client; {} where the executable does not expose its modules."""
+    try:
+        modules = compiled.runtime_executable().hlo_modules()
+    except Exception:  # noqa: BLE001 - not every executable exposes its HLO
+        return {}
+    cpu = xla_bridge.get_backend("cpu")
+    out: dict = {}
+    for module in modules:
+        for key, value in _jax.hlo_module_cost_analysis(cpu, module).items():
+            if key in ("flops", "bytes accessed", "transcendentals"):
+                out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+_GMM_RE = re.compile(r"=\s*(?P<dt>[a-z]+\d*)\[(?P<rows>\d+),(?P<n>\d+)\]\S*\s+custom-call\(.*"
+                     r"operand_layout_constraints=\{s32\[(?P<blocks>\d+)\]\S*, [a-z]+\d*\[\d+,(?P<k>\d+)\]\S*, "
+                     r"(?P<wdt>[a-z]+\d*)\[(?P<g>\d+),\d+,\d+\].*mixtral_gmm")
+
+
+def gmm_cost(hlo_text: str) -> dict[str, float]:
+    """The MoE's Pallas grouped matmuls (`mixtral_jax.kernels.grouped_matmul`, custom calls XLA's cost
+    analysis cannot see into), from their shapes in the compiled HLO: "flops" as launched (every row block
+    of the grid, including blocks left empty at run time: an upper bound), "active_flops" for the rows
+    routed (the blocks beyond the `groups` padding blocks), "bytes" reading the rows, each expert's
+    weights once and writing the result. A loop body counts once."""
+    out = {"flops": 0.0, "active_flops": 0.0, "bytes": 0.0, "calls": 0}
+    for line in hlo_text.splitlines():
+        m = _GMM_RE.search(line)
+        if not m:
+            continue
+        rows, n, k, blocks, groups = (int(m[x]) for x in ("rows", "n", "k", "blocks", "g"))
+        bm = rows // blocks
+        out["flops"] += 2.0 * rows * k * n
+        out["active_flops"] += 2.0 * (blocks - groups) * bm * k * n
+        out["bytes"] += rows * k * 2 + groups * k * n * _DTYPE_BYTES.get(m["wdt"], 2) + rows * n * \
+            _DTYPE_BYTES.get(m["dt"], 2)
+        out["calls"] += 1
+    return out
+
+
+# XLA:GPU compiling without a GPU cannot ask CUB for a sort's scratch size: sort with XLA's own kernels
+GPU_COMPILER_OPTIONS = {"xla_gpu_deviceless_cub_mode": "DEVICELESS_CUB_DISABLED"}
 
 
 _OOM_RE = re.compile(r"required for HLO temporaries \(([\d.]+)G\)")
 
 
-def compile_workload(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload, topology: Topology,
+def compile_workload(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload,
+                     topology: Topology | GpuTopology,
                      mesh_spec: str, kv_cache_dtype=None) -> Report:
     t0 = time.perf_counter()
     lowered, weights, arguments = _lower(config, runtime, workload, kv_cache_dtype)
     common = dict(workload=workload, topology=topology.name, mesh=mesh_spec, chips=topology.chips,
-                  hbm_bytes=topology.chip.hbm_bytes, weight_bytes=weights)
+                  hbm_bytes=topology.chip.hbm_bytes, weight_bytes=weights, moe_strategy=runtime.moe_strategy,
+                  quantize=runtime.quantize)
+    options = GPU_COMPILER_OPTIONS if topology.backend == "gpu" else None
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options)
     except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses programs that need more than HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -306,13 +371,17 @@ def compile_workload(config: MixtralConfig, runtime: RuntimeConfig, workload: Wo
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = _cost(compiled)
-    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    hlo = compiled.as_text()
+    gmm = gmm_cost(hlo)  # custom calls: not in XLA's cost analysis
+    flops = float(cost.get("flops", 0.0)) + gmm["flops"]
+    accessed = float(cost.get("bytes accessed", 0.0)) + gmm["bytes"]
     compute_s, memory_s = flops / topology.chip.peak_flops, accessed / topology.chip.hbm_bandwidth
     return Report(**common, argument_bytes=int(mem.argument_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                   output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
-                  compile_s=seconds, collectives=collectives(compiled.as_text()), flops=flops,
+                  compile_s=seconds, collectives=collectives(hlo), flops=flops,
                   bytes_accessed=accessed, est_step_s=max(compute_s, memory_s),
-                  est_bound="compute" if compute_s >= memory_s else "memory")
+                  est_bound="compute" if compute_s >= memory_s else "memory", moe_kernel_flops=gmm["flops"],
+                  moe_active_flops=gmm["active_flops"])
 
 
 def plan_runtime(mesh: Mesh, dtype="bfloat16", backend: str = "tpu", quantize: str | None = None) -> RuntimeConfig:
@@ -322,18 +391,20 @@ def plan_runtime(mesh: Mesh, dtype="bfloat16", backend: str = "tpu", quantize: s
                          mesh=mesh, quantize=quantize)
 
 
-def plan(config: MixtralConfig, topology: str | Topology, mesh: str, workloads: Sequence[Workload], *,
+def plan(config: MixtralConfig, topology: str | Topology | GpuTopology, mesh: str, workloads: Sequence[Workload], *,
          dtype="bfloat16", quantize: str | None = None, kv_cache_dtype=None) -> list[Report]:
-    """Compile each workload for `topology` (a Cloud name such as "v5e-8") on `mesh`; one report each.
+    """Compile each workload for `topology` (a Cloud name such as "v5e-8", or GPU hosts such as "h100-8") on
+    `mesh`; one report each.
     `quantize='int8'`: int8 expert and attention weights (serving only: training needs float weights).
     `kv_cache_dtype` (e.g. "int8"): the sampler's KV cache, default `dtype`."""
     check_quantize(quantize)
     if quantize is not None and any(w.kind == "train" for w in workloads):
         raise PlanError("--quantize plans prefill and decode only: training updates float weights")
     topo = get_topology(topology) if isinstance(topology, str) else topology
-    runtime = plan_runtime(slice_mesh(config, topo, mesh), dtype, quantize=quantize)
+    runtime = plan_runtime(slice_mesh(config, topo, mesh), dtype, backend=topo.backend, quantize=quantize)
     return [compile_workload(config, runtime, w, topo, mesh, kv_cache_dtype) for w in workloads]
 
 
-__all__ = ["COLLECTIVES", "GIB", "PlanError", "Report", "TopologyError", "Workload", "collectives", "decode", "plan",
+__all__ = ["COLLECTIVES", "GIB", "GPU_COMPILER_OPTIONS", "PlanError",
+           "Report", "TopologyError", "Workload", "collectives", "decode", "plan",
            "prefill", "train", "valid_meshes"]

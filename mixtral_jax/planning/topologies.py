@@ -1,4 +1,5 @@
-"""Cloud TPU slices by their Cloud names (`v5e-8`, `v4-32`, `v5p-128`, ...): chips, HBM, bandwidth, peak.
+"""Cloud TPU slices by their Cloud names (`v5e-8`, `v4-32`, `v5p-128`, ...) and NVIDIA GPU hosts (`h100-8`,
+`h200-1`, `a100-8`, multi-host `h100-16`, ...): chips, HBM, bandwidth, peak.
 
 `Topology.devices()` asks libtpu (installed by `jax[tpu]`; no TPU needed) for the slice's devices, so a
 program can be compiled ahead of time for a slice this machine does not have (see `mixtral_jax.planning.planner`).
@@ -8,14 +9,25 @@ chips for v5e and v6e: v4-32 is 16 chips, v5e-8 is 8.
 Chip figures are the published per-chip ones (Cloud TPU system architecture pages): HBM, HBM bandwidth,
 dense bf16 peak. For v5e and v5p the HBM is what XLA:TPU says is available when it refuses a program
 (15.75 GiB of the nominal 16; 95.74 GiB of 95); v4 and v6e are nominal.
+
+GPU hosts are described the same way by the CUDA PJRT plugin (`jax-cuda12-plugin` and `ptxas` from
+`nvidia-cuda-nvcc-cu12`, the `gpu-plan` extra; no GPU needed) from one of XLA's GpuTargetConfigProto files
+(`gpu_specs/`, copied from openxla/xla's `xla/backends/gpu/target_config/specs`): "h100-16" is 2 hosts of
+8 H100s. A GPU's HBM and bandwidth are the spec file's (`device_memory_size`, what the driver reports, all
+of it: JAX's allocator takes 75% unless `XLA_PYTHON_CLIENT_MEM_FRACTION` says otherwise); peaks are
+NVIDIA's dense bf16 figures.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import importlib.util
 import math
 import os
+import re
+from importlib import resources
 
 from jax.experimental import topologies
 
@@ -58,6 +70,8 @@ class Topology:
     libtpu_name: str        # e.g. "v5e:2x4"
     megacore: bool
 
+    backend = "tpu"
+
     @property
     def chips(self) -> int:
         return math.prod(int(n) for n in self.libtpu_name.split(":")[1].split("x"))
@@ -96,11 +110,102 @@ TOPOLOGIES: dict[str, Topology] = {
 }
 
 
-def get_topology(name: str) -> Topology:
-    """`'v5e-8'` -> its `Topology`; an unknown name is a one-line error listing the valid ones."""
+# ------------------------------------------------------------------------------------------- GPUs
+# generation -> (spec file in gpu_specs/, dense bf16 peak FLOP/s)
+_GPU_SPECS = {
+    "h100": ("h100_sxm.txtpb", 989e12),
+    "h200": ("h200.txtpb", 989e12),
+    "a100": ("a100_sxm_80.txtpb", 312e12),
+}
+GPUS_PER_HOST = 8
+_GPU_SIZES = (1, 8, 16, 32)  # one GPU, one 8-GPU host, 2 and 4 hosts
+
+
+def gpu_target_config(spec_file: str) -> str:
+    """The text of a GpuTargetConfigProto shipped in `mixtral_jax/planning/gpu_specs/`."""
+    return resources.files("mixtral_jax.planning").joinpath("gpu_specs", spec_file).read_text()
+
+
+def _spec_field(text: str, field: str) -> str:
+    m = re.search(rf"^\s*{field}:\s*\"?([^\"\n]+)\"?\s*$", text, re.M)
+    if not m:
+        raise TopologyError(f"GPU target config without {field}")
+    return m[1]
+
+
+@functools.cache
+def gpu_chip(generation: str) -> Chip:
+    spec_file, peak = _GPU_SPECS[generation]
+    text = gpu_target_config(spec_file)
+    return Chip(_spec_field(text, "device_description_str"), int(_spec_field(text, "device_memory_size")),
+                float(_spec_field(text, "memory_bandwidth")), peak)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTopology:
+    """`gpus` NVIDIA GPUs of one generation, `GPUS_PER_HOST` a host (all of them when fewer)."""
+
+    name: str               # e.g. "h100-16"
+    generation: str         # a key of _GPU_SPECS
+    gpus: int
+
+    backend = "gpu"
+
+    @property
+    def chip(self) -> Chip:
+        return gpu_chip(self.generation)
+
+    @property
+    def chips(self) -> int:
+        return self.gpus
+
+    @property
+    def hosts(self) -> int:
+        return max(1, self.gpus // GPUS_PER_HOST)
+
+    @property
+    def topology_string(self) -> str:
+        """slices x hosts x GPUs per host, as the CUDA plugin's topology description takes it."""
+        return f"1x{self.hosts}x{self.gpus // self.hosts}"
+
+    def devices(self) -> list:
+        """The hosts' GPUs, from the CUDA plugin's description of the target config (nothing is allocated)."""
+        try:
+            with _quiet_stderr():  # the plugin logs that this machine has no CUDA driver
+                topology = topologies.get_topology_desc(
+                    platform="cuda", target_config=gpu_target_config(_GPU_SPECS[self.generation][0]),
+                    topology=self.topology_string)
+        except Exception as e:  # noqa: BLE001 - a missing plugin and XLA errors arrive as several kinds
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TopologyError(f"cannot describe {self.name} ({self.topology_string} {self.chip.name}): {first}; "
+                                f"is the gpu-plan extra (jax-cuda12-plugin at this jax version, "
+                                f"nvidia-cuda-nvcc-cu12) installed?") from None
+        devices = list(topology.devices)
+        if len(devices) != self.chips:
+            raise TopologyError(f"the CUDA plugin describes {self.name} with {len(devices)} devices, "
+                                f"expected {self.chips}")
+        return devices
+
+
+GPU_TOPOLOGIES: dict[str, GpuTopology] = {
+    f"{gen}-{n}": GpuTopology(f"{gen}-{n}", gen, n) for gen in _GPU_SPECS for n in _GPU_SIZES
+}
+
+
+def gpu_plugin_available() -> bool:
+    """Whether the CUDA PJRT plugin (the gpu-plan extra) is importable here."""
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+
+
+def get_topology(name: str) -> Topology | GpuTopology:
+    """`'v5e-8'` or `'h100-8'` -> its topology; an unknown name is a one-line error listing the valid ones."""
     key = name.strip().lower().replace("v5litepod", "v5e").replace("v6e-lite", "v6e")
+    if key in GPU_TOPOLOGIES:
+        return GPU_TOPOLOGIES[key]
     if key not in TOPOLOGIES:
-        raise TopologyError(f"unknown TPU topology {name!r}; choose one of {', '.join(TOPOLOGIES)}")
+        kind = "GPU" if key[:1] in ("a", "h") else "TPU"
+        raise TopologyError(f"unknown {kind} topology {name!r}; choose one of {', '.join(TOPOLOGIES)}; or GPU hosts "
+                            f"{', '.join(GPU_TOPOLOGIES)}")
     return TOPOLOGIES[key]
 
 
