@@ -42,7 +42,8 @@ from mixtral_jax.errors import RequestError, SamplingError
 from mixtral_jax.inference.penalties import penalize_rows, penalty_row
 from mixtral_jax.inference.sampler import bucket, merge_flat, replicator, split_flat, to_host
 from mixtral_jax.inference.sampling import RowParams, SamplingParams, check_request, row_keys, sample, seed_words
-from mixtral_jax.model.mixtral import KVCache, Mixtral
+from mixtral_jax.model.kv_cache import KVCache
+from mixtral_jax.model.mixtral import Mixtral
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,8 @@ from mixtral_jax.inference.sampling import (
     sample,
     seed_words,
 )
-from mixtral_jax.model.mixtral import KVCache, Mixtral
+from mixtral_jax.model.kv_cache import KVCache
+from mixtral_jax.model.mixtral import Mixtral
 
 _BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 

@@ -13,7 +13,7 @@ import mixtral_jax
 import mixtral_jax.model.attention as attention_module
 from mixtral_jax import MixtralConfig
 from mixtral_jax.inference.sampler import Sampler, SamplingError
-from mixtral_jax.model.mixtral import KVCache
+from mixtral_jax.model.kv_cache import KVCache
 
 # shared with test_penalties.py (one reference model and its compiled programs for both): a window shorter
 # than the longer tests' prompt + answer, so decoding crosses it
