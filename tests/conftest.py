@@ -1,4 +1,5 @@
-"""Session-wide test set-up: a simulated 8-device CPU mesh, and the reference models the tests share.
+"""Session-wide test set-up: a simulated 8-device CPU mesh, the reference models the tests share, and a bound
+on the compiled programs one process keeps alive.
 
 `reference(config, seed)` builds a tiny random `transformers` Mixtral once per session for each (config,
 seed), saves it as a Hugging Face checkpoint and loads it into ours on first use: every test that asks for
@@ -6,6 +7,7 @@ the same pair gets the same objects (and so reuses the programs already compiled
 """
 
 import dataclasses
+import gc
 import os
 
 # Sharding tests run on a simulated 8-device CPU mesh; set before jax initialises its backends.
@@ -50,6 +52,34 @@ def reference(tmp_path_factory):
         return built[config, seed]
 
     return get
+
+
+def _memory_mappings() -> int:
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _max_memory_mappings() -> int:
+    with open("/proc/sys/vm/max_map_count") as f:
+        return int(f.read())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def bounded_compiled_programs():
+    """Drop jax's compiled programs after a test module once they hold half the process's memory mappings.
+
+    Every XLA:CPU executable keeps its JIT code mapped (about 3 mappings) for as long as jax's caches hold
+    it, and they hold every program the suite has compiled. One process running the whole suite reached
+    Linux's limit (`vm.max_map_count`, 65530 by default) after ~800 tests; the next compile then failed to
+    map its code and XLA crashed unwinding that error (a segfault in `_Unwind_Find_FDE`, inside
+    `backend_compile_and_load`). Clearing only when needed keeps the programs that test modules share.
+    """
+    yield
+    if os.path.exists("/proc/self/maps") and _memory_mappings() > _max_memory_mappings() // 2:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture
