@@ -194,7 +194,10 @@ GPU_TOPOLOGIES: dict[str, GpuTopology] = {
 
 def gpu_plugin_available() -> bool:
     """Whether the CUDA PJRT plugin (the gpu-plan extra) is importable here."""
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no `jax_plugins` namespace at all: no plugin of any kind installed
+        return False
 
 
 def get_topology(name: str) -> Topology | GpuTopology:

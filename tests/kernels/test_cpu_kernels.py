@@ -247,7 +247,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_no_compiler_falls_back_to_xla_with_one_warning(tmp_path):
-    code = ("import jax.numpy as jnp; from mixtral_jax import cpu_kernels as k; "
+    code = ("import jax.numpy as jnp; from mixtral_jax.kernels import cpu as k; "
             "print('usable', k.usable(1)); print(k.einsum('td,dv->tv', jnp.ones((1, 4)), jnp.ones((4, 3))))")
     done = _python(code, CXX=str(tmp_path / "no-such-compiler"), MIXTRAL_JAX_CACHE=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr
