@@ -79,6 +79,8 @@ def single_process_text(checkpoint):
 
 
 @pytest.mark.parametrize("n,mesh", [(2, "data=2,expert=4"), (4, "expert=4,tensor=2")])
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_local_processes_generate_what_one_process_does(checkpoint, single_process_text, n, mesh):
     out = subprocess.run([sys.executable, os.path.join(LAUNCH, "local.py"), "-n", str(n), "--timeout", "280",
                           *GENERATE, "--checkpoint", checkpoint, "--mesh", mesh],
@@ -93,6 +95,8 @@ def test_local_processes_generate_what_one_process_does(checkpoint, single_proce
         assert not set(_lines(out.stdout, pid)) & set(single_process_text), out.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_local_chat_over_two_processes_matches_one(checkpoint):
     """Process 0 reads the conversation and broadcasts each line; every process runs the same turns."""
     chat = ["chat", "--max-new-tokens", "5", "--checkpoint", checkpoint]

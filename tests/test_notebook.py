@@ -3,6 +3,7 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.helpers import REPO_ROOT
@@ -10,6 +11,7 @@ from tests.helpers import REPO_ROOT
 NOTEBOOK = os.path.join(REPO_ROOT, "examples", "quickstart.ipynb")
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

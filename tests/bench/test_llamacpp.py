@@ -110,6 +110,7 @@ def test_the_step_clock_counts_only_steps_computed_after_the_first_delivery():
     assert abs(clock.rate(2) - 2 * 6 / 0.02002) < 1e-9
 
 
+@pytest.mark.slow
 def test_kernel_ab_times_two_builds_that_compute_the_step(tmp_path):
     """bench.kernel_ab: both builds registered side by side compute what XLA computes for its step."""
     import jax

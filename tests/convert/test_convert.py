@@ -449,6 +449,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_load_onto_8_device_mesh_shards_each_weight_by_the_rules(converted, reference, tmp_path):
     dst = converted("hf")[1]
     np.save(tmp_path / "tokens.npy", TOKENS)

@@ -145,6 +145,7 @@ def test_greedy_equals_transformers_after_a_long_chunked_prompt(long_pair, monke
     assert out == ref.argmax(-1).tolist()
 
 
+@pytest.mark.slow
 def test_chunked_prefill_then_decode_equals_the_full_forward(long_pair, monkeypatch):
     """Left-padded rows, 64-token chunks with the first all-padding chunks skipped, then cached decode
     steps: every step's logits equal the full forward pass's (blockwise in the forward too)."""
@@ -178,6 +179,7 @@ def test_chunked_prefill_then_decode_equals_the_full_forward(long_pair, monkeypa
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, col], atol=1e-4, err_msg=f"step {step}")
 
 
+@pytest.mark.slow
 def test_int8_kv_cache_keeps_the_answers(long_pair):
     """Greedy text with an int8 cache: logits within a small KL of the fp32 cache's, nearly every token the
     same (the cache holds int8 values and float32 scales)."""
@@ -203,6 +205,7 @@ def test_int8_kv_cache_keeps_the_answers(long_pair):
     assert sum(a == b for x, y in zip(out8, out32) for a, b in zip(x, y)) >= 14
 
 
+@pytest.mark.slow
 def test_long_prefill_memory_grows_linearly():
     """XLA's memory analysis of the compiled programs: the sampler's chunked prefill needs the same
     temporaries at 4096 and 16384 tokens (one chunk's worth), and the full forward pass's temporaries at

@@ -115,6 +115,7 @@ def test_auto_strategy_is_sparse_and_exact():
     assert moe.resolve_strategy("dense", "cpu") == "dense"
 
 
+@pytest.mark.slow
 def test_model_level_strategies_agree_when_router_is_zero(tmp_path):
     """A zero router sends every token to the same experts (ties break to the lowest index) in every layer."""
     from flax import nnx

@@ -141,6 +141,7 @@ def test_every_moe_strategy_takes_int8_experts_and_equals_dense(qmodel, strategy
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_decode_reads_int8_expert_views_in_place_and_generates_as_the_full_forward(qmodel, xla_only):
     model = _with_strategy(qmodel, "grouped")
     views = model.expert_views()
@@ -160,6 +161,7 @@ def test_decode_reads_int8_expert_views_in_place_and_generates_as_the_full_forwa
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU mesh from conftest.py")
 @pytest.mark.parametrize("spec", ["expert=8", "expert=4,tensor=2", "data=2,expert=2,tensor=2"])
 @pytest.mark.parametrize("shape", [(4, 16), (1, 3)], ids=["all_to_all", "replicated_tokens"])
+@pytest.mark.slow
 def test_sharded_int8_model_equals_unsharded(qmodel, spec, shape):
     tokens = np.random.default_rng(4).integers(0, CONFIG.vocab_size, shape)
     ref = qmodel(tokens)

@@ -117,6 +117,7 @@ def test_int8_kv_cache_halves_the_cache_per_chip():
     assert dec.fits and dec.alias_bytes >= cache // 2
 
 
+@pytest.mark.slow
 def test_rematerialized_training_needs_fewer_temporaries():
     """Per-layer remat: XLA's temporaries for the step shrink (each layer keeps its input, not its insides)."""
     config = dataclasses.replace(CONFIG, max_seq_len=2048)

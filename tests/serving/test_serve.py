@@ -262,6 +262,8 @@ def test_client_hanging_up_before_a_plain_answer_frees_the_slot(server):
     assert _metric(base, "mixtral_tokens_generated_total") < tokens + 100
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_serve_what_one_does(server):
     """A 2-process run joined by jax.distributed (gloo on 127.0.0.1), the demo model expert-parallel over
     both: process 0 serves HTTP and broadcasts each step's plan, process 1 runs the same steps; the answers

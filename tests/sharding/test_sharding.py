@@ -108,6 +108,7 @@ def test_spec_parsing():
 
 
 @pytest.mark.parametrize("spec", ["expert=4,tensor=2", "data=2,expert=4"])
+@pytest.mark.slow
 def test_sampler_on_a_sharded_mesh_equals_one_device(model, spec):
     from mixtral_jax.inference.sampler import Sampler
 

@@ -235,6 +235,7 @@ def test_train_config_rejects_nonsense():
 
 
 # ------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_train_command_end_to_end(tmp_path):
     from mixtral_jax.cli.train import run_train
 
@@ -257,6 +258,7 @@ def test_train_command_end_to_end(tmp_path):
     assert "3 steps" in info.metadata["source"]["layout"] and info.dtype == np.dtype(jnp.bfloat16)
 
 
+@pytest.mark.slow
 def test_init_from_with_skip_sequences_continues_on_unseen_data(tmp_path):
     """bench.train_demo's second stage: start from a model, at a later point of the data stream."""
     from mixtral_jax.cli.train import run_train
