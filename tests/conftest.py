@@ -18,6 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from tests.helpers import memory_mappings  # noqa: E402
+
 
 @dataclasses.dataclass
 class Reference:
@@ -54,11 +56,6 @@ def reference(tmp_path_factory):
     return get
 
 
-def _memory_mappings() -> int:
-    with open("/proc/self/maps", "rb") as f:
-        return sum(1 for _ in f)
-
-
 def _max_memory_mappings() -> int:
     with open("/proc/sys/vm/max_map_count") as f:
         return int(f.read())
@@ -75,7 +72,7 @@ def bounded_compiled_programs():
     `backend_compile_and_load`). Clearing only when needed keeps the programs that test modules share.
     """
     yield
-    if os.path.exists("/proc/self/maps") and _memory_mappings() > _max_memory_mappings() // 2:
+    if os.path.exists("/proc/self/maps") and memory_mappings() > _max_memory_mappings() // 2:
         import jax
 
         jax.clear_caches()
