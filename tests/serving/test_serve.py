@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from mixtral_jax.inference.sampling import SamplingParams
-from mixtral_jax.serving.app import BadRequest, parse_request
+from mixtral_jax.serving.protocol import BadRequest, parse_request
 
 MODEL = "mixtral-jax-demo"
 MAX_CONTEXT = 128
