@@ -13,7 +13,10 @@ top_k, top_p and the penalties are arrays with a row per slot; the penalties cou
 generated tokens in a (slots, vocab) array kept on the device (set from the prompt on admission, updated
 by every decode step); each slot draws with the key of its own (seed, token index). So an answer does not
 depend on what else is running, and equals the sampler's for the same request where the sampler's is
-deterministic (greedy, or top_k 1).
+deterministic (greedy, or top_k 1). Per slot too: a `logit_bias` row (set on admission), the log
+probabilities of the drawn token and the top 20 (computed in the step only when a slot asks), and an
+allowed-token bitmask for a request with a `constraint` (a grammar, e.g. JSON): process 0 asks the
+constraint for its mask after each token and the step restricts the draw to it, never resampling.
 
 Multi-host: process 0 owns the queue and decides each step (which slots to free, which request to admit);
 `broadcast_one_to_all` sends those orders to every process, and all of them run the same jitted steps.
@@ -30,6 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +45,19 @@ from mixtral_jax.config import KV_CACHE_DTYPES
 from mixtral_jax.errors import RequestError, SamplingError
 from mixtral_jax.inference.penalties import penalize_rows, penalty_row
 from mixtral_jax.inference.sampler import bucket, merge_flat, replicator, split_flat, to_host
-from mixtral_jax.inference.sampling import RowParams, SamplingParams, check_request, row_keys, sample, seed_words
+from mixtral_jax.inference.sampling import (
+    MAX_LOGIT_BIAS,
+    Logprobs,
+    RowParams,
+    SamplingParams,
+    apply_bitmask,
+    bias_row,
+    check_request,
+    logprob_outputs,
+    row_keys,
+    sample,
+    seed_words,
+)
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.mixtral import Mixtral
 
@@ -68,14 +84,25 @@ class EngineConfig:
             raise RequestError(f"unknown cache_dtype {self.cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
 
 
+class Constraint(Protocol):
+    """What the engine asks of a constrained request (e.g. `mixtral_jax.text.grammar.Grammar`): the allowed
+    tokens as a (ceil(vocab / 32),) int32 bitmask (bit j of word i: token 32 i + j), and each drawn token."""
+
+    def bitmask(self) -> np.ndarray: ...
+
+    def advance(self, token: int) -> None: ...
+
+
 class Request:
     """A submitted request. `on_token(id)` per new token, then `on_finish(reason)` once: "stop" (a stop
     token), "length" (max_tokens), "cancelled", or "abort" (the engine failed). Both run on the engine
-    thread: keep them quick."""
+    thread: keep them quick. With `params.logprobs` set, `logprobs[i]` holds token i's (log probability,
+    [(id, log probability) of the top `params.logprobs`]) before `on_token` sees it."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, on_token: Callable[[int], None],
-                 on_finish: Callable[[str], None]):
-        self.prompt, self.params = prompt, params
+                 on_finish: Callable[[str], None], constraint: Constraint | None = None):
+        self.prompt, self.params, self.constraint = prompt, params, constraint
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self._on_token, self._on_finish = on_token, on_finish
         self.cancelled = False
         self.finish_reason: str | None = None
@@ -105,7 +132,7 @@ class _Orders:
     """What every process does this step: free these slots, start prefilling this request into that slot."""
 
     free: list[int]
-    admit: tuple[int, list[int], SamplingParams] | None = None
+    admit: tuple[int, list[int], SamplingParams, bool] | None = None  # slot, prompt, params, constrained?
     shutdown: bool = False
     request: Request | None = None  # the admitted request (process 0 only; not broadcast)
 
@@ -117,6 +144,7 @@ class _Slot:
     span: int  # cache columns this slot's history needs (prompt + tokens written)
     n_generated: int = 0
     last_token: int = 0
+    constrained: bool = False
 
 
 @dataclasses.dataclass
@@ -128,6 +156,7 @@ class _Prefill:
     valid: np.ndarray
     chunk: int
     n_real: int
+    constrained: bool = False
     done_chunks: int = 0
     cache: KVCache | None = None
 
@@ -154,6 +183,10 @@ class Engine:
                               else NamedSharding(model.runtime.mesh, PartitionSpec()))
         self.cache = self._empty(mc, config.max_batch, self.size, self._cache_dtype)
         self.counts = self._put(np.zeros((config.max_batch, mc.vocab_size), np.int32))  # for the penalties
+        self.bias = self._put(np.zeros((config.max_batch, mc.vocab_size), np.float32))  # logit_bias per slot
+        self._words = -(-mc.vocab_size // 32)
+        self._masks = np.full((config.max_batch, self._words), -1, np.int32)  # allowed tokens, process 0
+        self._open = self._put(self._masks.copy())  # every token allowed in every slot
         self._rows = None  # the slots' sampling arrays on the device, made again when a slot changes
         self.length = 0  # host copy of cache.length
         self.slots: list[_Slot | None] = [None] * config.max_batch
@@ -179,8 +212,9 @@ class Engine:
         return prompt
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_token: Callable[[int], None] = lambda t: None,
-               on_finish: Callable[[str], None] = lambda r: None) -> Request:
-        request = Request(self.validate(prompt, params), params, on_token, on_finish)
+               on_finish: Callable[[str], None] = lambda r: None, constraint: Constraint | None = None) -> Request:
+        """Queue a request; `constraint` restricts each drawn token to what it allows (see `Constraint`)."""
+        request = Request(self.validate(prompt, params), params, on_token, on_finish, constraint)
         with self._lock:
             if self._stopping:
                 raise RequestError("the engine has failed" if self.failed else "the server is shutting down")
@@ -271,7 +305,7 @@ class Engine:
                 open_slots = [i for i, s in enumerate(self.slots) if (s is None or i in free) and i != busy]
                 if self.waiting and open_slots and not prefilling:
                     request = self.waiting.popleft()
-                    admit = (open_slots[0], request.prompt, request.params)
+                    admit = (open_slots[0], request.prompt, request.params, request.constraint is not None)
                 if free or admit or prefilling or any(s is not None for s in self.slots):
                     return _Orders(free, admit, request=request)
                 if self._stopping:
@@ -282,20 +316,28 @@ class Engine:
     def _broadcast(self, orders: _Orders | None) -> _Orders:
         """Process 0's orders on every process, as one fixed-size int32 array: a header (shutdown, number of
         slots to free, admit?, slot, prompt length, max_tokens, top_k (0: off), the seed's low and high
-        words, then the bits of temperature, top_p and the repetition, presence and frequency penalties),
-        the slots to free, the prompt. (The stop tokens stay on process 0, which decides when a slot frees.)"""
-        b, h = self.config.max_batch, 14
-        buf = np.zeros(h + b + self.max_context, np.int32)
+        words, the bits of temperature, top_p and the repetition, presence and frequency penalties, then
+        logprobs (-1: off), the number of logit_bias entries, constrained?), the slots to free, the prompt,
+        the logit_bias ids and the bits of their values. (The stop tokens stay on process 0, which decides
+        when a slot frees; a constraint's masks are broadcast by the steps that use them.)"""
+        b, h, n = self.config.max_batch, 17, MAX_LOGIT_BIAS
+        buf = np.zeros(h + b + self.max_context + 2 * n, np.int32)
+        tail = h + b + self.max_context
         if orders is not None:
             buf[0], buf[1] = orders.shutdown, len(orders.free)
             buf[h:h + len(orders.free)] = orders.free
             if orders.admit is not None:
-                slot, prompt, p = orders.admit
+                slot, prompt, p, constrained = orders.admit
                 floats = np.array([p.temperature, p.top_p, *penalty_row(p.repetition_penalty, p.presence_penalty,
                                                                          p.frequency_penalty)], np.float32)
                 buf[2:h] = (1, slot, len(prompt), p.max_tokens, p.top_k or 0, *seed_words(p.seed).view(np.int32),
-                            *floats.view(np.int32))
+                            *floats.view(np.int32), -1 if p.logprobs is None else p.logprobs, len(p.logit_bias),
+                            constrained)
                 buf[h + b:h + b + len(prompt)] = prompt
+                if p.logit_bias:
+                    ids, values = zip(*p.logit_bias, strict=True)
+                    buf[tail:tail + len(ids)] = ids
+                    buf[tail + n:tail + n + len(ids)] = np.array(values, np.float32).view(np.int32)
         buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
         if orders is not None:
             return orders
@@ -303,10 +345,14 @@ class Engine:
         if buf[2]:
             lo, hi = buf[7:9].view(np.uint32).tolist()
             temperature, top_p, repetition, presence, frequency = buf[9:14].view(np.float32).tolist()
+            k = int(buf[15])
+            bias = tuple(zip(buf[tail:tail + k].tolist(), buf[tail + n:tail + n + k].view(np.float32).tolist(),
+                             strict=True))
             params = SamplingParams(max_tokens=int(buf[5]), temperature=temperature, top_k=int(buf[6]) or None,
                                     top_p=top_p, repetition_penalty=repetition, presence_penalty=presence,
-                                    frequency_penalty=frequency, seed=lo | (hi << 32))
-            admit = (int(buf[3]), buf[h + b:h + b + buf[4]].tolist(), params)
+                                    frequency_penalty=frequency, seed=lo | (hi << 32), logit_bias=bias,
+                                    logprobs=None if buf[14] < 0 else int(buf[14]))
+            admit = (int(buf[3]), buf[h + b:h + b + buf[4]].tolist(), params, bool(buf[16]))
         return _Orders(buf[h:h + buf[1]].tolist(), admit, bool(buf[0]))
 
     def _apply(self, orders: _Orders) -> None:
@@ -319,10 +365,11 @@ class Engine:
             if slot is not None and slot.request is not None and slot.request.finish_reason is None:
                 self._finish(slot.request, "cancelled")
             self.slots[i] = None
+            self._masks[i] = -1
             self._rows = None
         if orders.admit is not None:
-            slot, prompt, params = orders.admit
-            self.prefill = _new_prefill(slot, orders.request, params, prompt, self.config.prefill_chunk)
+            slot, prompt, params, constrained = orders.admit
+            self.prefill = _new_prefill(slot, orders.request, params, prompt, self.config.prefill_chunk, constrained)
 
     # ------------------------------------------------------------------------------ device steps
     def _prefill_chunk(self) -> None:
@@ -340,15 +387,23 @@ class Engine:
         if self.length < p.n_real:  # the prompt must end at the shared write column
             self._shift(p.n_real)
         self.cache = _insert(self.cache, p.cache, self._put(np.int32(p.slot)))
-        prompt_counts = np.bincount(p.tokens[p.valid], minlength=self.model.config.vocab_size).astype(np.int32)
-        first, self.counts = _admit(self.counts, self._put(np.int32(p.slot)), self._put(prompt_counts), logits,
-                                    *self._sampling_arrays([p.params]))
+        vocab = self.model.config.vocab_size
+        prompt_counts = np.bincount(p.tokens[p.valid], minlength=vocab).astype(np.int32)
+        mask = np.full((1, self._words), -1, np.int32)
+        if p.constrained:
+            if p.request is not None:
+                mask[0] = p.request.constraint.bitmask()
+            mask = self._share(mask)
+        first, logprobs, self.counts, self.bias = _admit(
+            self.counts, self.bias, self._put(np.int32(p.slot)), self._put(prompt_counts),
+            self._put(bias_row(p.params, vocab)), logits, self._put(mask),
+            self._put(np.array([p.params.logprobs is not None])), *self._sampling_arrays([p.params]))
         token = int(to_host(first)[0])
-        self.slots[p.slot] = _Slot(p.request, p.params, span=p.n_real)
+        self.slots[p.slot] = _Slot(p.request, p.params, span=p.n_real, constrained=p.constrained)
         self._rows = None
         if p.request is not None:
             self.stats.prompt_tokens += p.n_real
-        self._emit(p.slot, token)
+        self._emit(p.slot, token, self._host_logprobs(logprobs, [p.params], 0))
 
     def _decode(self) -> None:
         if self.length == self.size:  # out of columns: drop those no running request still needs
@@ -359,20 +414,38 @@ class Engine:
             if s is not None:
                 tokens[i], active[i], index[i] = s.last_token, True, s.n_generated
                 s.span += 1
+        params = [SamplingParams() if s is None else s.params for s in self.slots]
         if self._rows is None:
-            self._rows = self._sampling_arrays([SamplingParams() if s is None else s.params for s in self.slots])
-        out, self.cache, self.counts = _decode(self._graphdef, self._treedef, self._leaves, self._experts, self.cache,
-                                               self.counts, self._put(tokens), self._put(active), *self._rows,
-                                               self._put(index))
+            self._rows = (*self._sampling_arrays(params),
+                          self._put(np.array([p.logprobs is not None for p in params])))
+        constrained = any(s is not None and s.constrained for s in self.slots)
+        mask = self._share(self._masks) if constrained else self._open
+        out, logprobs, self.cache, self.counts = _decode(
+            self._graphdef, self._treedef, self._leaves, self._experts, self.cache, self.counts, self.bias,
+            self._put(tokens), self._put(active), mask, *self._rows, self._put(index))
         self.length += 1
         out = to_host(out)
         for i, s in enumerate(self.slots):
             if s is not None and (s.request is None or s.request.finish_reason is None):
-                self._emit(i, int(out[i]))
+                self._emit(i, int(out[i]), self._host_logprobs(logprobs, params, i))
 
     def _shift(self, new_length: int) -> None:
         self.cache = _shift(self.cache, self._put(np.int32(new_length)))
         self.length = new_length
+
+    def _share(self, mask: np.ndarray):
+        """Process 0's constraint masks on the device of every process."""
+        if jax.process_count() > 1:
+            mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
+        return self._put(mask)
+
+    def _host_logprobs(self, logprobs: Logprobs, params: Sequence[SamplingParams], row: int):
+        """Row `row`'s (log probability, top list) on the host where its request asked for them, else None."""
+        k = params[row].logprobs
+        if k is None or not self.lead:
+            return None
+        chosen, ids, values = (to_host(a)[row] for a in (logprobs.chosen, logprobs.top_ids, logprobs.top_values))
+        return float(chosen), list(zip(ids[:k].tolist(), values[:k].tolist(), strict=True))
 
     def _sampling_arrays(self, params: Sequence[SamplingParams]):
         """(RowParams, (3, rows) penalty table, (rows, 2) seed words) on the device, a row per request."""
@@ -382,8 +455,9 @@ class Engine:
         return jax.tree.map(self._put, RowParams.of(params)), self._put(table), self._put(seeds)
 
     # ------------------------------------------------------------------------------ host bookkeeping
-    def _emit(self, i: int, token: int) -> None:
-        """Record slot i's new token; on process 0, pass it on or finish the request."""
+    def _emit(self, i: int, token: int, logprobs=None) -> None:
+        """Record slot i's new token; on process 0, pass it on (with its logprobs, and to its constraint, which
+        then gives the next step's mask) or finish the request."""
         s = self.slots[i]
         s.n_generated += 1
         s.last_token = token
@@ -404,6 +478,11 @@ class Engine:
         else:
             r.n_generated += 1
             self.stats.tokens_generated += 1
+            if logprobs is not None:
+                r.logprobs.append(logprobs)
+            if r.constraint is not None:
+                r.constraint.advance(token)
+                self._masks[i] = r.constraint.bitmask()
             r._on_token(token)
             reason = "length" if r.n_generated >= s.params.max_tokens else None
         if reason is not None:
@@ -418,14 +497,14 @@ class Engine:
             request._on_finish(reason)
 
 
-def _new_prefill(slot, request, params, prompt, max_chunk) -> _Prefill:
+def _new_prefill(slot, request, params, prompt, max_chunk, constrained=False) -> _Prefill:
     """Left-pad the prompt to whole chunks: one bucketed chunk when it fits, else chunks of `max_chunk`."""
     n = len(prompt)
     chunk = min(bucket(n), max_chunk)
     width = math.ceil(n / chunk) * chunk
     tokens, valid = np.zeros((1, width), np.int32), np.zeros((1, width), bool)
     tokens[0, width - n:], valid[0, width - n:] = prompt, True
-    return _Prefill(slot, request, params, tokens, valid, chunk, n)
+    return _Prefill(slot, request, params, tokens, valid, chunk, n, constrained)
 
 
 # ---------------------------------------------------------------------------------- jitted pieces
@@ -437,23 +516,34 @@ def _prefill(graphdef, treedef, leaves, experts, cache, tokens, valid):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "treedef"), donate_argnames=("cache", "counts"))
-def _decode(graphdef, treedef, leaves, experts, cache, counts, tokens, active, strategy, penalties, seeds, index):
+def _decode(graphdef, treedef, leaves, experts, cache, counts, bias, tokens, active, mask, strategy, penalties,
+            seeds, wanted, index):
     """One decode step of every slot: feed each its last token (now counted for the penalties) and choose
-    its next, token number `index` of its request. Returns (tokens, cache, counts)."""
+    its next, token number `index` of its request. Returns (tokens, Logprobs, cache, counts)."""
     model = merge_flat(graphdef, treedef, leaves)
     logits, cache = model.extend(cache, tokens[:, None], active[:, None], last_only=True, expert_weights=experts)
     counts = counts.at[jnp.arange(tokens.shape[0]), tokens].add(active.astype(jnp.int32))
-    logits = penalize_rows(logits[:, -1], counts, penalties)
-    return sample(logits, strategy, _slot_keys(seeds, index)), cache, counts
+    chosen, logprobs = _choose(penalize_rows(logits[:, -1], counts, penalties) + bias, mask, strategy, seeds,
+                               wanted, index)
+    return chosen, logprobs, cache, counts
 
 
-@functools.partial(jax.jit, donate_argnames=("counts",))
-def _admit(counts, slot, prompt_counts, logits, strategy, penalties, seeds):
-    """A prefilled request's first token (its token 0), penalised by its prompt's counts, which become its
-    slot's row of `counts` (whatever the slot's last request left there)."""
+@functools.partial(jax.jit, donate_argnames=("counts", "bias"))
+def _admit(counts, bias, slot, prompt_counts, bias_row, logits, mask, wanted, strategy, penalties, seeds):
+    """A prefilled request's first token (its token 0), penalised by its prompt's counts and biased by its
+    logit_bias, which become its slot's rows of `counts` and `bias` (whatever the slot's last request left)."""
     counts = jax.lax.dynamic_update_slice(counts, prompt_counts[None], (slot, jnp.int32(0)))
-    logits = penalize_rows(logits, prompt_counts[None], penalties)
-    return sample(logits, strategy, _slot_keys(seeds, jnp.zeros((1,), jnp.int32))), counts
+    bias = jax.lax.dynamic_update_slice(bias, bias_row[None], (slot, jnp.int32(0)))
+    logits = penalize_rows(logits, prompt_counts[None], penalties) + bias_row[None]
+    chosen, logprobs = _choose(logits, mask, strategy, seeds, wanted, jnp.zeros((1,), jnp.int32))
+    return chosen, logprobs, counts, bias
+
+
+def _choose(logits, mask, strategy, seeds, wanted, index):
+    """The draw from the penalised, biased logits restricted to `mask`, and the log probabilities of those
+    logits (before temperature and the mask, as OpenAI and vLLM report them)."""
+    chosen = sample(apply_bitmask(logits, mask), strategy, _slot_keys(seeds, index))
+    return chosen, logprob_outputs(logits, chosen, wanted)
 
 
 def _slot_keys(seeds, index):

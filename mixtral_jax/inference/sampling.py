@@ -14,6 +14,11 @@ Each row draws with its own key (`row_keys`: the request's seed, the row, the to
 tokens never depend on the other rows. Penalties (`mixtral_jax.inference.penalties`) are applied to the
 logits before, per row.
 
+The engine adds three per-row inputs around `sample`: a `logit_bias` row added after the penalties, the log
+probabilities of those biased logits (`logprob_outputs`: before temperature and the filters, as OpenAI and
+vLLM report them), and an allowed-token bitmask (`apply_bitmask`, from a grammar: constrained decoding) that
+the draw is restricted to. All three leave the logits exactly as they were where they are off.
+
 `check_request` validates a request's prompts and `SamplingParams` (a `SamplingError` naming the field)
 for the Sampler and the Engine alike.
 """
@@ -49,6 +54,8 @@ class SamplingParams:
     frequency_penalty: PenaltyValue = 0.0
     seed: int = 0
     stop_tokens: tuple[int, ...] | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]), added to the logits
+    logprobs: int | None = None  # None: off; k in [0, 20]: the drawn token's log probability and the top k
 
 
 def _is_int(v) -> bool:
@@ -81,6 +88,7 @@ def check_request(prompts: Sequence[Sequence[int]], params: SamplingParams, *, v
         raise SamplingError(f"stop_tokens must be token ids, got {params.stop_tokens!r}")
     if not _is_int(params.max_tokens) or params.max_tokens < 1:
         raise SamplingError(f"{length_name} must be an integer >= 1, got {params.max_tokens!r}")
+    _check_bias_and_logprobs(params, vocab_size)
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts:
         raise SamplingError("no prompts given")
@@ -101,6 +109,33 @@ def check_request(prompts: Sequence[Sequence[int]], params: SamplingParams, *, v
         raise SamplingError(f"{name} ({longest} tokens) plus {length_name} ({params.max_tokens}) exceeds the "
                             f"context of {context} tokens; lower {length_name} to {context - longest}")
     return prompts, penalties
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias (what the multi-host broadcast has room for)
+
+
+def _check_bias_and_logprobs(params: SamplingParams, vocab_size: int) -> None:
+    if not isinstance(params.logit_bias, tuple) or len(params.logit_bias) > MAX_LOGIT_BIAS:
+        raise SamplingError(f"logit_bias must be a tuple of at most {MAX_LOGIT_BIAS} (token id, bias) pairs")
+    for pair in params.logit_bias:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and _is_int(pair[0]) and _is_number(pair[1])):
+            raise SamplingError(f"logit_bias entries must be (token id, number) pairs, got {pair!r}")
+        if not 0 <= pair[0] < vocab_size:
+            raise SamplingError(f"logit_bias has token id {pair[0]} outside [0, {vocab_size})")
+        if not -100 <= pair[1] <= 100:
+            raise SamplingError(f"logit_bias values must be in [-100, 100], got {pair[1]!r} for token {pair[0]}")
+    k = params.logprobs
+    if k is not None and (not _is_int(k) or not 0 <= k <= MAX_TOP_LOGPROBS):
+        raise SamplingError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
+
+
+def bias_row(params: SamplingParams, vocab_size: int) -> np.ndarray:
+    """One request's logit_bias as a dense (vocab,) float32 row (zeros where none: adding it changes nothing)."""
+    row = np.zeros(vocab_size, np.float32)
+    for token, bias in params.logit_bias:
+        row[token] += bias
+    return row
 
 
 def seed_words(seed: int) -> np.ndarray:
@@ -188,6 +223,45 @@ def sample(logits: jax.Array, params: Greedy | RowParams, keys: jax.Array) -> ja
 
 
 _DROPPED = float(np.finfo(np.float32).min)
+
+
+def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """(b, vocab) logits with the tokens whose bit is 0 in the (b, ceil(vocab / 32)) int32 `bitmask` (bit j
+    of word i: token 32 i + j, llguidance's layout) set to the float32 minimum; an all-ones row leaves its
+    logits exactly as they were. A grammar always allows some token, so a row never loses every one."""
+    vocab = logits.shape[-1]
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(bitmask.shape[0], -1)[:, :vocab].astype(bool)
+    return jnp.where(allowed, logits, _DROPPED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprobs:
+    """Per row: the drawn token's log probability and the `MAX_TOP_LOGPROBS` likeliest tokens' (ids, values)."""
+
+    chosen: jax.Array  # (b,) float32
+    top_ids: jax.Array  # (b, MAX_TOP_LOGPROBS) int32
+    top_values: jax.Array  # (b, MAX_TOP_LOGPROBS) float32
+
+
+jax.tree_util.register_dataclass(Logprobs, data_fields=["chosen", "top_ids", "top_values"], meta_fields=[])
+
+
+def logprob_outputs(logits: jax.Array, tokens: jax.Array, wanted: jax.Array) -> Logprobs:
+    """The float32 log-softmax of (b, vocab) `logits` at each row's drawn token, and its top tokens; computed
+    only when some row (`wanted`, (b,) bool) asks for them (zeros otherwise)."""
+    b = logits.shape[0]
+
+    def compute(x):
+        lp = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+        values, ids = jax.lax.top_k(lp, MAX_TOP_LOGPROBS)
+        return Logprobs(jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), values)
+
+    def skip(_):
+        return Logprobs(jnp.zeros((b,), jnp.float32), jnp.zeros((b, MAX_TOP_LOGPROBS), jnp.int32),
+                        jnp.zeros((b, MAX_TOP_LOGPROBS), jnp.float32))
+
+    return jax.lax.cond(jnp.any(wanted), compute, skip, logits)
 
 
 def filter_logits(logits: jax.Array, params: RowParams) -> jax.Array:

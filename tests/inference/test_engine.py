@@ -237,19 +237,22 @@ def test_plan_broadcast_round_trip(monkeypatch):
                         lambda x: sent.append(np.array(x)) or sent[0])
     lead = types.SimpleNamespace(config=EngineConfig(max_batch=4, max_context=32), max_context=32)
     params = SamplingParams(max_tokens=9, temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.3,
-                            presence_penalty=-0.5, frequency_penalty=1.75, seed=(1 << 63) + 12345)
-    orders = engine_module._Orders([1, 3], (2, [5, 6, 7], params))
+                            presence_penalty=-0.5, frequency_penalty=1.75, seed=(1 << 63) + 12345,
+                            logit_bias=((7, -100.0), (31999, 2.5)), logprobs=5)
+    orders = engine_module._Orders([1, 3], (2, [5, 6, 7], params, True))
     assert Engine._broadcast(lead, orders) is orders
     got = Engine._broadcast(lead, None)
     assert got.free == [1, 3] and not got.shutdown
-    slot, prompt, p = got.admit
+    slot, prompt, p, constrained = got.admit
     assert (slot, prompt, p.max_tokens, p.top_k, p.seed) == (2, [5, 6, 7], 9, 40, params.seed)
+    assert (p.logit_bias, p.logprobs, constrained) == (params.logit_bias, 5, True)
     for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         assert np.float32(getattr(p, name)) == np.float32(getattr(params, name)), name
     sent.clear()  # top_k off comes back off, and the neutral penalties
-    Engine._broadcast(lead, engine_module._Orders([], (0, [4], SamplingParams(max_tokens=3))))
-    _, _, p = Engine._broadcast(lead, None).admit
+    Engine._broadcast(lead, engine_module._Orders([], (0, [4], SamplingParams(max_tokens=3), False)))
+    _, _, p, constrained = Engine._broadcast(lead, None).admit
     assert (p.top_k, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (None, 1.0, 0.0, 0.0)
+    assert (p.logit_bias, p.logprobs, constrained) == ((), None, False)
 
 
 def test_a_failing_step_aborts_every_request_and_refuses_new_ones(monkeypatch):
