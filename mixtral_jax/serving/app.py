@@ -14,14 +14,12 @@ import contextlib
 import json
 import signal
 import time
-import uuid
 
-from mixtral_jax.inference.engine import Engine, RequestError
+from mixtral_jax.inference.engine import Engine
 from mixtral_jax.serving.metrics import prometheus_text
-from mixtral_jax.serving.protocol import BadRequest, TextStream, error_body, finish_reason, parse_request
+from mixtral_jax.serving.protocol import BadRequest, error_body, parse_request
+from mixtral_jax.serving.responses import respond
 from mixtral_jax.text.tokenizer import Tokenizer
-
-DISCONNECT_POLL_SECONDS = 0.01  # a small model finishes 100 tokens in well under a second; notice a hang-up sooner
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_seconds: float = 10.0):
@@ -29,7 +27,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_s
     running requests finish for up to `drain_seconds`, cancels the rest and stops the engine."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException
 
     @contextlib.asynccontextmanager
@@ -75,99 +73,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_s
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("the request body is not valid JSON") from None
         req = parse_request(body, chat=chat, model_name=model_name, tokenizer=tokenizer, engine=engine)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def on_token(t):
-            loop.call_soon_threadsafe(events.put_nowait, t)
-
-        def on_finish(reason):
-            loop.call_soon_threadsafe(events.put_nowait, reason)
-
-        try:
-            handle_ = engine.submit(req.prompt, req.params, on_token, on_finish)
-        except RequestError as e:  # shutting down
-            return JSONResponse(error_body(str(e), kind="server_error"), status_code=503)
-        prefix = "chatcmpl" if chat else "cmpl"
-        rid = f"{prefix}-{uuid.uuid4().hex}"
-        text = TextStream(tokenizer, req.stops)
-
-        async def pieces():
-            """(text, None) per token, then ("", finish_reason); cancels the engine request if abandoned."""
-            try:
-                while True:
-                    event = await events.get()
-                    if isinstance(event, int):
-                        piece = text.push(event)
-                        if text.stopped:
-                            handle_.cancel()
-                            yield piece, None
-                            # the engine may still report tokens before it sees the cancel: drain to the finish
-                            while isinstance(await events.get(), int):
-                                pass
-                            yield "", "stop"
-                            return
-                        yield piece, None
-                    else:
-                        yield text.push(None), finish_reason(event, text)
-                        return
-            finally:
-                handle_.cancel()  # a no-op once finished; frees the slot when the client went away
-
-        def usage():
-            n = handle_.n_generated
-            return {"prompt_tokens": len(req.prompt), "completion_tokens": n, "total_tokens": len(req.prompt) + n}
-
-        def choice(piece, reason, final):
-            if chat:
-                key = "message" if final else "delta"
-                content = {"role": "assistant", "content": piece} if final else ({"content": piece} if piece else {})
-                return {"index": 0, key: content, "logprobs": None, "finish_reason": reason}
-            return {"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}
-
-        obj = "chat.completion" if chat else "text_completion"
-        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-
-        if not req.stream:
-            async def watch():  # a client that hangs up before the answer is complete frees the slot too
-                while not await http.is_disconnected():  # cheap: reads a queued message, never blocks
-                    await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-                handle_.cancel()
-
-            watcher = asyncio.create_task(watch())
-            parts, reasons = [], []
-            try:
-                async for piece, reason in pieces():
-                    parts.append(piece)
-                    reasons.append(reason)
-            finally:
-                watcher.cancel()
-            reason = reasons[-1]
-            return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
-                    "choices": [choice("".join(parts), reason, True)], "usage": usage()}
-
-        async def sse():
-            def event(choices, with_usage=None):
-                data = {"id": rid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
-                        "choices": choices}
-                if req.include_usage:
-                    data["usage"] = with_usage
-                return f"data: {json.dumps(data)}\n\n"
-
-            if chat:
-                yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            try:
-                async for piece, reason in pieces():
-                    if piece or reason:
-                        yield event([choice(piece, reason, False)])
-            finally:  # the client went away mid-stream: free the slot now, not when the generator is collected
-                handle_.cancel()
-            if req.include_usage:
-                yield event([], usage())
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return await respond(http, req, chat=chat, engine=engine, tokenizer=tokenizer, model_name=model_name)
 
     @app.post("/v1/completions")
     async def completions(http: Request):

@@ -141,6 +141,14 @@ class Tokenizer:
                 ids += self._sp.encode(content) + [self._eos_id]
         return ids
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes, as logprobs report it: "▁" is a space, `<0x0A>` the byte 0x0A, a control
+        token its name ("[TOOL_CALLS]")."""
+        piece = self._sp.IdToPiece(self._check_ids([token_id])[0])
+        if self._sp.IsByte(token_id):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
     def incremental_decoder(self) -> IncrementalDecoder:
         """A fresh streaming decoder (see `IncrementalDecoder`)."""
         return IncrementalDecoder(self)

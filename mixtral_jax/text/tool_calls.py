@@ -78,3 +78,73 @@ def _parse_calls(text: str) -> list[dict]:
                     "type": "function",
                     "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}})
     return out
+
+
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+class ToolCallStream:
+    """The text after `[TOOL_CALLS]`, pushed piece by piece, as OpenAI's streamed `tool_calls` deltas: a call's
+    `{"index", "id", "type", "function": {"name", "arguments": ""}}` once its name is complete, then pieces
+    of its arguments as they arrive. It reads `[{"name": ..., "arguments": {...}}, ...]` with the name first
+    (as Mistral's format and a forced call's grammar write it); a call written otherwise yields no deltas,
+    and `complete` says whether every call streamed whole."""
+
+    def __init__(self):
+        self.text = ""
+        self._scanned = 0
+        self._depth, self._in_string, self._escape = 0, False, False
+        self._call_start: int | None = None  # where the current call's object starts
+        self._args: tuple[int, int | None] | None = None  # the current call's arguments [start, end)
+        self._sent = 0  # arguments text sent of the current call
+        self.calls: list[dict] = []  # {"id", "name", "arguments"} as streamed
+        self._closed_whole = 0
+
+    def push(self, piece: str) -> list[dict]:
+        self.text += piece
+        deltas = []
+        for i in range(self._scanned, len(self.text)):
+            c = self.text[i]
+            if self._in_string:
+                self._escape, self._in_string = (False, True) if self._escape else (c == "\\", c != '"')
+            elif c == '"':
+                self._in_string = True
+            elif c in "[{":
+                self._depth += 1
+                if self._depth == 2 and c == "{":
+                    self._call_start, self._args, self._sent = i, None, 0
+            elif c in "]}":
+                self._depth -= 1
+                if self._args is not None and self._args[1] is None and self._depth == 2:
+                    self._args = (self._args[0], i + 1)
+                if self._depth == 1 and self._call_start is not None:
+                    deltas += self._arguments(i)
+                    self._closed_whole += self._args is not None and self._args[1] is not None
+                    self._call_start = None
+            self._scanned = i + 1
+            if self._call_start is not None and self._args is None:
+                head = _HEAD.match(self.text, self._call_start, i + 1)
+                if head and head.end() <= i:  # the name is complete and the arguments' value has begun
+                    self._args = (head.end(), None)
+                    call = {"id": new_call_id(), "name": json.loads(f'"{head.group(1)}"'), "arguments": ""}
+                    self.calls.append(call)
+                    deltas.append({"index": len(self.calls) - 1, "id": call["id"], "type": "function",
+                                   "function": {"name": call["name"], "arguments": ""}})
+        return deltas + self._arguments(len(self.text))
+
+    def _arguments(self, upto: int) -> list[dict]:
+        if self._args is None or self._call_start is None:
+            return []
+        start, end = self._args
+        stop = min(upto, end) if end is not None else upto
+        piece = self.text[start + self._sent:stop]
+        if not piece:
+            return []
+        self._sent += len(piece)
+        self.calls[-1]["arguments"] += piece
+        return [{"index": len(self.calls) - 1, "function": {"arguments": piece}}]
+
+    @property
+    def complete(self) -> bool:
+        """Every call streamed with its whole arguments, and the list closed."""
+        return bool(self.calls) and self._closed_whole == len(self.calls) and self._depth == 0
