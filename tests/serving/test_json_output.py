@@ -34,7 +34,8 @@ def test_unconstrained_output_is_not_json(client):
         json.loads(text.choices[0].message.content)
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=1), dict(temperature=1.3, seed=2)])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=1),
+                                      dict(temperature=1.3, seed=2)])
 def test_json_schema_output_validates(client, sampling):
     fmt = {"type": "json_schema", "json_schema": {"name": "entry", "schema": SCHEMA, "strict": True}}
     reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=200, response_format=fmt,
