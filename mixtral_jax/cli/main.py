@@ -10,13 +10,13 @@ from mixtral_jax.sharding.distributed import initialize
 
 # module -> it defines `register(subparsers)`, which adds its subcommands with `set_defaults(run=fn)`
 _COMMAND_MODULES = ("mixtral_jax.cli.generate", "mixtral_jax.cli.convert", "mixtral_jax.cli.train",
-                    "mixtral_jax.cli.plan", "mixtral_jax.cli.info", "mixtral_jax.cli.serve")
+                    "mixtral_jax.cli.plan", "mixtral_jax.cli.info", "mixtral_jax.cli.serve", "mixtral_jax.cli.export")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixtral-jax", allow_abbrev=False,
-        description="Mixtral in JAX: convert, verify, info, generate, chat, serve, train, plan.")
+        description="Mixtral in JAX: convert, verify, info, export, generate, chat, serve, train, plan.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
