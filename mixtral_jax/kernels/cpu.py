@@ -25,13 +25,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import math
 import mmap
 import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import weakref
 from pathlib import Path
@@ -106,7 +106,7 @@ def available() -> bool:
         for name, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
-        print(f"mixtral-jax: CPU kernels unavailable, using XLA's dot ({e})", file=sys.stderr)
+        logging.getLogger(__name__).warning("mixtral-jax: CPU kernels unavailable, using XLA's dot (%s)", e)
         return False
     return True
 
