@@ -1,11 +1,12 @@
 """Progress display for long work (loading, conversion, export, generation, training), on stderr.
 
-Where people watch it decides the form. A terminal gets a `rich` bar. Jupyter (its stderr is no
-terminal), a SLURM log or `gcloud ... ssh` piped into a file get plain lines every
-`MIXTRAL_JAX_PROGRESS_INTERVAL` seconds (default 10), plus one at the start and one at the end: a bar
-there draws nothing or fills the file with control codes, and silence looks like a hang.
-`MIXTRAL_JAX_PROGRESS` = `auto` (the default), `bar`, `lines` or `off` overrides the choice.
-Library messages go through `logging` (the `mixtral_jax` logger tree); only this display writes to stderr itself.
+Where people watch it decides the form. A terminal gets a `rich` bar. Jupyter (the kernel's stderr
+is no terminal; a `!mixtral-jax ...` cell's is a pseudo-terminal the notebook shows as text), a SLURM
+log or `gcloud ... ssh` piped into a file get plain lines every `MIXTRAL_JAX_PROGRESS_INTERVAL`
+seconds (default 10), plus one at the start and one at the end: a bar there draws nothing or fills the
+file with control codes, and silence looks like a hang. `MIXTRAL_JAX_PROGRESS` = `auto` (the default),
+`bar`, `lines` or `off` overrides the choice. Library messages go through `logging` (the `mixtral_jax`
+logger tree); only this display writes to stderr itself.
 """
 
 from __future__ import annotations
@@ -35,8 +36,15 @@ def display_mode(enabled: bool = True) -> str:
         log.warning("ignoring %s=%r (use one of %s)", MODE_ENV, mode, ", ".join(MODES))
         mode = "auto"
     if mode == "auto":
-        return "bar" if _isatty(sys.stderr) else "lines"
+        return "bar" if _isatty(sys.stderr) and not in_jupyter() else "lines"
     return mode
+
+
+def in_jupyter() -> bool:
+    """A command a Jupyter kernel started (in the kernel itself stderr is no terminal anyway): `!cmd`
+    runs on a pseudo-terminal whose output the notebook shows as text, where a bar's cursor codes come
+    out as garbage. Jupyter's kernel launcher sets `JPY_PARENT_PID`, which the kernel's children inherit."""
+    return "JPY_PARENT_PID" in os.environ
 
 
 def _isatty(stream) -> bool:

@@ -21,8 +21,12 @@ with progress(30, "crunching", "items") as bar:
 
 def test_the_mode_follows_the_terminal_and_the_environment(monkeypatch):
     monkeypatch.delenv(progress_module.MODE_ENV, raising=False)
+    monkeypatch.delenv("JPY_PARENT_PID", raising=False)
     monkeypatch.setattr(progress_module, "_isatty", lambda stream: True)
     assert display_mode() == "bar" and display_mode(enabled=False) == "off"
+    monkeypatch.setenv("JPY_PARENT_PID", "1234")  # a notebook's `!cmd`: a pty the notebook shows as text
+    assert display_mode() == "lines"
+    monkeypatch.delenv("JPY_PARENT_PID")
     monkeypatch.setattr(progress_module, "_isatty", lambda stream: False)
     assert display_mode() == "lines"
     for mode in ("bar", "lines", "off"):
