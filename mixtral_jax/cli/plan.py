@@ -21,7 +21,7 @@ import jax
 from mixtral_jax.cli.model_flags import NAMED_CONFIGS, model_config
 from mixtral_jax.config import KV_CACHE_DTYPES, QUANTIZE_MODES, MixtralConfig
 from mixtral_jax.planning import planner as plan
-from mixtral_jax.planning.topologies import GIB, GPU_TOPOLOGIES, TOPOLOGIES, get_topology
+from mixtral_jax.planning.topologies import GIB, GPU_TOPOLOGIES, TOPOLOGIES, cudnn_available, get_topology
 from mixtral_jax.sharding.distributed import on_cloud_tpu_vm
 from mixtral_jax.sharding.mesh import parse_mesh_spec
 
@@ -89,6 +89,7 @@ def format_reports(config: MixtralConfig, topology, reports, quantize: str | Non
             for r in kernels:
                 lines.append(f"  {r.workload.label:<26}{r.moe_kernel_flops / r.moe_active_flops:9.2f}x  "
                              f"({r.moe_kernel_flops / 1e12:.2f} TFLOP per {unit})")
+        lines += attention_lines(topology, compiled)
     misfits = [r for r in reports if not r.fits]
     if misfits:
         lines.append("")
@@ -100,6 +101,27 @@ def format_reports(config: MixtralConfig, topology, reports, quantize: str | Non
                       "XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (JAX's allocator takes 75% by default). MoE strategy: "
                       f"{reports[0].moe_strategy if reports else '-'}."]
     return "\n".join(lines)
+
+
+def attention_lines(topology, compiled) -> list[str]:
+    """Which attention each workload compiled to: a fused kernel (with its FLOPs, counted from its shapes), or
+    XLA's own ops, and why no fused kernel was taken."""
+    unit = "GPU" if topology.backend == "gpu" else "chip"
+    lines = ["", "attention:"]
+    for r in compiled:
+        if r.attention_kernel == "cudnn":
+            what = f"cuDNN fused flash attention ({r.attention_kernel_flops / 1e12:.2f} TFLOP per {unit})"
+        elif r.attention_kernel:
+            what = f"{r.attention_kernel} kernel"
+        elif r.workload.kind != "train":  # the sampler's chunks attend over the cache they write into
+            what = "XLA over the KV cache (cuDNN's and splash's causal masks align queries with keys from the " \
+                   "first: they serve the full forward pass and training)"
+        elif topology.backend == "gpu" and not cudnn_available():
+            what = "XLA: cuDNN is not installed here (pip install nvidia-cudnn-cu12, in the gpu-plan extra)"
+        else:
+            what = "XLA"
+        lines.append(f"  {r.workload.label:<26}{what}")
+    return lines
 
 
 def suggestion(report) -> str:

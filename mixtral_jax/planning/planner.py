@@ -132,6 +132,8 @@ class Report:
     moe_kernel_flops: float = 0.0   # `gmm`: the grouped-matmul kernels' FLOPs as launched (in `flops`),
     moe_active_flops: float = 0.0   # and those of the routed rows (see `planner.gmm_cost`)
     quantize: str | None = None   # "int8": int8 expert and attention weights
+    attention_kernel: str = ""    # the fused attention kernel the program calls ("cudnn", "splash"), or "" (XLA's)
+    attention_kernel_flops: float = 0.0  # cuDNN's fused attention: FLOPs from its shapes (in `flops`)
 
     @property
     def total_bytes(self) -> int:
@@ -342,6 +344,49 @@ def gmm_cost(hlo_text: str) -> dict[str, float]:
     return out
 
 
+_CUDNN_FMHA_RE = re.compile(r"custom_call_target=\"__cudnn\$fmha(?P<kind>\w+)\".*operand_layout_constraints="
+                            r"\{[a-z]+\d*\[(?P<b>\d+),(?P<tq>\d+),(?P<h>\d+),(?P<d>\d+)\]")
+_FMHA_SCORES_RE = re.compile(r'"intermediate_tensor_shape":\s*\{[^}]*?"dimensions":\s*\["(\d+)",\s*"(\d+)",\s*"(\d+)",'
+                             r'\s*"(\d+)"\]')
+
+
+def cudnn_attention_cost(hlo_text: str) -> dict[str, float]:
+    """cuDNN's fused (flash) attention calls in a compiled XLA:GPU program, which XLA's cost analysis cannot
+    see into: "flops" of the score and value matmuls for the (query, key) pairs the mask keeps (causal,
+    sliding window), the backward pass as five such matmuls to the forward's two; "calls". A loop body
+    counts once."""
+    out = {"flops": 0.0, "calls": 0}
+    for line in hlo_text.splitlines():
+        m = _CUDNN_FMHA_RE.search(line)
+        scores = _FMHA_SCORES_RE.search(line)
+        if not m or not scores:
+            continue
+        b, h, tq, tk = (int(x) for x in scores.groups())
+        window = re.search(r'"sliding_window_length":\s*(\d+)', line)
+        pairs = _attended_pairs(tq, tk, "CAUSAL" in line, int(window[1]) if window and int(window[1]) else None)
+        matmuls = 5 if "Backward" in m["kind"] else 2
+        out["flops"] += matmuls * 2.0 * b * h * pairs * int(m["d"])
+        out["calls"] += 1
+    return out
+
+
+def _attended_pairs(queries: int, keys: int, causal: bool, window: int | None) -> int:
+    """(query, key) pairs a causal, optionally sliding-window mask keeps, the queries being the last ones."""
+    if not causal:
+        return queries * keys
+    seen = np.arange(keys - queries + 1, keys + 1, dtype=np.int64)  # keys up to and including each query
+    return int((np.minimum(seen, window) if window else seen).sum())
+
+
+def attention_kernel(hlo_text: str) -> str:
+    """The fused attention kernel a compiled program calls: "cudnn", "splash", or "" (XLA's own ops)."""
+    if "__cudnn$fmha" in hlo_text:
+        return "cudnn"
+    if "splash" in hlo_text and "tpu_custom_call" in hlo_text:
+        return "splash"
+    return ""
+
+
 # XLA:GPU compiling without a GPU cannot ask CUB for a sort's scratch size: sort with XLA's own kernels
 GPU_COMPILER_OPTIONS = {"xla_gpu_deviceless_cub_mode": "DEVICELESS_CUB_DISABLED"}
 
@@ -372,8 +417,8 @@ def compile_workload(config: MixtralConfig, runtime: RuntimeConfig, workload: Wo
     mem = compiled.memory_analysis()
     cost = _cost(compiled)
     hlo = compiled.as_text()
-    gmm = gmm_cost(hlo)  # custom calls: not in XLA's cost analysis
-    flops = float(cost.get("flops", 0.0)) + gmm["flops"]
+    gmm, fmha = gmm_cost(hlo), cudnn_attention_cost(hlo)  # custom calls: not in XLA's cost analysis
+    flops = float(cost.get("flops", 0.0)) + gmm["flops"] + fmha["flops"]
     accessed = float(cost.get("bytes accessed", 0.0)) + gmm["bytes"]
     compute_s, memory_s = flops / topology.chip.peak_flops, accessed / topology.chip.hbm_bandwidth
     return Report(**common, argument_bytes=int(mem.argument_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
@@ -381,7 +426,8 @@ def compile_workload(config: MixtralConfig, runtime: RuntimeConfig, workload: Wo
                   compile_s=seconds, collectives=collectives(hlo), flops=flops,
                   bytes_accessed=accessed, est_step_s=max(compute_s, memory_s),
                   est_bound="compute" if compute_s >= memory_s else "memory", moe_kernel_flops=gmm["flops"],
-                  moe_active_flops=gmm["active_flops"])
+                  moe_active_flops=gmm["active_flops"], attention_kernel=attention_kernel(hlo),
+                  attention_kernel_flops=fmha["flops"])
 
 
 def plan_runtime(mesh: Mesh, dtype="bfloat16", backend: str = "tpu", quantize: str | None = None) -> RuntimeConfig:

@@ -200,6 +200,19 @@ def gpu_plugin_available() -> bool:
         return False
 
 
+def cudnn_available() -> bool:
+    """Whether the CUDA plugin finds the cuDNN library (the `nvidia-cudnn-cu12` wheel): XLA:GPU then compiles
+    `jax.nn.dot_product_attention(implementation="cudnn")` to cuDNN's fused flash attention, as on a GPU."""
+    if not gpu_plugin_available():
+        return False
+    try:
+        from jax._src.lib import cuda_versions
+        with _quiet_stderr():
+            return cuda_versions is not None and cuda_versions.cudnn_get_version() > 0
+    except Exception:  # noqa: BLE001 - "cuDNN not found" is a RuntimeError; an old plugin may lack the call
+        return False
+
+
 def get_topology(name: str) -> Topology | GpuTopology:
     """`'v5e-8'` or `'h100-8'` -> its topology; an unknown name is a one-line error listing the valid ones."""
     key = name.strip().lower().replace("v5litepod", "v5e").replace("v6e-lite", "v6e")

@@ -20,10 +20,18 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mixtral_jax.cli import plan as plan_cli
 from mixtral_jax.cli.main import main
 from mixtral_jax.cli.plan import suggestion
 from mixtral_jax.planning import planner as plan_lib
-from mixtral_jax.planning.topologies import GIB, GPU_TOPOLOGIES, TopologyError, get_topology, gpu_plugin_available
+from mixtral_jax.planning.topologies import (
+    GIB,
+    GPU_TOPOLOGIES,
+    TopologyError,
+    cudnn_available,
+    get_topology,
+    gpu_plugin_available,
+)
 from tests.planning.test_plan import CONFIG, cache_by_hand, weights_by_hand
 
 needs_plugin = pytest.mark.skipif(not gpu_plugin_available(), reason=(
@@ -162,3 +170,51 @@ def test_plan_counts_the_moe_kernels_within_a_quarter_of_the_active_experts():
     active = config.n_layers * 3 * 2 * (512 * config.top_k) * config.dim * config.hidden_dim
     assert r.moe_strategy == "gmm" and r.moe_active_flops == active
     assert active < r.moe_kernel_flops <= 1.25 * active and r.flops > r.moe_kernel_flops
+
+
+needs_cudnn = pytest.mark.skipif(not cudnn_available(), reason=(
+    "needs cuDNN for the CUDA plugin: pip install nvidia-cudnn-cu12 (in the gpu-plan extra)"))
+
+
+@pytest.mark.gpu
+@needs_plugin
+@needs_cudnn
+@pytest.mark.parametrize("window", [None, 48])
+def test_cudnn_attention_cost_counts_the_pairs_the_mask_keeps(window):
+    """cuDNN's fused attention is a custom call XLA cannot count: the planner counts it from its shapes. The
+    count is checked against the mask built here (forward: QK^T and PV; backward: five such matmuls)."""
+    b, t, h, kv, d = 2, 256, 4, 2, 64
+    mesh = jax.sharding.Mesh(np.asarray(get_topology("h100-1").devices()), ("x",))
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, P()))  # noqa: E731
+
+    def attend(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
+                                            local_window_size=None if window is None else (window - 1, 0))
+
+    forward = jax.jit(attend).lower(spec(b, t, h, d), spec(b, t, kv, d), spec(b, t, kv, d)).compile()
+    both = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))).lower(
+        spec(b, t, h, d), spec(b, t, kv, d), spec(b, t, kv, d)).compile()
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    kept = int(((j <= i) & ((i - j < window) if window else True)).sum())
+    pair_flops = 2 * b * h * kept * d  # one (t, t) matmul over the kept pairs
+    assert plan_lib.attention_kernel(forward.as_text()) == "cudnn"
+    assert plan_lib.cudnn_attention_cost(forward.as_text()) == {"flops": 2 * pair_flops, "calls": 1}
+    assert plan_lib.cudnn_attention_cost(both.as_text()) == {"flops": 7 * pair_flops, "calls": 2}
+
+
+@pytest.mark.gpu
+@needs_plugin
+@needs_cudnn
+def test_training_at_32k_compiles_to_cudnn_flash_attention(capsys):
+    """A 32k-token training step on one H100: every layer's attention is cuDNN's fused kernel forward and
+    backward, counted in the FLOPs, and no (t, t) score matrix is held (4 heads of 32k x 32k bf16 is 8 GiB)."""
+    t = 32768
+    config = dataclasses.replace(CONFIG, max_seq_len=t)
+    (r,) = plan_lib.plan(config, "h100-1", "data=1", [plan_lib.train(1, t)])
+    pairs = t * (t + 1) // 2
+    assert r.attention_kernel == "cudnn" and r.fits
+    assert r.attention_kernel_flops == config.n_layers * 7 * 2 * config.n_heads * pairs * config.head_dim
+    assert r.flops > r.attention_kernel_flops
+    assert r.temp_bytes < config.n_heads * t * t * 2 / 4
+    text = plan_cli.format_reports(config, get_topology("h100-1"), [r])
+    assert f"cuDNN fused flash attention ({r.attention_kernel_flops / 1e12:.2f} TFLOP per GPU)" in text
