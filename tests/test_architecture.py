@@ -40,8 +40,9 @@ LAYERS = [
     ("package", ["mixtral_jax"]),
 ]
 # imported inside functions on purpose: heavy, or optional extras
-# fastapi/starlette/uvicorn/llguidance: the optional `serve` extra, so the CLI (which registers `serve`) runs without it
-LAZY_ALLOWED = ("torch", "orbax", "fastapi", "starlette", "uvicorn", "llguidance")
+# fastapi/starlette/uvicorn/llguidance/prometheus_client: the optional `serve` extra, so the CLI (which registers
+# `serve`) runs without it
+LAZY_ALLOWED = ("torch", "orbax", "fastapi", "starlette", "uvicorn", "llguidance", "prometheus_client")
 
 
 def _modules() -> dict[str, str]:

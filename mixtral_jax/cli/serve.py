@@ -1,7 +1,8 @@
 """`mixtral-jax serve`: the OpenAI-compatible server (FastAPI + uvicorn, the `serve` extra).
 
-On several processes (a multi-host slice) process 0 serves HTTP and plans each batch step; the others run
-the same steps from its broadcasts.
+It encodes with the checkpoint's own tokenizer (as `generate` does) and refuses to start when the tokenizer's
+vocabulary is not the model's. On several processes (a multi-host slice) process 0 serves HTTP and plans each
+batch step; the others run the same steps from its broadcasts.
 """
 
 from __future__ import annotations
@@ -12,39 +13,97 @@ import sys
 import jax
 
 from mixtral_jax.cli.model_flags import add_model_flags, load_model
+from mixtral_jax.errors import ConfigError
 from mixtral_jax.inference.engine import Engine, EngineConfig
 from mixtral_jax.serving.app import create_app, run_server
-from mixtral_jax.text.tokenizer import load_tokenizer
+from mixtral_jax.serving.limits import ServerLimits, raise_open_file_limit
+from mixtral_jax.text.tokenizer import Tokenizer, load_tokenizer, tokenizer_for
+
+API_KEY_ENV = "MIXTRAL_JAX_API_KEY"
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Tokenizer:
+    """The ids a client's text becomes must be the ones the model was trained on: a v1 tokenizer on a v3 model
+    (32000 of 32768 tokens) would serve wrong text without an error, so any difference stops start-up."""
+    if tokenizer.vocab_size != vocab_size:
+        raise ConfigError(f"the {tokenizer.version} tokenizer has {tokenizer.vocab_size} tokens but the model has "
+                          f"{vocab_size}: serve it with its own tokenizer (--tokenizer v1 for 32000, v3 for 32768, "
+                          "or its tokenizer.model)")
+    return tokenizer
+
+
+_LIMIT_FLAGS = (  # ServerLimits field, what its flag means
+    ("max_body_bytes", "largest request body in bytes; larger is a 413"),
+    ("max_json_depth", "deepest nesting of a JSON body; deeper is a 400"),
+    ("max_queue", "requests waiting for a slot; more is a 429 with Retry-After"),
+    ("max_connections", "open connections; past it a new one closes the oldest idle or half-sent one"),
+    ("header_timeout", "seconds a connection may take to send a request's headers"),
+    ("body_timeout", "seconds a request may take to send its body; then a 408"),
+    ("keep_alive_timeout", "seconds an idle keep-alive connection stays open"),
+)
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    if host in _LOCAL_HOSTS or api_key is not None:
+        return None
+    return (f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
+            f"(set --api-key or {API_KEY_ENV})")
+
+
+def server_limits(args) -> ServerLimits:
+    return ServerLimits(**{field: getattr(args, field) for field, _ in _LIMIT_FLAGS},
+                        api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None)
 
 
 def run_serve(args) -> int:
     config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
                           cache_dtype=args.kv_cache_dtype)
-    tokenizer = load_tokenizer(args.tokenizer)
-    engine = Engine(load_model(args), config)
+    limits = server_limits(args)  # bad flags fail before loading anything
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    model = load_model(args)
+    tokenizer = check_vocabulary(tokenizer or tokenizer_for(model), model.config.vocab_size)
+    engine = Engine(model, config)
     name = args.model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
                                else "mixtral-jax-demo")
     if jax.process_index() != 0:  # follow process 0's steps until it shuts down
         engine.run()
         return 0
+    if warning := exposure_warning(args.host, limits.api_key):
+        print(warning, file=sys.stderr)
+    files = raise_open_file_limit(limits.max_connections)
+    if limits.max_connections and files < limits.max_connections + 64:
+        print(f"warning: the open-file limit is {files}, under --max-connections {limits.max_connections} "
+              "(raise `ulimit -n`)", file=sys.stderr)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({config.max_batch} slots, context "
-          f"{engine.max_context})", file=sys.stderr, flush=True)
-    run_server(create_app(engine, tokenizer, name, drain_seconds=args.drain_seconds), args.host, args.port,
-               args.drain_seconds)
+          f"{engine.max_context}, {tokenizer.version} tokenizer{', API key required' if limits.api_key else ''})",
+          file=sys.stderr, flush=True)
+    run_server(create_app(engine, tokenizer, name, drain_seconds=args.drain_seconds, limits=limits), args.host,
+               args.port, args.drain_seconds, limits)
     return 0
 
 
 def register(sub):
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching", allow_abbrev=False)
     add_model_flags(s)
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    d = ServerLimits()
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                                                       "0.0.0.0 for every interface, with an API key)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch", type=int, default=16, help="decode slots (requests decoded together)")
     s.add_argument("--max-context", type=int, help="prompt + completion tokens per request "
                                                    "(default: the model's, at most 4096)")
     s.add_argument("--prefill-chunk", type=int, default=256, help="longest prefill call (a power of two)")
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
-    s.add_argument("--tokenizer", help="SentencePiece model file (default: Mixtral's v1 tokenizer)")
+    s.add_argument("--tokenizer", help="v1, v3 or a SentencePiece model file (default: the checkpoint's own; by "
+                                       "vocabulary: 32768 tokens is v3, else v1)")
     s.add_argument("--drain-seconds", type=float, default=10.0,
                    help="at SIGTERM, how long running requests may finish before they are cancelled")
+    g = s.add_argument_group("limits (0 turns one off)")
+    g.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, "
+                                     "else none)")
+    for field, meaning in _LIMIT_FLAGS:
+        default = getattr(d, field)
+        g.add_argument("--" + field.replace("_", "-"), type=type(default), default=default,
+                       help=f"{meaning} (default: {default})")
     s.set_defaults(run=run_serve)

@@ -1,9 +1,10 @@
 """An OpenAI-compatible HTTP layer over the batching engine: /v1/models, /v1/completions,
 /v1/chat/completions (streamed as server-sent events or not), /health and /metrics (Prometheus text).
 
-Kept thin: parse and check a request (any problem is an HTTP 400 with OpenAI's error body, and nothing
-reaches the engine), submit token ids, turn the engine's tokens into text (stop strings are matched here,
-on text), and cancel the engine request when the client goes away. FastAPI and uvicorn are the optional
+Kept thin: the limits and the API key are checked first (`serving/limits.py`), then parse and check a
+request (any problem is an HTTP 400 with OpenAI's error body, and nothing reaches the engine), submit token
+ids, turn the engine's tokens into text (stop strings are matched here, on text), and cancel the engine
+request when the client goes away. FastAPI and uvicorn are the optional
 `serve` extra, imported when a server is built, so the rest of the CLI works without them.
 """
 
@@ -16,18 +17,24 @@ import signal
 import time
 
 from mixtral_jax.inference.engine import Engine
-from mixtral_jax.serving.metrics import prometheus_text
+from mixtral_jax.serving.limits import ServerLimits, guard_requests, guarded_protocol
+from mixtral_jax.serving.metrics import CONTENT_TYPE, MeteredEngine, ServerMetrics
 from mixtral_jax.serving.protocol import BadRequest, error_body, parse_request
 from mixtral_jax.serving.responses import respond
 from mixtral_jax.text.tokenizer import Tokenizer
 
+DEFAULT_LIMITS = ServerLimits()
+RETRY_AFTER_SECONDS = 1  # a slot frees as soon as any running request finishes
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_seconds: float = 10.0):
-    """The FastAPI app. Its lifespan starts the engine's thread and, at shutdown (SIGTERM included), lets
-    running requests finish for up to `drain_seconds`, cancels the rest and stops the engine."""
+
+def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_seconds: float = 10.0,
+               limits: ServerLimits = DEFAULT_LIMITS):
+    """The FastAPI app, inside the `limits` guard. Its lifespan starts the engine's thread and, at shutdown
+    (SIGTERM included), lets running requests finish for up to `drain_seconds`, cancels the rest and stops
+    the engine."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
     @contextlib.asynccontextmanager
@@ -39,6 +46,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_s
 
     app = FastAPI(title="mixtral-jax", lifespan=lifespan)
     created = int(time.time())
+    meter = ServerMetrics(engine)
+    metered = MeteredEngine(engine, meter)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_request, e: BadRequest):
@@ -60,7 +69,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_s
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(prometheus_text(engine), media_type="text/plain; version=0.0.4")
+        return Response(meter.text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -70,10 +79,15 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_s
     async def handle(http: Request, chat: bool):
         try:
             body = json.loads(await http.body())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadRequest("the request body is not valid JSON") from None
         req = parse_request(body, chat=chat, model_name=model_name, tokenizer=tokenizer, engine=engine)
-        return await respond(http, req, chat=chat, engine=engine, tokenizer=tokenizer, model_name=model_name)
+        if limits.max_queue and len(engine.waiting) >= limits.max_queue:
+            meter.reject("queue_full")
+            return JSONResponse(error_body(f"{len(engine.waiting)} requests are already waiting for a slot "
+                                           "(--max-queue); retry later", kind="rate_limit_error"),
+                                status_code=429, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return await respond(http, req, chat=chat, engine=metered, tokenizer=tokenizer, model_name=model_name)
 
     @app.post("/v1/completions")
     async def completions(http: Request):
@@ -83,14 +97,17 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_s
     async def chat_completions(http: Request):
         return await handle(http, chat=True)
 
-    return app
+    return guard_requests(app, limits, on_reject=meter.reject)
 
 
-def run_server(app, host: str, port: int, drain_seconds: float) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn's handlers: stop accepting, then the app's lifespan drains)."""
+def run_server(app, host: str, port: int, drain_seconds: float, limits: ServerLimits = DEFAULT_LIMITS) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn's handlers: stop accepting, then the app's lifespan drains), with
+    `limits`' connection guard and keep-alive timeout."""
     import uvicorn
 
     # uvicorn re-raises the signal that stopped it once it has shut down, under the handler it found: with
     # this no-op one, a drained server returns and the command exits 0 instead of dying by SIGTERM.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=max(drain_seconds, 1))
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=max(drain_seconds, 1),
+                http=guarded_protocol(limits), timeout_keep_alive=limits.keep_alive_timeout,
+                backlog=max(2048, limits.max_connections))
