@@ -7,6 +7,7 @@ batch step; the others run the same steps from its broadcasts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -21,6 +22,7 @@ from mixtral_jax.text.tokenizer import Tokenizer, load_tokenizer, tokenizer_for
 
 API_KEY_ENV = "MIXTRAL_JAX_API_KEY"
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+_SPARE_FILES = 128  # descriptors kept for what is not a client connection (JAX, the model files, logs)
 
 
 def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Tokenizer:
@@ -72,9 +74,12 @@ def run_serve(args) -> int:
     if warning := exposure_warning(args.host, limits.api_key):
         print(warning, file=sys.stderr)
     files = raise_open_file_limit(limits.max_connections)
-    if limits.max_connections and files < limits.max_connections + 64:
-        print(f"warning: the open-file limit is {files}, under --max-connections {limits.max_connections} "
-              "(raise `ulimit -n`)", file=sys.stderr)
+    if limits.max_connections and files < limits.max_connections + _SPARE_FILES:
+        # past the open-file limit accept() fails and every client starves; under the cap the oldest idle
+        # connection is closed instead
+        limits = dataclasses.replace(limits, max_connections=max(files - _SPARE_FILES, 16))
+        print(f"warning: the open-file limit is {files}: serving at most {limits.max_connections} connections "
+              "(raise `ulimit -n` for more)", file=sys.stderr)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({config.max_batch} slots, context "
           f"{engine.max_context}, {tokenizer.version} tokenizer{', API key required' if limits.api_key else ''})",
           file=sys.stderr, flush=True)
