@@ -73,7 +73,9 @@ def _imports(module: str, path: str):
     """(target module, line, at module level?) for each import of one of ours, and the other lazy imports."""
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
     package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
-    top_level = {id(n) for n in tree.body}
+    # module level includes a guarded import (`try: import x` / `except ImportError:` at the top of a file)
+    guarded = [n for t in tree.body if isinstance(t, ast.Try) for n in t.body + sum((h.body for h in t.handlers), [])]
+    top_level = {id(n) for n in tree.body + guarded}
     ours, lazy_other = [], []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -31,6 +31,11 @@ from importlib import resources
 
 from jax.experimental import topologies
 
+try:  # private: the CUDA plugin's library versions (None without the plugin), to ask whether cuDNN loads
+    from jax._src.lib import cuda_versions
+except ImportError:
+    cuda_versions = None
+
 from mixtral_jax.errors import TopologyError
 
 GIB = 1024**3
@@ -206,7 +211,6 @@ def cudnn_available() -> bool:
     if not gpu_plugin_available():
         return False
     try:
-        from jax._src.lib import cuda_versions
         with _quiet_stderr():
             return cuda_versions is not None and cuda_versions.cudnn_get_version() > 0
     except Exception:  # noqa: BLE001 - "cuDNN not found" is a RuntimeError; an old plugin may lack the call
