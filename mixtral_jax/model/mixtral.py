@@ -19,6 +19,7 @@ from flax import nnx
 from mixtral_jax.config import MixtralConfig, RuntimeConfig
 from mixtral_jax.kernels import cpu as cpu_kernels
 from mixtral_jax.model.attention import Span, attention
+from mixtral_jax.model import lora
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.moe import expert_views, resolve_strategy, route, run_experts
 from mixtral_jax.model.quant import qeinsum, qeinsums, quantize_jax, read
@@ -102,11 +103,13 @@ class Attention(nnx.Module):
         kernel = self.mesh is None  # decode-sized products on one CPU device: mixtral_jax.kernels.cpu
         q, k, v = qeinsums(("btd,dhx->bthx", "btd,dkx->btkx", "btd,dkx->btkx"), x,
                            [_read(self, name, dt) for name in ("wq", "wk", "wv")], cpu_kernel=kernel)
+        q, k, v = (lora.plus(self, name, x, y) for name, y in zip(("wq", "wk", "wv"), (q, k, v), strict=True))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
     def project_out(self, out):
-        return qeinsum("bthx,hxd->btd", out, _read(self, "wo", out.dtype), cpu_kernel=self.mesh is None)
+        return lora.plus(self, "wo", out, qeinsum("bthx,hxd->btd", out, _read(self, "wo", out.dtype),
+                                                  cpu_kernel=self.mesh is None))
 
     def __call__(self, x, cos, sin, span: Span, cache=None, start=None):
         """Without a cache: self-attention over `x`'s own tokens. With `cache` = this layer's `LayerKV`,
@@ -146,11 +149,12 @@ class MoE(nnx.Module):
         w1, w3, w2 = (_read(self, name, dt) for name in ("w1", "w3", "w2"))
         if self.mesh is not None:
             out, logits = moe_expert_parallel(flat, self.router[...], w1, w3, w2, top_k=self.top_k, mesh=self.mesh,
-                                              strategy=self.strategy, capacity_factor=self.capacity_factor)
+                                              strategy=self.strategy, capacity_factor=self.capacity_factor,
+                                              lora=lora.experts(self))
         else:
             routing = route(flat, self.router[...], self.top_k)
             out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, expert_weights,
-                              cpu_kernel=True)
+                              cpu_kernel=True, lora=lora.experts(self))
             logits = routing.logits
         return out.reshape(b, t, d), logits.reshape(b, t, -1)
 
