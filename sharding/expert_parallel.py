@@ -11,6 +11,10 @@ When the tokens do not split evenly over the devices (a decode step with batch 1
 tokens stay replicated over `expert`: each device runs its local experts on the tokens routed to them
 and a `psum` over `expert` adds the results. Same numbers, no all_to_all.
 
+LoRA adapters of the experts (`ExpertLoRA`) travel with their experts: each a and b is split over the
+expert axis, and the hidden dimension's side (b of w1/w3, a of w2) over the hidden axes, so every device
+adds its local experts' low-rank terms inside the same strategy call (w2's partial sums join the `psum`).
+
 The mesh axes come from the rules table (`sharding/rules.py`): none is named here.
 
 Letters: c token copies (tokens x k), n expert shards, r received rows, e local experts, d, f as usual.
@@ -26,16 +30,27 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from mixtral_jax.model.moe import Routing, assign_buckets, bucket_capacity, route, run_experts
+from mixtral_jax.model.moe import ExpertLoRA, Routing, assign_buckets, bucket_capacity, route, run_experts
 from mixtral_jax.model.quant import QArray
 
 from .rules import DEFAULT_RULES, Rule, ShardingError, mesh_axes
 
 
-def _local_experts(x, local_expert, weight, w1, w3, w2, strategy, capacity_factor):
+def _local_experts(x, local_expert, weight, w1, w3, w2, strategy, capacity_factor, lora=None):
     """Each row of x (r, d) through its one local expert, times `weight` (r,); hidden dim may be split."""
     routing = Routing(None, weight[:, None], local_expert[:, None])
-    return run_experts(x, routing, w1, w3, w2, strategy, capacity_factor)
+    return run_experts(x, routing, w1, w3, w2, strategy, capacity_factor, lora=lora)
+
+
+def lora_specs(lora: ExpertLoRA | None, expert_axis, hidden) -> ExpertLoRA | None:
+    """The shard_map specs of the experts' adapters: (e, d, l) / (e, l, f) for w1 and w3, (e, f, l) /
+    (e, l, d) for w2, the expert axis first and `hidden` on f."""
+    if lora is None:
+        return None
+    up = (P(expert_axis, None, None), P(expert_axis, None, hidden))
+    down = (P(expert_axis, hidden, None), P(expert_axis, None, None))
+    pick = lambda pair, spec: None if pair is None else spec  # noqa: E731
+    return ExpertLoRA(pick(lora.w1, up), pick(lora.w3, up), pick(lora.w2, down), lora.scale)
 
 
 def _token_axes(mesh: Mesh, n_tokens: int, batch_axes: tuple[str, ...]):
@@ -48,11 +63,11 @@ def _token_axes(mesh: Mesh, n_tokens: int, batch_axes: tuple[str, ...]):
 
 
 def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strategy: str = "auto",
-                        capacity_factor: float = 2.0, rules: Mapping[str, Rule] = DEFAULT_RULES
-                        ) -> tuple[jax.Array, jax.Array]:
+                        capacity_factor: float = 2.0, rules: Mapping[str, Rule] = DEFAULT_RULES,
+                        lora: ExpertLoRA | None = None) -> tuple[jax.Array, jax.Array]:
     """x (t, d) -> (output (t, d), router logits (t, E)), with the experts laid out as `rules` say: the
     `expert` logical axis over its mesh axis, the expert hidden dimension (`mlp`) over its own, tokens
-    over `batch` (and the expert axis, where they split evenly)."""
+    over `batch` (and the expert axis, where they split evenly). `lora`: the experts' adapters."""
     n_tokens = x.shape[0]
     n_experts = w1.shape[0]
     expert_axes, hidden_axes = mesh_axes("expert", mesh, rules), mesh_axes("mlp", mesh, rules)
@@ -70,7 +85,7 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
     summed = (*expert_axes, *hidden_axes)
     all_axes = tuple(mesh.axis_names)
 
-    def replicated_tokens(x, router, w1, w3, w2):
+    def replicated_tokens(x, router, w1, w3, w2, lora):
         routing = route(x, router, top_k)
         shard = jax.lax.axis_index(expert_axis) if expert_axis is not None else 0
         mine = routing.expert_ids // local == shard                                # (t, k)
@@ -79,11 +94,11 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
         local_expert = jnp.where(mine, routing.expert_ids % local, spread)
         ys = _local_experts(jnp.repeat(x, top_k, axis=0), local_expert.reshape(-1),
                             jnp.where(mine, routing.weights, 0.0).reshape(-1), w1, w3, w2, strategy,
-                            capacity_factor)
+                            capacity_factor, lora)
         y = ys.reshape(x.shape[0], top_k, -1).sum(1)
         return (jax.lax.psum(y, summed) if summed else y), routing.logits
 
-    def all_to_all(x, router, w1, w3, w2):
+    def all_to_all(x, router, w1, w3, w2, lora):
         routing = route(x, router, top_k)
         t, d = x.shape
         copies = t * top_k
@@ -99,7 +114,7 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
                 valid = recv_e >= 0
                 spread = jnp.arange(recv_e.shape[0]) % local
                 y = _local_experts(recv, jnp.where(valid, recv_e, spread), valid.astype(jnp.float32),
-                                   w1, w3, w2, strategy, capacity_factor)
+                                   w1, w3, w2, strategy, capacity_factor, lora)
                 if hidden_axes:
                     y = jax.lax.psum(y, hidden_axes)
                 back = jax.lax.all_to_all(y, expert_axis, 0, 0, tiled=True).reshape(n_shards, capacity, d)
@@ -115,6 +130,6 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
 
     splits_over_experts = expert_axis is not None and token_axes is not None and expert_axis in token_axes
     body = all_to_all if splits_over_experts else replicated_tokens
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, P(None, None), w_in, w_in, w_out), out_specs=(tok, tok),
-                       check_vma=False)
-    return fn(x, router, w1, w3, w2)
+    specs = (tok, P(None, None), w_in, w_in, w_out, lora_specs(lora, expert_axis, hidden))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok, tok), check_vma=False)
+    return fn(x, router, w1, w3, w2, lora)

@@ -38,6 +38,7 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     "mlp": "tensor",
     "router": None,
     "norm": None,
+    "lora_rank": None,  # LoRA adapters: a few columns, replicated; their other axes follow their weight's
     # activations and the KV cache
     "batch": ("data", "expert"),
     "seq": None,

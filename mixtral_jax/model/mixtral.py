@@ -18,8 +18,8 @@ from flax import nnx
 
 from mixtral_jax.config import MixtralConfig, RuntimeConfig
 from mixtral_jax.kernels import cpu as cpu_kernels
-from mixtral_jax.model.attention import Span, attention
 from mixtral_jax.model import lora
+from mixtral_jax.model.attention import Span, attention
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.moe import expert_views, resolve_strategy, route, run_experts
 from mixtral_jax.model.quant import qeinsum, qeinsums, quantize_jax, read

@@ -21,11 +21,18 @@ Every strategy takes the same `Routing` (computed once by `route`) and returns t
               go into the kernel as int8. On other backends the same kernel runs in Pallas' interpreter
               (exact, slow: for tests).
 
-Einsum letters: t tokens, d model dim, f expert hidden dim, e experts, r experts per token (top_k), c bucket slot.
+LoRA (`ExpertLoRA`, built by `mixtral_jax.model.lora`): every strategy adds each expert's low-rank term
+`(x @ a[e]) @ b[e] * scale` beside its base matmul, in the strategy's own form (einsums over buckets,
+grouped `ragged_dot`s, per-expert matmuls): the merged weights `w + a @ b` are never formed, so the base
+stays frozen (and int8) and a step costs ~rank/hidden extra FLOPs.
+
+Einsum letters: t tokens, d model dim, f expert hidden dim, e experts, r experts per token (top_k), c bucket slot,
+l LoRA rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -46,6 +53,61 @@ class Routing(NamedTuple):
     expert_ids: jax.Array  # (t, r) int32, the chosen experts
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertLoRA:
+    """The experts' low-rank adapters: per weight an (a, b) pair with a leading expert axis, or None.
+
+    w1, w3: a (e, d, l), b (e, l, f); w2: a (e, f, l), b (e, l, d). Expert e's weight acts as
+    `w[e] + scale * a[e] @ b[e]` (PEFT's `lora_B(lora_A(x)) * alpha / r`), computed as two thin products."""
+
+    w1: tuple | None = None
+    w3: tuple | None = None
+    w2: tuple | None = None
+    scale: float = dataclasses.field(default=1.0, metadata={"static": True})
+
+    def __getitem__(self, idx) -> ExpertLoRA:
+        """Index the expert axis of every a and b (as `QArray` does)."""
+        pick = lambda p: None if p is None else (p[0][idx], p[1][idx])  # noqa: E731
+        return ExpertLoRA(pick(self.w1), pick(self.w3), pick(self.w2), self.scale)
+
+    def pair(self, name: str):
+        return getattr(self, name)
+
+
+def _pair(lora: ExpertLoRA | None, name: str):
+    return None if lora is None else lora.pair(name)
+
+
+def lora_einsum(spec: str, x: jax.Array, pair, scale: float) -> jax.Array:
+    """The low-rank term of `qeinsum(spec, x, w)` for a weight spec ending in (contracted, output) letters:
+    `(x . a) . b * scale` with a = w's spec with its output letter made `l`, b = with its contracted one."""
+    inputs, out = spec.split("->")
+    x_spec, w_spec = inputs.split(",")
+    o = w_spec[-1]
+    mid = out.replace(o, "l")
+    a, b = pair
+    h = jnp.einsum(f"{x_spec},{w_spec[:-1]}l->{mid}", x, a.astype(x.dtype))
+    return jnp.einsum(f"{mid},{w_spec[:-2]}l{o}->{out}", h, b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+
+
+def _dot(spec: str, x, w, pair, scale: float):
+    y = qeinsum(spec, x, w)
+    return y if pair is None else y + lora_einsum(spec, x, pair, scale)
+
+
+def _ragged_lora(xs, pair, group_sizes, scale: float):
+    """Grouped low-rank term: each row through its group's a then b (two thin `ragged_dot`s)."""
+    a, b = pair
+    h = jax.lax.ragged_dot(xs, a.astype(xs.dtype), group_sizes)
+    return jax.lax.ragged_dot(h, b.astype(xs.dtype), group_sizes) * jnp.asarray(scale, xs.dtype)
+
+
+def _with_ragged_lora(y, xs, lora, name, group_sizes):
+    pair = _pair(lora, name)
+    return y if pair is None else y + _ragged_lora(xs, pair, group_sizes, lora.scale)
+
+
 def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
     """Top-k routing in float32. Softmax over the k chosen logits equals HF's softmax-all, top-k, renormalise."""
     logits = jnp.einsum("td,de->te", x.astype(jnp.float32), router.astype(jnp.float32))
@@ -53,20 +115,22 @@ def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
     return Routing(logits, jax.nn.softmax(top_logits, axis=-1), expert_ids.astype(jnp.int32))
 
 
-def _swiglu(x, w1, w3, w2, spec_in: str, spec_w: str, spec_h: str, spec_w2: str, spec_out: str):
+def _swiglu(x, w1, w3, w2, spec_in: str, spec_w: str, spec_h: str, spec_w2: str, spec_out: str,
+            lora: ExpertLoRA | None = None):
     up = f"{spec_in},{spec_w}->{spec_h}"
-    h = jax.nn.silu(qeinsum(up, x, w1)) * qeinsum(up, x, w3)
-    return qeinsum(f"{spec_h},{spec_w2}->{spec_out}", h, w2)
+    scale = 1.0 if lora is None else lora.scale
+    h = jax.nn.silu(_dot(up, x, w1, _pair(lora, "w1"), scale)) * _dot(up, x, w3, _pair(lora, "w3"), scale)
+    return _dot(f"{spec_h},{spec_w2}->{spec_out}", h, w2, _pair(lora, "w2"), scale)
 
 
-def moe_dense(x, routing: Routing, w1, w3, w2) -> jax.Array:
-    y = _swiglu(x, w1, w3, w2, "td", "edf", "etf", "efd", "etd")  # (e, t, d)
+def moe_dense(x, routing: Routing, w1, w3, w2, lora: ExpertLoRA | None = None) -> jax.Array:
+    y = _swiglu(x, w1, w3, w2, "td", "edf", "etf", "efd", "etd", lora)  # (e, t, d)
     n_experts = w1.shape[0]
     combine = jnp.einsum("tr,tre->te", routing.weights, jax.nn.one_hot(routing.expert_ids, n_experts))  # (t, e)
     return jnp.einsum("te,etd->td", combine.astype(y.dtype), y)
 
 
-def moe_ragged(x, routing: Routing, w1, w3, w2) -> jax.Array:
+def moe_ragged(x, routing: Routing, w1, w3, w2, lora: ExpertLoRA | None = None) -> jax.Array:
     t, k = routing.expert_ids.shape
     flat_experts = routing.expert_ids.reshape(-1)                            # (t*k,)
     order = jnp.argsort(flat_experts, stable=True)                         # copies grouped by expert
@@ -74,9 +138,10 @@ def moe_ragged(x, routing: Routing, w1, w3, w2) -> jax.Array:
     group_sizes = jnp.bincount(flat_experts, length=w1.shape[0]).astype(jnp.int32)
     xs = x[token_of]                                                       # (t*k, d)
     row_expert = flat_experts[order]                                       # int8: each row's scales
-    h = jax.nn.silu(quant.ragged_dot(xs, w1, group_sizes, row_expert)) * quant.ragged_dot(xs, w3, group_sizes,
-                                                                                          row_expert)
-    ys = quant.ragged_dot(h, w2, group_sizes, row_expert)                  # (t*k, d)
+    up1 = _with_ragged_lora(quant.ragged_dot(xs, w1, group_sizes, row_expert), xs, lora, "w1", group_sizes)
+    up3 = _with_ragged_lora(quant.ragged_dot(xs, w3, group_sizes, row_expert), xs, lora, "w3", group_sizes)
+    h = jax.nn.silu(up1) * up3
+    ys = _with_ragged_lora(quant.ragged_dot(h, w2, group_sizes, row_expert), h, lora, "w2", group_sizes)  # (t*k, d)
     ys = ys * routing.weights.reshape(-1)[order][:, None].astype(ys.dtype)
     return jnp.zeros_like(x).at[token_of].add(ys)
 
@@ -114,7 +179,8 @@ def assign_buckets(bucket: jax.Array, n_buckets: int) -> Buckets:
     return Buckets(bucket.astype(jnp.int32), slot.astype(jnp.int32), onehot.sum(0))
 
 
-def moe_capacity(x, routing: Routing, w1, w3, w2, capacity_factor: float = 2.0) -> jax.Array:
+def moe_capacity(x, routing: Routing, w1, w3, w2, capacity_factor: float = 2.0,
+                 lora: ExpertLoRA | None = None) -> jax.Array:
     t, k = routing.expert_ids.shape
     n_experts = w1.shape[0]
     capacity = bucket_capacity(t, k, n_experts, capacity_factor)
@@ -122,18 +188,18 @@ def moe_capacity(x, routing: Routing, w1, w3, w2, capacity_factor: float = 2.0) 
     token_of = jnp.arange(t * k) // k
 
     def in_buckets(x):
-        y = _swiglu(buckets.dispatch(x[token_of], capacity), w1, w3, w2, "ecd", "edf", "ecf", "efd", "ecd")
+        y = _swiglu(buckets.dispatch(x[token_of], capacity), w1, w3, w2, "ecd", "edf", "ecf", "efd", "ecd", lora)
         picked = buckets.collect(y).reshape(t, k, -1)                              # (t, r, d)
         return jnp.einsum("tr,trd->td", routing.weights.astype(y.dtype), picked)
 
     if capacity >= t:  # buckets hold every token: cannot overflow
         return in_buckets(x)
-    return jax.lax.cond(buckets.overflows(capacity), lambda x: moe_dense(x, routing, w1, w3, w2), in_buckets, x)
+    return jax.lax.cond(buckets.overflows(capacity), lambda x: moe_dense(x, routing, w1, w3, w2, lora), in_buckets, x)
 
 
-def moe_gather(x, routing: Routing, w1, w3, w2) -> jax.Array:
-    y = _swiglu(x, w1[routing.expert_ids], w3[routing.expert_ids], w2[routing.expert_ids],
-                "td", "tkdf", "tkf", "tkfd", "tkd")
+def moe_gather(x, routing: Routing, w1, w3, w2, lora: ExpertLoRA | None = None) -> jax.Array:
+    ids = routing.expert_ids
+    y = _swiglu(x, w1[ids], w3[ids], w2[ids], "td", "tkdf", "tkf", "tkfd", "tkd", None if lora is None else lora[ids])
     return jnp.einsum("tr,trd->td", routing.weights.astype(y.dtype), y)
 
 
@@ -153,7 +219,7 @@ def bucket_sizes(n_tokens: int, top_k: int, n_experts: int) -> tuple[int, ...]:
     return tuple(sorted(ladder | {n_tokens}))
 
 
-def moe_grouped(x, routing: Routing, w1, w3, w2, expert_weights=None) -> jax.Array:
+def moe_grouped(x, routing: Routing, w1, w3, w2, expert_weights=None, lora: ExpertLoRA | None = None) -> jax.Array:
     """`expert_weights`: optional (w1, w3, w2) as tuples of per-expert arrays (see `expert_views`); the
     decode form reads them in place of static slices of the stacked weights."""
     t, k = routing.expert_ids.shape
@@ -175,7 +241,10 @@ def moe_grouped(x, routing: Routing, w1, w3, w2, expert_weights=None) -> jax.Arr
             weights = jax.lax.dynamic_slice_in_dim(weight_of, start, size)
             weights = jnp.where(jnp.arange(size) < count, weights, 0).astype(x.dtype)  # other experts' rows
             xs = rows[tokens]
-            y = quant.matmul(jax.nn.silu(quant.matmul(xs, w1[e])) * quant.matmul(xs, w3[e]), w2[e])
+            if lora is None:
+                y = quant.matmul(jax.nn.silu(quant.matmul(xs, w1[e])) * quant.matmul(xs, w3[e]), w2[e])
+            else:  # this expert's adapters: (s, d) @ (d, l) @ (l, f) beside the base (s, d) @ (d, f)
+                y = _swiglu(xs, w1[e], w3[e], w2[e], "sd", "df", "sf", "fd", "sd", lora[e])
             return out.at[tokens].add(y * weights[:, None])
         return run
 
@@ -232,8 +301,9 @@ def _gmm_dot(x, w, group_sizes, row_group):
     return (y * w.scale[row_group]).astype(x.dtype)
 
 
-def moe_gmm(x, routing: Routing, w1, w3, w2) -> jax.Array:
-    """`moe_ragged` with `grouped_matmul` for the three grouped matmuls."""
+def moe_gmm(x, routing: Routing, w1, w3, w2, lora: ExpertLoRA | None = None) -> jax.Array:
+    """`moe_ragged` with `grouped_matmul` for the three grouped matmuls (LoRA's thin terms through
+    `ragged_dot`: rank-wide, they cost ~l/f of the base even where XLA runs them densely)."""
     t, k = routing.expert_ids.shape
     flat_experts = routing.expert_ids.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
@@ -241,8 +311,10 @@ def moe_gmm(x, routing: Routing, w1, w3, w2) -> jax.Array:
     group_sizes = jnp.bincount(flat_experts, length=w1.shape[0]).astype(jnp.int32)
     xs = x[token_of]
     row_expert = flat_experts[order]
-    h = jax.nn.silu(_gmm_dot(xs, w1, group_sizes, row_expert)) * _gmm_dot(xs, w3, group_sizes, row_expert)
-    ys = _gmm_dot(h, w2, group_sizes, row_expert)
+    up1 = _with_ragged_lora(_gmm_dot(xs, w1, group_sizes, row_expert), xs, lora, "w1", group_sizes)
+    up3 = _with_ragged_lora(_gmm_dot(xs, w3, group_sizes, row_expert), xs, lora, "w3", group_sizes)
+    h = jax.nn.silu(up1) * up3
+    ys = _with_ragged_lora(_gmm_dot(h, w2, group_sizes, row_expert), h, lora, "w2", group_sizes)
     ys = ys * routing.weights.reshape(-1)[order][:, None].astype(ys.dtype)
     return jnp.zeros_like(x).at[token_of].add(ys)
 
@@ -268,25 +340,26 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
 
 
 def run_experts(x, routing: Routing, w1, w3, w2, strategy: str = "auto", capacity_factor: float = 2.0,
-                expert_weights=None, cpu_kernel: bool = False):
+                expert_weights=None, cpu_kernel: bool = False, lora: ExpertLoRA | None = None):
     """Apply the experts to `x` (t, d) with the chosen strategy; `expert_weights` (see `expert_views`)
     serve `grouped` and are ignored by the others. `cpu_kernel`: `x` is on one device; `grouped` then
-    runs a decode-sized `x` through `cpu_kernels.moe` where the kernels are usable."""
+    runs a decode-sized `x` through `cpu_kernels.moe` where the kernels are usable (not with `lora`:
+    the kernel has no low-rank terms). `lora`: the experts' adapters, added inside the strategy."""
     strategy = resolve_strategy(strategy)
-    if cpu_kernel and strategy == "grouped" and cpu_kernels.usable(x.shape[0], w1, w3, w2):
+    if cpu_kernel and lora is None and strategy == "grouped" and cpu_kernels.usable(x.shape[0], w1, w3, w2):
         return moe_kernel(x, routing, w1, w3, w2)
     # Eagerly, jit: `lax.switch` would otherwise compile its branches on every call. Under an outer jit,
     # call straight through: a nested jit boundary costs the decode step ~20% on XLA:CPU.
     run = _run_experts if isinstance(x, jax.core.Tracer) else _run_experts_jit
-    return run(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weights)
+    return run(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weights, lora)
 
 
-def _run_experts(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weights):
+def _run_experts(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weights, lora=None):
     if strategy == "capacity":
-        return moe_capacity(x, routing, w1, w3, w2, capacity_factor)
+        return moe_capacity(x, routing, w1, w3, w2, capacity_factor, lora)
     if strategy == "grouped":
-        return moe_grouped(x, routing, w1, w3, w2, expert_weights)
-    return STRATEGIES[strategy](x, routing, w1, w3, w2)
+        return moe_grouped(x, routing, w1, w3, w2, expert_weights, lora)
+    return STRATEGIES[strategy](x, routing, w1, w3, w2, lora)
 
 
 @jax.custom_jvp

@@ -1,0 +1,236 @@
+"""LoRA: low-rank adapters on the attention projections and on every routed expert's w1 / w3 / w2.
+
+    lora.add_adapters(model, LoRAConfig(rank=16, alpha=32, targets=ALL_TARGETS), seed=0)
+    model(tokens)                    # each adapted projection: base + (x @ A) @ B * alpha / rank
+    lora.adapter_arrays(model)       # {'layers.0.attn.wq_lora_a': ..., ...}: what LoRA training updates
+    placement.merge_adapters(model)  # a plain Mixtral with W + A @ B * alpha / rank (for export)
+
+The adapters are `LoRAParam`s (an `nnx.Param` subclass: `nnx.state(model, LoRAParam)` is the adapter
+state, the base is the rest), attributes `<weight>_lora_a` / `<weight>_lora_b` of a layer's `attn` or
+`moe` module beside the frozen base weight, which may be float or int8 (QLoRA-style: int8 base, float
+adapters). They are applied, never merged, on every step: in the attention projections here (`plus`),
+and inside every MoE strategy and the expert-parallel `shard_map` as `ExpertLoRA`
+(`mixtral_jax.model.moe`), the experts' adapters carrying a leading expert axis.
+
+Shapes (l = rank; PEFT's `lora_A.weight` is a transposed, `lora_B.weight` b transposed, see
+`mixtral_jax.convert.peft`):
+
+| target | weight | a | b |
+| --- | --- | --- | --- |
+| q_proj | wq (d, h, x) | (d, l) | (l, h, x) |
+| k_proj, v_proj | wk, wv (d, k, x) | (d, l) | (l, k, x) |
+| o_proj | wo (h, x, d) | (h, x, l) | (l, d) |
+| w1, w3 | (e, d, f) | (e, d, l) | (e, l, f) |
+| w2 | (e, f, d) | (e, f, l) | (e, l, d) |
+
+A new adapter starts as PEFT's does: a uniform in +-1/sqrt(fan_in) (kaiming-uniform with a = sqrt(5)),
+b zero, so the adapted model starts equal to the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.errors import ConfigError
+from mixtral_jax.model.moe import ExpertLoRA
+from mixtral_jax.sharding.rules import DEFAULT_RULES, Rule, param_shardings
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_TARGETS = ("w1", "w2", "w3")
+ALL_TARGETS = ATTENTION_TARGETS + EXPERT_TARGETS
+WEIGHT_OF = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "w1": "w1", "w2": "w2", "w3": "w3"}
+MODULE_OF = {**dict.fromkeys(ATTENTION_TARGETS, "attn"), **dict.fromkeys(EXPERT_TARGETS, "moe")}
+A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
+
+# the attention's low-rank products: x -> (x @ a) -> (.. @ b), letters as in mixtral.py
+_ATTENTION_SPECS = {"wq": ("btd,dl->btl", "btl,lhx->bthx"), "wk": ("btd,dl->btl", "btl,lkx->btkx"),
+                    "wv": ("btd,dl->btl", "btl,lkx->btkx"), "wo": ("bthx,hxl->btl", "btl,ld->btd")}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Rank, alpha (the update is scaled by alpha / rank, as PEFT without rsLoRA), dropout (PEFT's
+    `lora_dropout`; kept for the adapter's config, not applied by our training) and the targets, named as
+    PEFT names Mixtral's modules."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ATTENTION_TARGETS
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ConfigError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        targets = tuple(self.targets)
+        unknown = [t for t in targets if t not in ALL_TARGETS]
+        if unknown or not targets:
+            raise ConfigError(f"unknown LoRA targets {unknown or '(none)'}; choose from {', '.join(ALL_TARGETS)}")
+        object.__setattr__(self, "targets", tuple(t for t in ALL_TARGETS if t in targets))  # canonical order
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> LoRAConfig:
+        return cls(int(d["rank"]), float(d["alpha"]), float(d.get("dropout", 0.0)), tuple(d["targets"]))
+
+
+class LoRAParam(nnx.Param):
+    """A trainable adapter weight; every other `nnx.Param` of an adapted model stays frozen."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    logical_axes: tuple[str | None, ...]
+
+
+def _shapes(config: MixtralConfig, target: str, rank: int):
+    """((a shape, a axes), (b shape, b axes)) of one target's adapter."""
+    d, h, k, x, e, f, r = (config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.n_experts,
+                           config.hidden_dim, rank)
+    return {
+        "q_proj": (((d, r), ("embed", "lora_rank")), ((r, h, x), ("lora_rank", "q_heads", "head_dim"))),
+        "k_proj": (((d, r), ("embed", "lora_rank")), ((r, k, x), ("lora_rank", "kv_heads", "head_dim"))),
+        "v_proj": (((d, r), ("embed", "lora_rank")), ((r, k, x), ("lora_rank", "kv_heads", "head_dim"))),
+        "o_proj": (((h, x, r), ("q_heads", "head_dim", "lora_rank")), ((r, d), ("lora_rank", "embed"))),
+        "w1": (((e, d, r), ("expert", "embed", "lora_rank")), ((e, r, f), ("expert", "lora_rank", "mlp"))),
+        "w3": (((e, d, r), ("expert", "embed", "lora_rank")), ((e, r, f), ("expert", "lora_rank", "mlp"))),
+        "w2": (((e, f, r), ("expert", "mlp", "lora_rank")), ((e, r, d), ("expert", "lora_rank", "embed"))),
+    }[target]
+
+
+def adapter_name(layer: int, target: str, part: str) -> str:
+    """'layers.3.moe.w1_lora_a': the flat name (as `param_specs` names parameters) of an adapter array."""
+    return f"layers.{layer}.{MODULE_OF[target]}.{WEIGHT_OF[target]}{A_SUFFIX if part == 'a' else B_SUFFIX}"
+
+
+def adapter_specs(config: MixtralConfig, lora: LoRAConfig, dtype=jnp.float32) -> dict[str, AdapterSpec]:
+    """`{name: AdapterSpec}` of every adapter array, layer by layer (what `add_adapters` creates)."""
+    specs = {}
+    for i in range(config.n_layers):
+        for target in lora.targets:
+            for part, (shape, axes) in zip("ab", _shapes(config, target, lora.rank), strict=True):
+                specs[adapter_name(i, target, part)] = AdapterSpec(shape, np.dtype(dtype), axes)
+    return specs
+
+
+def init_adapters(config: MixtralConfig, lora: LoRAConfig, seed: int = 0, dtype=jnp.float32) -> dict[str, np.ndarray]:
+    """Fresh adapters as PEFT makes them: a ~ U(+-1/sqrt(fan_in)), b = 0 (numpy, float32 by default)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, spec in adapter_specs(config, lora, dtype).items():
+        if name.endswith(A_SUFFIX):
+            fan_in = int(np.prod(spec.shape[1:-1] if ".moe." in name else spec.shape[:-1]))
+            bound = 1.0 / np.sqrt(fan_in)
+            out[name] = rng.uniform(-bound, bound, spec.shape).astype(spec.dtype)
+        else:
+            out[name] = np.zeros(spec.shape, spec.dtype)
+    return out
+
+
+def add_adapters(model, lora: LoRAConfig, arrays: Mapping[str, np.ndarray | jax.Array] | None = None, *,
+                 seed: int = 0, rules: Mapping[str, Rule] = DEFAULT_RULES):
+    """Attach adapters to `model` in place (and return it): `arrays` by `adapter_name` (e.g. read from a
+    PEFT file), else `init_adapters(seed)`. On a mesh they are laid out by the rules table (experts'
+    adapters over the expert axis). Replaces adapters the model already has."""
+    remove_adapters(model)
+    specs = adapter_specs(model.config, lora)
+    arrays = init_adapters(model.config, lora, seed) if arrays is None else arrays
+    missing = [n for n in specs if n not in arrays]
+    extra = [n for n in arrays if n not in specs]
+    if missing or extra:
+        raise ConfigError(f"adapter arrays do not match the LoRA config: missing {missing[:3]}, unexpected {extra[:3]}")
+    mesh = model.runtime.mesh
+    shardings = param_shardings(specs, mesh, rules) if mesh is not None else {}
+    for name, spec in specs.items():
+        value = jnp.asarray(arrays[name])
+        if tuple(value.shape) != spec.shape:
+            raise ConfigError(f"{name}: adapter of shape {list(value.shape)}, expected {list(spec.shape)}")
+        value = value.astype(spec.dtype)
+        value = jax.device_put(value, shardings[name]) if mesh is not None else value
+        _, layer, module, attr = name.split(".")
+        owner = getattr(model.layers[int(layer)], module)
+        setattr(owner, attr, LoRAParam(value, logical_axes=spec.logical_axes))
+        owner.lora_scale = lora.scale
+    model.lora = lora
+    return model
+
+
+def remove_adapters(model):
+    """Drop every adapter from `model` in place (and return it): the base model again."""
+    for layer in model.layers:
+        for module in (layer.attn, layer.moe):
+            for weight in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+                for suffix in (A_SUFFIX, B_SUFFIX):
+                    if hasattr(module, weight + suffix):
+                        delattr(module, weight + suffix)
+            if hasattr(module, "lora_scale"):
+                delattr(module, "lora_scale")
+    if getattr(model, "lora", None) is not None:
+        model.lora = None
+    return model
+
+
+def lora_config(model) -> LoRAConfig | None:
+    """The `LoRAConfig` of the adapters `model` carries, or None."""
+    return getattr(model, "lora", None)
+
+
+def adapter_arrays(model) -> dict[str, jax.Array]:
+    """The model's adapters by name, in `adapter_specs` order ({} without adapters)."""
+    lora = lora_config(model)
+    if lora is None:
+        return {}
+    out = {}
+    for name in adapter_specs(model.config, lora):
+        _, layer, module, attr = name.split(".")
+        out[name] = getattr(getattr(model.layers[int(layer)], module), attr)[...]
+    return out
+
+
+def plus(module, weight: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """`y` (the base projection of `x` by `module.<weight>`) plus its adapter's term, if it has one."""
+    a = getattr(module, weight + A_SUFFIX, None)
+    if a is None:
+        return y
+    b = getattr(module, weight + B_SUFFIX)
+    down, up = _ATTENTION_SPECS[weight]
+    h = jnp.einsum(down, x, a[...].astype(x.dtype))
+    return y + (jnp.einsum(up, h, b[...].astype(x.dtype)) * jnp.asarray(module.lora_scale, x.dtype)).astype(y.dtype)
+
+
+def experts(module) -> ExpertLoRA | None:
+    """The `ExpertLoRA` of a MoE module's adapters (None without any), for the MoE strategies."""
+    pairs = {}
+    for weight in ("w1", "w3", "w2"):
+        a = getattr(module, weight + A_SUFFIX, None)
+        pairs[weight] = None if a is None else (a[...], getattr(module, weight + B_SUFFIX)[...])
+    if all(p is None for p in pairs.values()):
+        return None
+    return ExpertLoRA(pairs["w1"], pairs["w3"], pairs["w2"], module.lora_scale)
+
+
+_MERGE_SPECS = {"wq": "dl,lhx->dhx", "wk": "dl,lkx->dkx", "wv": "dl,lkx->dkx", "wo": "hxl,ld->hxd",
+                "w1": "edl,elf->edf", "w3": "edl,elf->edf", "w2": "efl,eld->efd"}
+
+
+def delta(weight: str, a, b, scale: float) -> np.ndarray:
+    """scale * a @ b in `weight`'s own layout (float32, on the host): what merging adds to it."""
+    return np.einsum(_MERGE_SPECS[weight], np.asarray(a, np.float32), np.asarray(b, np.float32)) * np.float32(scale)
