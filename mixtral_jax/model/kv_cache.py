@@ -1,6 +1,13 @@
-"""The KV cache: preallocated keys and values for every layer, bf16/fp16/fp32 or int8 with a scale per
-token and head, laid out on a mesh by the sharding rules (sequences over data x expert, KV heads over
-tensor). Einsum letters as in `mixtral_jax.model.mixtral`: b batch, k kv heads, s slots, x head dim.
+"""KV caches: preallocated keys and values for every layer, bf16/fp16/fp32 or int8 with a scale per token
+and head, laid out on a mesh by the sharding rules (sequences over data x expert, KV heads over tensor).
+
+- `KVCache`: a dense (batch, kv heads, slots, head dim) array pair per layer, one row per sequence (the
+  sampler and training).
+- `PagedKVCache`: fixed-size pages per layer, handed to sequences by page tables (the serving engine), in
+  the layout of `mixtral_jax.model.paged_attention` (K and V interleaved on the head axis); `PagedBatch`
+  says where a ragged step's tokens go.
+
+Einsum letters as in `mixtral_jax.model.mixtral`: b batch, k kv heads, s slots, x head dim.
 """
 
 from __future__ import annotations
@@ -11,9 +18,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mixtral_jax.config import KV_CACHE_DTYPES, MixtralConfig
-from mixtral_jax.sharding.rules import CACHE_ROW_AXES, KV_CACHE_AXES, KV_SCALE_AXES, constrain
+from mixtral_jax.sharding.rules import CACHE_ROW_AXES, KV_CACHE_AXES, KV_SCALE_AXES, activation_spec, constrain
 
 
 def quantize_kv(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -103,3 +111,88 @@ class KVCache:
     @property
     def size(self) -> int:
         return self.k[0].shape[2]
+
+
+# ---------------------------------------------------------------------------------------- paged
+class PagedBatch(NamedTuple):
+    """Where one ragged step's tokens (S sequence shards x T token slots) go and what they see, in
+    `mixtral_jax.model.paged_attention`'s layout: positions, slot_mapping (S, T) int32 (local page *
+    page_size + offset, -1 for padding); kv_lens (S, B); page_indices (S, B, pages per sequence);
+    cu_q_lens (S, B + 1); num_seqs (S,)."""
+
+    positions: jax.Array
+    slot_mapping: jax.Array
+    kv_lens: jax.Array
+    page_indices: jax.Array
+    cu_q_lens: jax.Array
+    num_seqs: jax.Array
+
+
+def page_spec(shape, n_kv_heads: int, mesh) -> PartitionSpec:
+    """A page array's layout (pages, page_size, 2 kv heads[, head_dim]): pages over the sequence shards (the
+    rules' `batch` axes), KV heads over `tensor` as far as the KV heads divide (K and V of a head together)."""
+    seq = activation_spec(shape[:1], ("batch",), mesh)[0]
+    heads = activation_spec((n_kv_heads,), ("kv_heads",), mesh)[0]
+    return PartitionSpec(seq, None, heads, *([None] * (len(shape) - 3)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+    """Every layer's pages: pages, one (num_pages, page_size, 2 * kv_heads, head_dim) array per layer (K of
+    head h at 2h, V at 2h + 1); an int8 cache also holds scales, one (num_pages, page_size, 2 * kv_heads)
+    float32 array per layer. A page belongs to whichever sequences' page tables name it (the engine's
+    allocator decides): sequences come and go without moving anything. On a mesh the pages split over the
+    sequence shards (each shard's sequences use its own pages, numbered locally) and KV heads over tensor."""
+
+    pages: tuple[jax.Array, ...]
+    scales: tuple[jax.Array, ...] | None = None
+
+    @classmethod
+    def empty(cls, config: MixtralConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16,
+              mesh=None) -> PagedKVCache:
+        dtype = jnp.dtype(dtype)
+        if dtype.name not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown KV cache dtype {dtype.name!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
+        shape = (num_pages, page_size, 2 * config.n_kv_heads, config.head_dim)
+        per_layer = lambda shape, dtype: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
+        scales = per_layer(shape[:3], jnp.float32) if dtype == jnp.int8 else None
+        return cls(pages=per_layer(shape, dtype), scales=scales).laid_out(mesh)
+
+    @staticmethod
+    def shapes(config: MixtralConfig, num_pages: int, page_size: int, dtype, mesh=None) -> PagedKVCache:
+        """The cache `empty` makes, as `ShapeDtypeStruct`s (with their shardings on `mesh`): for lowering
+        ahead of time."""
+        dtype = jnp.dtype(dtype)
+        shape = (num_pages, page_size, 2 * config.n_kv_heads, config.head_dim)
+
+        def struct(shape, dtype):
+            sharding = None if mesh is None else NamedSharding(mesh, page_spec(shape, config.n_kv_heads, mesh))
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        scales = tuple(struct(shape[:3], jnp.float32) for _ in range(config.n_layers)) if dtype == jnp.int8 else None
+        return PagedKVCache(pages=tuple(struct(shape, dtype) for _ in range(config.n_layers)), scales=scales)
+
+    @staticmethod
+    def bytes_per_page(config: MixtralConfig, page_size: int, dtype) -> int:
+        """One page of every layer, scales included."""
+        dtype = jnp.dtype(dtype)
+        per_token = 2 * config.n_kv_heads * (config.head_dim * dtype.itemsize + (4 if dtype == jnp.int8 else 0))
+        return config.n_layers * page_size * per_token
+
+    def laid_out(self, mesh) -> PagedKVCache:
+        """The pages pinned to their layout on `mesh` (inside jit; unchanged without a mesh)."""
+        if mesh is None:
+            return self
+        n_kv = self.pages[0].shape[2] // 2
+        pin = lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, page_spec(a.shape, n_kv, mesh)))  # noqa: E731
+        return PagedKVCache(pages=tuple(map(pin, self.pages)),
+                            scales=None if self.scales is None else tuple(map(pin, self.scales)))
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages[0].shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.pages[0].shape[1]

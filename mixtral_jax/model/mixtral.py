@@ -20,8 +20,9 @@ from mixtral_jax.config import MixtralConfig, RuntimeConfig
 from mixtral_jax.kernels import cpu as cpu_kernels
 from mixtral_jax.model import lora
 from mixtral_jax.model.attention import Span, attention
-from mixtral_jax.model.kv_cache import KVCache
+from mixtral_jax.model.kv_cache import KVCache, PagedBatch, PagedKVCache
 from mixtral_jax.model.moe import expert_views, resolve_strategy, route, run_experts
+from mixtral_jax.model.paged_attention import ragged_paged_attention, write_pages
 from mixtral_jax.model.quant import qeinsum, qeinsums, quantize_jax, read
 from mixtral_jax.sharding.expert_parallel import moe_expert_parallel
 from mixtral_jax.sharding.rules import ACTIVATION_AXES, constrain
@@ -124,6 +125,17 @@ class Attention(nnx.Module):
                         self_attention=cache is None, impl=self.impl, mesh=self.mesh)
         return self.project_out(out), cache
 
+    def paged(self, x, cos, sin, pages, scales, batch: PagedBatch):
+        """A ragged step's tokens x (S, T, d): their keys/values written into their pages, then each token
+        attends over its own sequence's pages. Returns (output, pages, scales)."""
+        q, k, v = self.project_qkv(x, cos, sin)
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)                  # (S, T, k, x)
+        pages, scales = write_pages(pages, k, v, batch.slot_mapping, scales, mesh=self.mesh)
+        out = ragged_paged_attention(q, pages, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs,
+                                     sm_scale=q.shape[-1] ** -0.5, sliding_window=self.window, kv_scales=scales,
+                                     mesh=self.mesh)
+        return self.project_out(out), pages, scales
+
 
 class MoE(nnx.Module):
     def __init__(self, cfg: MixtralConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
@@ -173,6 +185,12 @@ class DecoderLayer(nnx.Module):
         h = x + attn_out
         moe_out, router_logits = self.moe(self.moe_norm(h), expert_weights)
         return h + moe_out, router_logits, kv
+
+    def paged(self, x, cos, sin, pages, scales, batch: PagedBatch, expert_weights=None):
+        attn_out, pages, scales = self.attn.paged(self.attn_norm(x), cos, sin, pages, scales, batch)
+        h = x + attn_out
+        moe_out, _ = self.moe(self.moe_norm(h), expert_weights)
+        return h + moe_out, pages, scales
 
 
 def _rematerialized(layer: DecoderLayer, h, cos, sin, span):
@@ -286,3 +304,23 @@ class Mixtral(nnx.Module):
                                       next_position=cache.next_position + valid.sum(-1).astype(jnp.int32)
                                       ).laid_out(self.runtime.mesh)
         return self.logits(h[:, -1:] if last_only else h), new_cache
+
+    def extend_paged(self, cache: PagedKVCache, tokens: jax.Array, batch: PagedBatch, sample_at: jax.Array, *,
+                     expert_weights=None) -> tuple[jax.Array, PagedKVCache]:
+        """One ragged step over a paged cache: tokens (S, T) of several sequences per shard (prefill chunks
+        and decode tokens alike; see `PagedBatch`), written into their pages. Returns the logits at the
+        token slots `sample_at` (S, R) of each shard's block, (S, R, vocab) float32, and the new cache."""
+        cos, sin = rope_tables(batch.positions, self.config.head_dim, self.config.rope_theta)
+        mesh = self.runtime.mesh
+        h = constrain(self.embed_tokens(tokens), ACTIVATION_AXES, mesh)     # (S, T, d): shards over data x expert
+        scales = cache.scales or (None,) * len(self.layers)
+        new_pages, new_scales = [], []
+        for i, layer in enumerate(self.layers):
+            h, pages, layer_scales = layer.paged(h, cos, sin, cache.pages[i], scales[i], batch,
+                                                 None if expert_weights is None else expert_weights[i])
+            h = constrain(h, ACTIVATION_AXES, mesh)
+            new_pages.append(pages)
+            new_scales.append(layer_scales)
+        h = jnp.take_along_axis(h, sample_at[..., None], axis=1)             # (S, R, d)
+        cache = PagedKVCache(tuple(new_pages), None if cache.scales is None else tuple(new_scales))
+        return self.logits(h), cache.laid_out(mesh)
