@@ -13,6 +13,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mixtral_jax.config import MixtralConfig, RuntimeConfig
+from mixtral_jax.errors import ConfigError
+from mixtral_jax.model import lora as lora_lib
 from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.model.params import assemble_model, model_arrays, param_specs, quantizing
 from mixtral_jax.sharding import DEFAULT_RULES, Rule, ShardingError, make_mesh, param_shardings
@@ -45,7 +47,49 @@ def shard_model(model: Mixtral, mesh: Mesh | str | dict, rules: Mapping[str, Rul
     runtime = sharded_runtime(model.config, model.runtime, mesh)
     shardings = param_shardings(param_specs(model.config, runtime), runtime.mesh, rules)
     arrays = model_arrays(model)
-    return assemble_model(model.config, runtime, lambda name, spec: jax.device_put(arrays[name], shardings[name]))
+    out = assemble_model(model.config, runtime, lambda name, spec: jax.device_put(arrays[name], shardings[name]))
+    return _with_adapters_of(model, out, rules)
+
+
+def _with_adapters_of(model: Mixtral, out: Mixtral, rules: Mapping[str, Rule] = DEFAULT_RULES) -> Mixtral:
+    """`out` with `model`'s LoRA adapters (if any), laid out for `out`'s mesh."""
+    lora = lora_lib.lora_config(model)
+    if lora is not None:
+        lora_lib.add_adapters(out, lora, {k: np.asarray(v) for k, v in lora_lib.adapter_arrays(model).items()},
+                              rules=rules)
+    return out
+
+
+def merge_adapters(model: Mixtral) -> Mixtral:
+    """A copy of `model` without adapters whose adapted weights are `W + alpha / rank * a @ b` (summed in
+    float32, cast back to W's dtype), laid out as `model` is: what an export of a LoRA run writes. An int8
+    base is refused (merging would quantize the update away): load the base in float to merge."""
+    lora = lora_lib.lora_config(model)
+    if lora is None:
+        raise ConfigError("the model has no LoRA adapters to merge")
+    if model.runtime.quantize is not None:
+        raise ConfigError("cannot merge adapters into int8 weights (the update would be rounded away); load the "
+                          "base model in float32 or bfloat16 to merge")
+    arrays, adapters = model_arrays(model), lora_lib.adapter_arrays(model)
+    deltas = {}
+    for i in range(model.config.n_layers):
+        for target in lora.targets:
+            weight = lora_lib.WEIGHT_OF[target]
+            deltas[f"layers.{i}.{lora_lib.MODULE_OF[target]}.{weight}"] = (
+                weight, lora_lib.adapter_name(i, target, "a"), lora_lib.adapter_name(i, target, "b"))
+
+    def get(name, spec):
+        base = arrays[name]
+        if name not in deltas:
+            return base
+        weight, a, b = deltas[name]
+        merged = np.asarray(base, np.float32) + lora_lib.delta(weight, adapters[a], adapters[b], lora.scale)
+        return jax.device_put(merged.astype(spec.dtype), base.sharding)
+
+    out = assemble_model(model.config, model.runtime, get)
+    if hasattr(model, "tokenizer_name"):
+        out.tokenizer_name = model.tokenizer_name
+    return out
 
 
 def quantize_model(model: Mixtral, quantize: str = "int8", *, lm_head: bool = False) -> Mixtral:
@@ -63,4 +107,4 @@ def quantize_model(model: Mixtral, quantize: str = "int8", *, lm_head: bool = Fa
                              lambda name, spec: jax.device_put(get(name, spec), shardings[name]))
     if hasattr(model, "tokenizer_name"):
         out.tokenizer_name = model.tokenizer_name
-    return out
+    return _with_adapters_of(model, out)
