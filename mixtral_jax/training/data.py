@@ -11,6 +11,13 @@
 - Sequences are visited in a fixed order, reshuffled every epoch by a permutation drawn from
   `(seed, epoch)`: sequence number `i` of the stream is a pure function of `i`, which is why the data
   position of a training checkpoint is one integer and resuming reproduces the uninterrupted run.
+
+Chat data (`ChatDataset`, for fine-tuning): a `.jsonl` file whose lines are OpenAI-style conversations,
+`{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}`. Each conversation is one
+row, encoded with the tokenizer's chat template (v1: `<s>[INST] user [/INST] answer</s>...`), cut at
+`seq_len` and padded after its end; its loss mask marks the assistants' tokens (each answer and its
+`</s>`) as the only targets, so the prompts, system messages and padding carry no loss. `load_dataset`
+picks the kind from the first record.
 """
 
 from __future__ import annotations
@@ -118,3 +125,139 @@ class PackedDataset:
         """Stream items `position ..` as a (batch_size, seq_len) int32 array."""
         ids = self.sequence_ids(position, batch_size)
         return self.tokens.reshape(len(self), self.seq_len)[ids]
+
+
+# ------------------------------------------------------------------------------------------------ chat
+def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
+    """The conversations of a chat `.jsonl` file: each line's `"messages"` list."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
+                messages = record.get("messages") if isinstance(record, dict) else None
+                if not isinstance(messages, list) or not messages:
+                    raise DataError(f'{path}:{n}: each chat JSONL line must be an object with a "messages" list')
+                out.append((n, messages))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: {e}") from None
+    return out
+
+
+def encode_conversation(messages: Sequence[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of one conversation: the chat template's tokens, 1 on each assistant answer
+    and its `</s>`, 0 elsewhere. Each prompt is what `encode_chat` gives for the messages before that
+    answer (so training sees what generation will); messages after the last answer are dropped."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        content = message.get("content")
+        if not isinstance(content, str) or not content:
+            raise ValueError(f"message {i}: an assistant message must have non-empty string content")
+        prompt = tokenizer.encode_chat(messages[:i])
+        if prompt[: len(ids)] != ids:
+            raise ValueError("the chat template does not extend the earlier turns' tokens (it is not "
+                             "prefix-stable); cannot mask its prompts")
+        mask += [0] * (len(prompt) - len(ids))
+        ids = list(prompt)
+        answer = tokenizer.encode(content, bos=False) + [tokenizer.eos_id]  # mistral-common's v1 assistant turn
+        ids += answer
+        mask += [1] * len(answer)
+    if not ids:
+        raise ValueError("the conversation has no assistant message to learn from")
+    return ids, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatDataset:
+    """One conversation per row: tokens (n, seq_len) and loss masks (n, seq_len), padded with `pad_id`
+    after each conversation (masked out); visited in the same per-epoch shuffled order as `PackedDataset`."""
+
+    tokens: np.ndarray  # (n, seq_len) int32
+    mask: np.ndarray    # (n, seq_len) int32: 1 where a token is a target
+    seed: int = 0
+    shuffle: bool = True
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    @classmethod
+    def from_conversations(cls, conversations: Sequence[Sequence[dict]], seq_len: int, tokenizer=None,
+                           seed: int = 0, shuffle: bool = True, labels: Sequence[str] | None = None) -> ChatDataset:
+        """`labels`: where each conversation came from, for errors (default "conversation N")."""
+        if seq_len < 2:
+            raise DataError(f"seq_len must be at least 2, got {seq_len}")
+        tokenizer = tokenizer or load_tokenizer()
+        labels = labels or [f"conversation {n}" for n in range(1, len(conversations) + 1)]
+        rows, masks = [], []
+        for label, messages in zip(labels, conversations, strict=True):
+            try:
+                ids, mask = encode_conversation(messages, tokenizer)
+            except (ValueError, TypeError) as e:
+                raise DataError(f"{label}: {e}") from None
+            ids, mask = ids[:seq_len], mask[:seq_len]
+            if not any(mask[1:]):
+                continue  # its answers start past seq_len: nothing to learn from this row
+            pad = seq_len - len(ids)
+            rows.append(ids + [tokenizer.eos_id] * pad)
+            masks.append(mask + [0] * pad)
+        if not rows:
+            raise DataError(f"no conversation has an assistant answer within seq_len={seq_len} tokens")
+        return cls(np.asarray(rows, np.int32), np.asarray(masks, np.int32), seed, shuffle)
+
+    @classmethod
+    def from_files(cls, paths: Sequence[str | os.PathLike], seq_len: int, tokenizer=None, seed: int = 0,
+                   shuffle: bool = True) -> ChatDataset:
+        if not paths:
+            raise DataError("no data files given")
+        pairs = [(f"{os.fspath(p)}:{n}", m) for p in paths for n, m in read_conversations(p)]
+        return cls.from_conversations([m for _, m in pairs], seq_len, tokenizer, seed, shuffle,
+                                      labels=[label for label, _ in pairs])
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    order = PackedDataset.order
+    sequence_ids = PackedDataset.sequence_ids
+
+    def batch(self, position: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stream items `position ..`: (tokens, loss mask), each (batch_size, seq_len) int32."""
+        ids = self.sequence_ids(position, batch_size)
+        return self.tokens[ids], self.mask[ids]
+
+
+def is_chat_file(path: str | os.PathLike) -> bool:
+    """Whether a `.jsonl` file's first record is a conversation (`"messages"`) rather than a `"text"`."""
+    path = os.fspath(path)
+    if not path.endswith(".jsonl") or not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(record, dict) and "messages" in record
+    return False
+
+
+def load_dataset(paths: Sequence[str | os.PathLike], seq_len: int, tokenizer=None, seed: int = 0):
+    """`ChatDataset` when the files hold conversations, `PackedDataset` when they hold text; not both."""
+    chat = [is_chat_file(p) for p in paths]
+    if any(chat) and not all(chat):
+        raise DataError("mix of chat (\"messages\") and text files; train on one kind at a time")
+    if chat and all(chat):
+        return ChatDataset.from_files(paths, seq_len, tokenizer, seed)
+    return PackedDataset.from_files(paths, seq_len, tokenizer, seed)
