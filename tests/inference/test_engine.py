@@ -1,9 +1,9 @@
-"""The continuous-batching engine without HTTP: concurrent greedy answers equal solo ones, slots free on
-finish and cancel, per-slot sampling (top_k, top_p, penalties) is reproducible and equals the batched
-sampler's where that is deterministic, and bad requests are refused before queueing."""
+"""The paged continuous-batching engine without HTTP: concurrent greedy answers equal the sampler's for each
+request alone (through mixed prefill/decode steps, preemption with a tiny page pool, int8 pages and a
+sharded mesh), rows free on finish and cancel, per-row sampling (top_k, top_p, penalties) is reproducible
+and equals the batched sampler's where that is deterministic, and bad requests are refused before queueing."""
 
 import functools
-import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -48,44 +48,73 @@ def submit_all(engine, ids, params):
     return requests, outs, reasons
 
 
-def test_concurrent_greedy_equals_solo_through_chunked_prefill_and_cache_shifts():
-    """More requests than slots, prompts longer than a prefill chunk, and a context small enough that the
-    shared write column runs out several times (the cache shifts left, and right for a long prompt)."""
+def steps_until_idle(engine, max_steps=3000, watch=None):
+    """Step until idle; `watch(engine)` after each step."""
+    for _ in range(max_steps):
+        if engine.idle:
+            return
+        engine.step()
+        if watch is not None:
+            watch(engine)
+    raise AssertionError("engine did not finish in time")
+
+
+def test_concurrent_greedy_equals_solo_through_mixed_steps_and_preemption():
+    """More requests than rows, prompts longer than a step's token budget, and so few pages (6 of 4
+    tokens for prompts up to 44 + 32 tokens) that running requests are preempted and prefilled again,
+    several times: every greedy answer equals the sampler's for that request alone."""
     lengths, new = [5, 40, 12, 3, 44, 9, 35], [30, 20, 25, 32, 18, 31, 20]  # few sampler compiles (buckets)
     ids = prompts(lengths)
     solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
-    engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16))
+    engine = Engine(model(), EngineConfig(max_batch=4, max_context=80, prefill_chunk=16, page_size=4, num_pages=20))
     params = [SamplingParams(max_tokens=n, stop_tokens=()) for n in new]
     requests, outs, reasons = submit_all(engine, ids, params)
-    shifts = []
-    length_before = engine.length
-    for _ in range(2000):
-        if engine.idle:
-            break
-        engine.step()
-        if engine.length < length_before:
-            shifts.append(engine.length)
-        length_before = engine.length
-    assert engine.idle
-    assert shifts, "the test should make the cache run out of columns"
+    held = []
+    steps_until_idle(engine, watch=lambda e: held.append(e.scheduler.pages_held))
     assert outs == solo
     assert all(r == ["length"] for r in reasons)
-    assert engine.stats.tokens_generated == sum(new)
+    assert engine.stats.preemptions >= 2, "the test should run out of pages"
+    assert max(held) <= 20 and engine.scheduler.pages_held == 0
+    assert engine.stats.tokens_generated == sum(new) and engine.stats.prompt_tokens == sum(lengths)
     assert engine.busy_slots == 0
 
 
-def test_int8_cache_answers_like_the_sampler_with_an_int8_cache():
-    """The engine's int8 KV cache (scales moved with their keys through inserts and shifts) gives the
-    same greedy tokens as the sampler's int8 cache."""
+def test_prefill_chunks_of_several_requests_and_decodes_share_one_step(monkeypatch):
+    """One step holds a running decode and the prefill chunks of two new requests; a long prompt is
+    prefilled over several steps while the others decode (no request waits for another's whole prefill)."""
+    ids, new = prompts([6, 10, 50], seed=5), [12, 12, 8]
+    solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
+    engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16, page_size=8))
+    seen = []
+    launch = engine._launch
+    monkeypatch.setattr(engine, "_launch", lambda plan: seen.append(plan) or launch(plan))
+    outs = [[] for _ in ids]
+    engine.submit(ids[0], SamplingParams(max_tokens=new[0], stop_tokens=()), on_token=outs[0].append)
+    engine.step()
+    engine.step()
+    for i in (1, 2):
+        engine.submit(ids[i], SamplingParams(max_tokens=new[i], stop_tokens=()), on_token=outs[i].append)
+    steps_until_idle(engine)
+    assert outs == solo
+    mixed = seen[2]  # request 0 decoding, 1 prefilling whole, 2 its first chunk
+    assert mixed.num_seqs[0] == 3 and mixed.from_prev[0, 0] and mixed.cu_q_lens[0, :4].tolist() == [0, 1, 11, 16]
+    long_steps = [p for p in seen if 2 in p.rows[0] and p.num_seqs[0] > 1]
+    assert len(long_steps) >= 3  # the 50-token prompt took several steps, beside the decodes
+
+
+def test_int8_pages_answer_like_the_sampler_with_an_int8_cache():
+    """int8 pages (a scale per token and head, quantised as the sampler's int8 cache is) give the same
+    greedy tokens as the sampler's int8 cache, through preemption."""
     lengths, new = [5, 40, 12], [30, 20, 25]
     ids = prompts(lengths, seed=1)
     solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[], kv_cache_dtype="int8")[0]
             for p, n in zip(ids, new)]
-    engine = Engine(model(), EngineConfig(max_batch=2, max_context=64, prefill_chunk=16, cache_dtype="int8"))
-    assert engine.cache.k[0].dtype == jnp.int8 and engine.cache.k_scale is not None
+    engine = Engine(model(), EngineConfig(max_batch=2, max_context=64, prefill_chunk=16, cache_dtype="int8",
+                                          page_size=4, num_pages=16))
+    assert engine.cache.pages[0].dtype == jnp.int8 and engine.cache.scales[0].dtype == jnp.float32
     _, outs, _ = submit_all(engine, ids, [SamplingParams(max_tokens=n, stop_tokens=()) for n in new])
     run(engine)
-    assert outs == solo
+    assert outs == solo and engine.stats.preemptions >= 1
     with pytest.raises(RequestError, match="unknown cache_dtype 'int4'"):
         EngineConfig(cache_dtype="int4")
 
@@ -133,7 +162,7 @@ def test_sampling_is_per_slot_and_reproducible_by_seed():
 
 
 def test_top_k_and_penalties_per_slot_equal_the_samplers_answers():
-    """Requests with their own top_k and penalties, beside plain ones, through slot reuse and cache shifts:
+    """Requests with their own top_k and penalties, beside plain ones, through row reuse and preemption:
     each greedy answer (penalties included) equals the batched sampler's for that request exactly, a
     sampled one at top_k 1 is the greedy one, and a seeded sampled one (top_k and penalties) draws what
     the sampler draws for that prompt alone with that seed (the same keys: seed, row 0, token index)."""
@@ -146,16 +175,11 @@ def test_top_k_and_penalties_per_slot_equal_the_samplers_answers():
     solo = [sampler([p], n, stop_tokens=[], **a)[0] for p, n, a in zip(ids, new, asks)]
     greedy = [sampler([p], n, stop_tokens=[], **(a | dict(temperature=0.0)))[0] for p, n, a in zip(ids, new, asks)]
     plain = [sampler([p], n, stop_tokens=[])[0] for p, n in zip(ids, new)]
-    engine = Engine(model(), EngineConfig(max_batch=3, max_context=56, prefill_chunk=16))
+    engine = Engine(model(), EngineConfig(max_batch=3, max_context=56, prefill_chunk=16, page_size=4, num_pages=16))
     _, outs, reasons = submit_all(engine, ids, [SamplingParams(max_tokens=n, stop_tokens=(), **a)
                                                 for n, a in zip(new, asks)])
-    shifts, length = 0, engine.length
-    for _ in range(2000):
-        if engine.idle:
-            break
-        engine.step()
-        shifts, length = shifts + (engine.length < length), engine.length
-    assert engine.idle and shifts and all(r == ["length"] for r in reasons)
+    steps_until_idle(engine)
+    assert all(r == ["length"] for r in reasons) and engine.stats.preemptions >= 1
     assert outs == solo
     assert solo[3] == greedy[3]  # top_k 1: only the top token can be drawn
     assert all(solo[i] != plain[i] for i in (0, 2, 3, 4, 5)) and solo[1] == plain[1]  # the parameters did act
@@ -190,9 +214,10 @@ def test_sampling_is_per_slot_and_reproducible_by_seed_with_top_p():
     ([1, 2], SamplingParams(presence_penalty=2.5), "presence_penalty"),
     ([1, 2], SamplingParams(frequency_penalty=float("nan")), "frequency_penalty"),
     ([1] * 60, SamplingParams(max_tokens=5), "context of 64"),
+    ([1] * 30, SamplingParams(max_tokens=20), "need 4 pages of 16 tokens; a sequence shard of this engine has 3"),
 ])
 def test_bad_requests_are_refused_and_nothing_is_queued(prompt, params, message):
-    engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16))
+    engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16, num_pages=3))
     with pytest.raises(RequestError, match=message):
         engine.submit(prompt, params)
     assert engine.idle and not engine.waiting
@@ -217,49 +242,64 @@ def test_background_thread_serves_and_stops_cleanly():
         engine.submit([1, 2], SamplingParams())
 
 
-def test_on_a_sharded_mesh_equals_one_device():
-    """The simulated 8-device CPU mesh (conftest.py): the cache and every input replicated over it, the MoE
-    expert-parallel; greedy answers equal the single-device sampler's."""
-    ids, new = prompts([5, 14, 9], seed=2), [20, 18, 24]
+@pytest.mark.parametrize("mesh", ["expert=4,tensor=2", "data=2,expert=2,tensor=2"])
+def test_on_a_sharded_mesh_equals_one_device(mesh):
+    """The simulated 8-device CPU mesh (conftest.py): sequences over data x expert (4 shards, each with its
+    rows and pages), KV heads over tensor, the MoE expert-parallel; greedy answers equal the single-device
+    sampler's, with shards running out of pages and preempting."""
+    ids, new = prompts([5, 14, 9, 10, 7, 12, 6, 11], seed=2), [16, 14, 16, 12, 16, 10, 15, 13]
     solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
-    engine = Engine(shard_model(model(), "expert=4,tensor=2"), EngineConfig(max_batch=2, max_context=64,
-                                                                            prefill_chunk=16))
+    engine = Engine(shard_model(model(), mesh), EngineConfig(max_batch=8, max_context=32, prefill_chunk=16,
+                                                             page_size=4, num_pages=32))
+    assert engine.layout.shards == 4 and engine.layout.rows == 2 and engine.layout.pages == 8
+    pages = engine.cache.pages[0]
+    assert pages.sharding.shard_shape(pages.shape) == (8, 4, 2, 16)  # of 4 KV-head entries (K, V x 2 heads) on each
     _, outs, _ = submit_all(engine, ids, [SamplingParams(max_tokens=n, stop_tokens=()) for n in new])
-    run(engine)
+    shards = set()
+    steps_until_idle(engine, watch=lambda e: shards.update(q.shard for q in e.scheduler.seqs.values()))
     assert outs == solo
+    assert len(shards) >= 3 and engine.stats.preemptions >= 1
 
 
 def test_plan_broadcast_round_trip(monkeypatch):
-    """What a follower process decodes from process 0's broadcast: every field, a 64-bit seed included (the
-    real two-process path runs in tests/test_serve.py)."""
+    """What a follower process decodes from process 0's broadcast: rows to free, every admitted row's
+    sampling field (a 64-bit seed included) and the step's arrays (the real two-process path runs in
+    tests/serving/test_serve.py)."""
     sent = []
     monkeypatch.setattr(engine_module.multihost_utils, "broadcast_one_to_all",
                         lambda x: sent.append(np.array(x)) or sent[0])
-    lead = types.SimpleNamespace(config=EngineConfig(max_batch=4, max_context=32), max_context=32)
+    engine = Engine(model(), EngineConfig(max_batch=4, max_context=32, prefill_chunk=16, page_size=4))
     params = SamplingParams(max_tokens=9, temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.3,
                             presence_penalty=-0.5, frequency_penalty=1.75, seed=(1 << 63) + 12345,
-                            logit_bias=((7, -100.0), (31999, 2.5)), logprobs=5)
-    orders = engine_module._Orders([1, 3], (2, [5, 6, 7], params, True))
-    assert Engine._broadcast(lead, orders) is orders
-    got = Engine._broadcast(lead, None)
+                            logit_bias=((7, -100.0), (100, 2.5)), logprobs=5)
+    for r in prompts([6, 9], seed=3):
+        engine.waiting.append(engine_module.Request(r, params, lambda t: None, lambda r: None))
+    plan, admitted = engine.scheduler.plan(engine.waiting)
+    orders = engine_module._Orders([1, 3], [(row, params, row == 1) for row, _ in admitted], plan)
+    assert engine._broadcast(orders) is orders
+    got = engine._broadcast(None)
     assert got.free == [1, 3] and not got.shutdown
-    slot, prompt, p, constrained = got.admit
-    assert (slot, prompt, p.max_tokens, p.top_k, p.seed) == (2, [5, 6, 7], 9, 40, params.seed)
-    assert (p.logit_bias, p.logprobs, constrained) == (params.logit_bias, 5, True)
-    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-        assert np.float32(getattr(p, name)) == np.float32(getattr(params, name)), name
-    sent.clear()  # top_k off comes back off, and the neutral penalties
-    Engine._broadcast(lead, engine_module._Orders([], (0, [4], SamplingParams(max_tokens=3), False)))
-    _, _, p, constrained = Engine._broadcast(lead, None).admit
+    assert [(row, c) for row, _, c in got.admit] == [(0, False), (1, True)]
+    for _, p, _ in got.admit:
+        assert (p.max_tokens, p.top_k, p.seed, p.logit_bias, p.logprobs) == (9, 40, params.seed, params.logit_bias, 5)
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            assert np.float32(getattr(p, name)) == np.float32(getattr(params, name)), name
+    for name in engine_module.StepPlan.ARRAYS:
+        np.testing.assert_array_equal(getattr(got.plan, name), getattr(plan, name), err_msg=name)
+        assert getattr(got.plan, name).dtype.kind == getattr(plan, name).dtype.kind, name
+    sent.clear()  # top_k off comes back off, and the neutral penalties; no step
+    engine._broadcast(engine_module._Orders([], [(2, SamplingParams(max_tokens=3), False)]))
+    got = engine._broadcast(None)
+    _, p, constrained = got.admit[0]
     assert (p.top_k, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (None, 1.0, 0.0, 0.0)
-    assert (p.logit_bias, p.logprobs, constrained) == ((), None, False)
+    assert (p.logit_bias, p.logprobs, constrained, got.plan) == ((), None, False, None)
 
 
 def test_a_failing_step_aborts_every_request_and_refuses_new_ones(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine_module, "_decode", broken)
+    monkeypatch.setattr(engine_module, "paged_step", broken)
     engine = Engine(model(), EngineConfig(max_batch=4, max_context=64, prefill_chunk=16))
     _, outs, reasons = submit_all(engine, prompts([4, 6, 5]), SamplingParams(max_tokens=5, stop_tokens=()))
     with pytest.raises(RuntimeError, match="device lost"):
