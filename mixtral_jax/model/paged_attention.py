@@ -83,19 +83,18 @@ def write_pages(kv_pages, k, v, slot_mapping, kv_scales=None, *, mesh: Mesh | No
     seq, heads = _specs(n_shards, n_kv, mesh)
 
     def one_shard(pages, scales, k, v, slots):                           # pages (p, ps, 2k, x); k, v (t, k, x)
+        # indexed by (page, offset), not through a flat (pages * page_size) view: on TPU that reshape of the
+        # scales' tiled minor dimensions would copy every layer's scales
+        page = jnp.where(slots < 0, pages.shape[0], slots // page_size)     # padding: out of range, dropped
+        offset = slots % page_size
         t = k.shape[0]
-        flat_slots = pages.shape[0] * page_size
-        where = jnp.where(slots < 0, flat_slots, slots)                   # padding: out of range, dropped
         if scales is None:
             kv = jnp.stack([k, v], axis=2).reshape(t, 2 * k.shape[1], -1).astype(pages.dtype)
-            flat = pages.reshape(flat_slots, *pages.shape[2:]).at[where].set(kv, mode="drop")
-            return flat.reshape(pages.shape), None
+            return pages.at[page, offset].set(kv, mode="drop"), None
         (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
         kv = jnp.stack([kq, vq], axis=2).reshape(t, -1, k.shape[-1])
         sc = jnp.stack([ks, vs], axis=2).reshape(t, -1)
-        flat = pages.reshape(flat_slots, *pages.shape[2:]).at[where].set(kv, mode="drop")
-        flat_sc = scales.reshape(flat_slots, -1).at[where].set(sc, mode="drop")
-        return flat.reshape(pages.shape), flat_sc.reshape(scales.shape)
+        return pages.at[page, offset].set(kv, mode="drop"), scales.at[page, offset].set(sc, mode="drop")
 
     def local(pages, scales, k, v, slots):
         if scales is None:
