@@ -7,6 +7,15 @@ on any exit) keeps two writers from building the same `NAME` at once. A writer t
 hidden siblings, which the next writer removes, except that one killed between its two renames left
 `NAME` missing and the old one complete aside: that one is put back. Renames and the parent directory
 are fsynced, so a crash after `install` returns cannot lose the new directory.
+
+On object storage (a `gs://` URL) there is no rename, no directory and no lock: the checkpoint is built in
+place at `NAME`, an in-progress object (`NAME/.mixtral_jax_writing`) written first and removed last, and it
+counts as complete only through its own completion marker (`marker`, written last by the caller, as
+Orbax's `commit_success.txt` is), which loading requires. A writer that died leaves `NAME` without the
+marker but with the in-progress object: the next writer removes it. `overwrite` removes the old marker
+first (from then on the old checkpoint no longer loads) and then the old objects, before writing: on a
+bucket the old checkpoint does not survive a failed replacement. Two writers into one URL at once are not
+detected.
 """
 
 from __future__ import annotations
@@ -19,6 +28,10 @@ import shutil
 from collections.abc import Callable, Iterator
 
 from mixtral_jax.errors import CheckpointError
+
+from . import paths
+
+IN_PROGRESS_FILE = ".mixtral_jax_writing"
 
 
 def fsync_dir(path: str) -> None:
@@ -85,11 +98,17 @@ def _remove_stale(parent: str, name: str, is_complete: Callable[[str], bool]) ->
 
 @contextlib.contextmanager
 def atomic_directory(dst: str, *, overwrite: bool = False, is_complete: Callable[[str], bool],
-                     check: Callable[[str], None] | None = None, what: str = "write") -> Iterator[str]:
+                     check: Callable[[str], None] | None = None, what: str = "write",
+                     marker: str | None = None) -> Iterator[str]:
     """`with atomic_directory(dst, ...) as tmp:` build the directory at `tmp`; on a clean exit it becomes
     `dst` (after `check(tmp)`, which raises if it is not right). `is_complete(path)` tells a finished
     directory of this kind (for putting back an old copy). An existing `dst` is replaced only with
-    `overwrite`; callers check whether it *may* be replaced before any expensive work."""
+    `overwrite`; callers check whether it *may* be replaced before any expensive work. `marker`: the
+    completion marker the caller writes last (on a bucket the old one is removed first)."""
+    if paths.is_url(dst):
+        with _in_place(paths.normalize(dst), overwrite=overwrite, check=check, marker=marker) as tmp:
+            yield tmp
+        return
     dst = os.path.abspath(os.fspath(dst))
     parent, name = os.path.split(dst)
     os.makedirs(parent, exist_ok=True)
@@ -125,3 +144,35 @@ def _install(tmp: str, dst: str, overwrite: bool) -> None:
     else:
         os.rename(tmp, dst)
     fsync_dir(os.path.dirname(dst))
+
+
+def unfinished(dst: str, marker: str | None) -> bool:
+    """True for what a writer into a bucket left when it died (the next writer replaces it unasked)."""
+    return (paths.is_url(dst) and paths.exists(paths.join(dst, IN_PROGRESS_FILE))
+            and not (marker and paths.exists(paths.join(dst, marker))))
+
+
+@contextlib.contextmanager
+def _in_place(dst: str, *, overwrite: bool, check: Callable[[str], None] | None, marker: str | None) -> Iterator[str]:
+    """The object-storage stand-in for the rename (see the module docstring)."""
+    in_progress = paths.join(dst, IN_PROGRESS_FILE)
+    if paths.exists(dst):
+        if not unfinished(dst, marker) and not overwrite:
+            raise CheckpointError(f"destination {dst} already exists; pass --overwrite (overwrite=True) to replace it")
+        if marker:
+            paths.remove_file(paths.join(dst, marker))  # first: from here on the old checkpoint does not load
+        paths.rmtree(dst)
+    paths.write_text(in_progress, f"being written by process {os.getpid()} on {os.uname().nodename}\n")
+    done = False
+    try:
+        yield dst
+        if check is not None:
+            check(dst)
+        paths.remove_file(in_progress)
+        done = True
+    finally:
+        if not done:
+            try:
+                paths.rmtree(dst)  # best effort: what remains has no marker and is removed by the next writer
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass

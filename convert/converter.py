@@ -27,8 +27,6 @@ file (`.DST.lock`) keeps two conversions from writing the same `DST` at once.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -42,7 +40,8 @@ from mixtral_jax.model.params import param_specs, quantized_weights
 from mixtral_jax.model.quant import SCALE_SUFFIX, quantize
 from mixtral_jax.progress import progress
 
-from . import orbax_io
+from . import orbax_io, paths
+from .atomic import unfinished
 from .hf import HFCheckpoint
 from .keymap import HF_RULES, MISTRAL_RULES, TensorSource, match_keys
 from .mistral import MistralCheckpoint
@@ -81,7 +80,7 @@ class Source:
             self._buffer = None
             self._buffer = np.empty(nbytes, np.uint8)
         view = self._buffer[:nbytes]
-        with open(path, "rb", buffering=0) as f:
+        with paths.open_binary(path) as f:  # on a bucket: one ranged read
             f.seek(offset)
             got = f.readinto(memoryview(view))
         if got != nbytes:
@@ -94,10 +93,9 @@ _MAX_READ_BUFFER = 512 << 20  # Mixtral-8x22B's per-expert tensors are 201 MB
 
 def detect_format(path: str) -> str:
     """'hf' for config.json + *.safetensors, else 'mistral' for params.json; an error for neither."""
-    has_config = os.path.isfile(os.path.join(path, "config.json"))
-    has_params = os.path.isfile(os.path.join(path, "params.json"))
-    hf_weights = [p for p in glob.glob(os.path.join(path, "*.safetensors"))
-                  if not os.path.basename(p).startswith("consolidated")]
+    names = paths.listdir(path)
+    has_config, has_params = "config.json" in names, "params.json" in names
+    hf_weights = [n for n in names if n.endswith(".safetensors") and not n.startswith("consolidated")]
     if has_config and (hf_weights or not has_params):
         return "hf"
     if has_params:
@@ -107,10 +105,10 @@ def detect_format(path: str) -> str:
 
 
 def open_source(src, format: str | None = None) -> Source:
-    src = os.fspath(src)
+    src = paths.normalize(src)
     if format is not None and format not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {format!r}; use one of: {', '.join(FORMATS)}")
-    if not os.path.isdir(src):
+    if not paths.is_dir(src):
         raise CheckpointError(f"source checkpoint directory not found: {src}")
     fmt = format or detect_format(src)
     if fmt == "hf":
@@ -272,13 +270,14 @@ def convert(src, dst, format: str | None = None, dtype=None, overwrite: bool = F
     """
     t0 = time.perf_counter()
     say = log if log is not None else ((lambda m: print(m, file=sys.stderr)) if show_progress else (lambda m: None))
-    src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
-    if os.path.lexists(dst) and not overwrite:
+    src, dst = paths.normalize(src), paths.normalize(dst)  # a gs:// URL stays one
+    exists = paths.exists(dst) and not unfinished(dst, orbax_io.MARKER_FILE)  # a dead writer's leftover goes
+    if exists and not overwrite:
         raise CheckpointError(f"destination {dst} already exists; pass --overwrite (overwrite=True) to replace it")
     source = open_source(src, format)
     say(f"found {source.description}")
     p = prepare_conversion(source, dtype, quantize)
-    if os.path.lexists(dst) and not orbax_io.may_replace(dst):
+    if exists and not orbax_io.may_replace(dst):
         raise CheckpointError(f"destination {dst} exists and is not a mixtral-jax checkpoint; refusing to replace "
                               f"it even with --overwrite")
     metadata = orbax_io.checkpoint_metadata(

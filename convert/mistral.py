@@ -18,7 +18,7 @@ int16 view: numpy has no bf16 of its own), never widened.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import os
 import re
 
@@ -28,6 +28,8 @@ import numpy as np
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.errors import CheckpointError
 
+from . import paths
+from .hf import config_source
 from .keymap import FileIndexedTensors
 from .pages import drop_range
 from .safetensors_file import SafetensorsFile
@@ -62,7 +64,11 @@ class _TorchFile:
             raise CheckpointError(f"reading {os.path.basename(self.path)} needs PyTorch: "
                                   f"pip install 'mixtral-jax[convert]'") from None
         try:
-            obj = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+            if paths.is_url(self.path):  # torch maps only local files: a bucket's .pth is read into memory
+                with paths.open_binary(self.path) as f:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
+            else:
+                obj = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many kinds; ours is one line
             found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
             if found or "Weights only load failed" in str(e):
@@ -101,7 +107,7 @@ class _TorchFile:
 
     def release(self):
         """Drop the pages read so far from this process; the mapping stays, so nothing is reloaded."""
-        if self._tensors is None:
+        if self._tensors is None or paths.is_url(self.path):
             return
         for t in self._tensors.values():
             storage = t.untyped_storage()
@@ -122,13 +128,17 @@ class MistralCheckpoint(FileIndexedTensors):
     """All tensors of a Mistral original checkpoint directory (a `TensorSource`)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        if not os.path.isdir(self.path):
+        self.path = paths.normalize(path)
+        if not paths.is_dir(self.path):
             raise CheckpointError(f"checkpoint directory not found: {self.path}")
-        self.config = MixtralConfig.from_mistral(self.path)
-        st = sorted(glob.glob(os.path.join(self.path, "consolidated*.safetensors")))
-        pt = _numbered(glob.glob(os.path.join(self.path, "consolidated*.pth")) +
-                       glob.glob(os.path.join(self.path, "consolidated*.pt")))
+        self.config = MixtralConfig.from_mistral(config_source(self.path, "params.json"))
+        names = paths.listdir(self.path)
+
+        def matching(pattern):
+            return [paths.join(self.path, n) for n in names if fnmatch.fnmatch(n, pattern)]
+
+        st = sorted(matching("consolidated*.safetensors"))
+        pt = _numbered(matching("consolidated*.pth") + matching("consolidated*.pt"))
         if st:  # prefer safetensors where both exist: no pickle at all
             files = [SafetensorsFile(p) for p in st]
         elif pt:
@@ -142,7 +152,7 @@ class MistralCheckpoint(FileIndexedTensors):
         self.release()
 
     def describe(self) -> str:
-        names = [os.path.basename(f.path) for f in self.files]
+        names = [paths.basename(f.path) for f in self.files]
         files = names[0] if len(names) == 1 else f"{len(names)} files {names[0]} ... {names[-1]}"
         return f"Mistral original, {self.layout}, {files}"
 

@@ -30,6 +30,14 @@ Layout of a converted checkpoint directory `DST/`::
   temporary sibling directory and renames it into place only when complete.
 
 Reading any Orbax checkpoint of this layout needs nothing but Orbax: `ocp.load(DST, abstract_tree)`.
+
+On object storage (`DST` a `gs://` URL) Orbax 0.12.8's partial saving does not work (it needs a
+snapshot, which the commit-file protocol Orbax uses on GCS refuses: "Snapshot is not supported for
+CommitFileTemporaryPath"; forcing the rename protocol fails on directory renames over gcsfs). There each
+group is an ordinary Orbax PyTree checkpoint of its own, written by tensorstore straight into the bucket
+(`DST/parts/00000/`, ... each with Orbax's `commit_success.txt`), `DST/parts.json` says which part holds
+which parameter, and `restore` reads each parameter from its part (`ocp.load(part, subtree)` per part).
+The metadata and the completion marker are the same; the marker is written last.
 """
 
 from __future__ import annotations
@@ -50,10 +58,12 @@ from mixtral_jax.config import MixtralConfig
 from mixtral_jax.errors import CheckpointError, ConfigError
 from mixtral_jax.version import __version__
 
-from .atomic import atomic_directory, fsync_dir, write_durably
+from . import paths
+from .atomic import IN_PROGRESS_FILE, atomic_directory, fsync_dir
 
 METADATA_FILE = "mixtral_jax.json"
 MARKER_FILE = "MIXTRAL_JAX_COMPLETE"
+PARTS_DIR, PARTS_INDEX = "parts", "parts.json"  # the object-storage layout (see above)
 FORMAT_NAME = "mixtral-jax"
 FORMAT_VERSION = 1
 PYTREE_NAME = "state"  # the checkpointable name Orbax's partial saving uses
@@ -107,7 +117,9 @@ class StreamingWriter:
 
     def __init__(self, path: str, custom_metadata: dict | None = None, *, buffer_bytes: int = 64 << 20,
                  chunk_bytes: int = CHUNK_BYTES, compress: bool = True, overlap: bool = True):
-        self.path = os.fspath(path)
+        self.path = paths.normalize(path)
+        self.in_parts = paths.is_url(self.path)  # object storage: one Orbax checkpoint per group
+        self._part_of: dict[str, str] = {}
         self.buffer_bytes = int(buffer_bytes)
         self.chunk_bytes = int(chunk_bytes)
         self.compress = compress
@@ -161,8 +173,14 @@ class StreamingWriter:
         self._pending_bytes = 0
         self.wait()
         with self._context():
-            response = ocp.partial.save_async(
-                self.path, group, custom_metadata=self._custom_metadata if self.groups_written == 0 else None)
+            if self.in_parts:
+                part = f"{self.groups_written:05d}"
+                self._part_of.update(dict.fromkeys(flatten(group), part))
+                response = ocp.save_async(paths.join(self.path, PARTS_DIR, part), group,
+                                          custom_metadata=self._custom_metadata)
+            else:
+                response = ocp.partial.save_async(
+                    self.path, group, custom_metadata=self._custom_metadata if self.groups_written == 0 else None)
         del group
         self.groups_written += 1
         self._inflight = response
@@ -180,17 +198,21 @@ class StreamingWriter:
         self.wait()
         if self.groups_written == 0:
             raise CheckpointError("nothing to write: the checkpoint has no parameters")
-        _ocp().partial.finalize(self.path)
+        if self.in_parts:
+            paths.write_text(paths.join(self.path, PARTS_INDEX), json.dumps(self._part_of, indent=0) + "\n")
+        else:
+            _ocp().partial.finalize(self.path)
         write_metadata(self.path, metadata)
 
 
 def write_metadata(path: str, metadata: dict):
-    """`mixtral_jax.json`, then the completion marker holding its hash; both fsynced."""
+    """`mixtral_jax.json`, then the completion marker holding its hash; both fsynced (local)."""
     text = json.dumps(metadata, indent=1, sort_keys=False) + "\n"
-    write_durably(os.path.join(path, METADATA_FILE), text)
+    paths.write_text(paths.join(path, METADATA_FILE), text)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    write_durably(os.path.join(path, MARKER_FILE), json.dumps({"metadata_sha256": digest}) + "\n")
-    fsync_dir(path)
+    paths.write_text(paths.join(path, MARKER_FILE), json.dumps({"metadata_sha256": digest}) + "\n")
+    if not paths.is_url(path):
+        fsync_dir(path)
 
 
 # ------------------------------------------------------------------------------ the one writer
@@ -237,12 +259,14 @@ class PendingTensor(NamedTuple):
 
 
 def is_complete(path) -> bool:
-    return os.path.isfile(os.path.join(os.fspath(path), MARKER_FILE))
+    return paths.is_file(paths.join(path, MARKER_FILE))
 
 
 def may_replace(path) -> bool:
     """Only an empty directory or a (possibly incomplete) mixtral-jax checkpoint may be overwritten."""
     path = os.fspath(path)
+    if paths.is_url(path):
+        return paths.is_dir(path) and (is_checkpoint(path) or paths.exists(paths.join(path, IN_PROGRESS_FILE)))
     if not os.path.isdir(path) or os.path.islink(path):
         return False
     return not os.listdir(path) or is_checkpoint(path)
@@ -254,7 +278,8 @@ def write_checkpoint(dst, metadata: dict, tensors: Iterable[PendingTensor], *, o
     """Write a complete checkpoint at `dst`, atomically (see `convert.atomic`): the tensors stream through
     a `StreamingWriter` (a group in flight while the next is built), then the metadata and the marker;
     `dst` appears only once `read_info` accepts the result."""
-    with atomic_directory(dst, overwrite=overwrite, is_complete=is_complete, check=read_info, what=what) as tmp:
+    with atomic_directory(dst, overwrite=overwrite, is_complete=is_complete, check=read_info, what=what,
+                          marker=MARKER_FILE) as tmp:
         writer = StreamingWriter(tmp, custom_metadata=metadata, buffer_bytes=buffer_bytes, compress=compress,
                                  overlap=overlap)
         try:
@@ -294,8 +319,7 @@ class CheckpointInfo:
 
 
 def is_checkpoint(path) -> bool:
-    path = os.fspath(path)
-    return os.path.isfile(os.path.join(path, METADATA_FILE)) or os.path.isfile(os.path.join(path, MARKER_FILE))
+    return paths.is_file(paths.join(path, METADATA_FILE)) or paths.is_file(paths.join(path, MARKER_FILE))
 
 
 def read_info(path) -> CheckpointInfo:
@@ -303,7 +327,7 @@ def read_info(path) -> CheckpointInfo:
 
     `path` may be local or anything `etils.epath` opens (e.g. `gs://...` where its backend is installed).
     """
-    path = os.fspath(path)
+    path = paths.normalize(path)
     root = epath.Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -360,14 +384,32 @@ def check_specs(info: CheckpointInfo, specs: Mapping[str, Any]):
                                   f"config implies {tuple(spec.shape)}")
 
 
+def _parts(path) -> dict[str, str] | None:
+    """{parameter: part folder} of a checkpoint written to object storage; None for the one-PyTree layout."""
+    index = paths.join(path, PARTS_INDEX)
+    if not paths.is_url(path) and not os.path.isfile(index):
+        return None
+    try:
+        return {name: paths.join(path, PARTS_DIR, part) for name, part in json.loads(paths.read_text(index)).items()}
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is malformed: {e}") from None
+
+
 def stored_tree(path) -> dict:
     """`{name: leaf metadata}` of the Orbax PyTree actually on disk (shapes and dtypes as stored)."""
     ocp = _ocp()
-    try:
-        meta = ocp.metadata(os.fspath(path), checkpointable_name=PYTREE_NAME)
-    except Exception as e:  # noqa: BLE001 - Orbax raises many types; ours is one line
-        raise CheckpointError(f"{path}: cannot read the Orbax checkpoint: {_first_line(e)}") from None
-    return flatten(meta.metadata)
+    path = paths.normalize(path)
+    parts = _parts(path)
+    out = {}
+    for where in sorted(set(parts.values())) if parts is not None else [path]:
+        try:
+            meta = ocp.metadata(where, checkpointable_name=PYTREE_NAME)
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types; ours is one line
+            raise CheckpointError(f"{where}: cannot read the Orbax checkpoint: {_first_line(e)}") from None
+        out.update(flatten(meta.metadata))
+    return out
 
 
 def restore(path, abstract: Mapping[str, Any], *, partial: bool = False) -> dict:
@@ -378,14 +420,27 @@ def restore(path, abstract: Mapping[str, Any], *, partial: bool = False) -> dict
     (restored as numpy). `partial=True` restores a subset of the parameters.
     """
     ocp = _ocp()
-    ctx = ocp.Context()
-    ctx.pytree.loading.partial_load = partial
-    try:
-        with ctx:
-            tree = ocp.load(os.fspath(path), nest(abstract), checkpointable_name=PYTREE_NAME)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot restore from the Orbax checkpoint: {_first_line(e)}") from None
-    return flatten(tree)
+    path = paths.normalize(path)
+    parts = _parts(path)
+    if parts is None:
+        groups = {path: abstract}
+    else:
+        groups = {}
+        for name, leaf in abstract.items():
+            if name not in parts:
+                raise CheckpointError(f"{path}: no stored parameter {name}")
+            groups.setdefault(parts[name], {})[name] = leaf
+    out = {}
+    for where, subset in groups.items():
+        ctx = ocp.Context()
+        ctx.pytree.loading.partial_load = partial or parts is not None  # a part holds more than asked
+        try:
+            with ctx:
+                tree = ocp.load(where, nest(subset), checkpointable_name=PYTREE_NAME)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot restore from the Orbax checkpoint: {_first_line(e)}") from None
+        out.update(flatten(tree))
+    return out
 
 
 def _first_line(e: BaseException) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 
 from mixtral_jax.errors import CheckpointError
 
+from . import paths
 from .pages import drop_mapping
 
 DTYPES = {
@@ -32,11 +33,12 @@ class SafetensorsFile:
     """The tensors of one `.safetensors` file: `keys()`, `shape(key)`, `dtype(key)`, `get(key)`."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
+        self.path = paths.normalize(path)
+        self.remote = paths.is_url(self.path)  # a bucket: ranged reads instead of a mapping
+        if not paths.is_file(self.path):
             raise CheckpointError(f"safetensors file not found: {self.path}")
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
+        size = paths.size(self.path)
+        with paths.open_binary(self.path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: truncated (no safetensors header)")
@@ -86,6 +88,14 @@ class SafetensorsFile:
     def get(self, key: str) -> np.ndarray:
         """The tensor as a read-only view of the mapped file (no copy until it is transformed)."""
         dtype, shape, begin = self._entries[key]
+        if self.remote:  # one ranged read of exactly this tensor's bytes
+            count = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            out = np.empty(count, np.uint8)
+            with paths.open_binary(self.path) as f:
+                f.seek(self._data_start + begin)
+                if f.readinto(memoryview(out)) != count:
+                    raise CheckpointError(f"{self.path}: truncated while reading tensor {key!r}")
+            return out.view(dtype).reshape(shape)
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         count = int(np.prod(shape, dtype=np.int64))

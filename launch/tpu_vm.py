@@ -232,19 +232,10 @@ def cmd_setup(g: Gcloud, a, tpu: Slice) -> None:
 
 
 def cmd_convert(g: Gcloud, a, extra: list[str]) -> None:
-    """Convert on worker 0's disk, then upload: the Orbax writer needs a local file system."""
-    dst, work, src = check_gcs(a.dst), os.path.normpath(a.work_dir), a.src
-    if work in (".", "/", "~") or work.startswith(".."):
-        raise LaunchError(f"bad --work-dir {a.work_dir!r}: a directory of its own (it is deleted afterwards)")
-    steps = ["set -e", remote("mkdir", "-p", work)]
-    if src.startswith("gs://"):
-        src = f"{work}/source"
-        steps.append(remote("gcloud", "storage", "rsync", "--recursive", check_gcs(a.src), src))
-    steps += [remote(MIXTRAL, "convert", src, f"{work}/orbax", "--overwrite", *extra),
-              remote("gcloud", "storage", "rsync", "--recursive", f"{work}/orbax", dst)]
-    if not a.keep_local:
-        steps.append(remote("rm", "-rf", work))
-    g.must(g.ssh("; ".join(steps), worker="0"))
+    """Convert on worker 0, bucket to bucket: the source is read with ranged requests and the Orbax
+    checkpoint written straight into DST (nothing is staged on the worker's small boot disk)."""
+    src = check_gcs(a.src) if a.src.startswith("gs://") else a.src
+    g.must(g.ssh(remote(MIXTRAL, "convert", src, check_gcs(a.dst), *extra), worker="0"))
 
 
 def cmd_everywhere(g: Gcloud, subcommand: str, extra: list[str]) -> None:
@@ -290,15 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "default: a tarball of this checkout")
     s.add_argument("--python", default="3.11", help="Python version on the workers (default 3.11)")
     s.add_argument("--spot", action="store_true", help="create a Spot TPU")
-    c = add("convert", "convert a checkpoint on worker 0 and upload it to GCS", "convert")
+    c = add("convert", "convert a checkpoint on worker 0, straight into GCS", "convert")
     c.add_argument("src", help="HF or Mistral checkpoint: gs://... or a directory on worker 0")
     c.add_argument("dst", help="gs://BUCKET/PATH for the Orbax checkpoint")
-    c.add_argument("--work-dir", default="mixtral-jax-work", help="scratch directory on worker 0 (needs ~2x "
-                                                                  "the checkpoint's size free)")
-    c.add_argument("--keep-local", action="store_true", help="keep the local copies on worker 0")
     add("generate", "mixtral-jax generate on every worker (worker 0 prints)", "generate")
     add("chat-serve", "mixtral-jax chat with your terminal on worker 0", "chat")
-    add("finetune", "mixtral-jax train on every worker (the train command is pending)", "train")
+    add("finetune", "mixtral-jax train on every worker (fine-tuning: --init-from CHECKPOINT --data ...)", "train")
     t = add("teardown", "delete the slice")
     t.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser

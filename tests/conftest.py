@@ -19,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from tests.helpers import memory_mappings  # noqa: E402
+from tests.helpers.gcs import gcs_bucket, gcs_emulator  # noqa: E402, F401 - fixtures for any test that needs a bucket
 
 
 @dataclasses.dataclass

@@ -9,13 +9,13 @@ incomplete checkpoint is still described, with the reason, and the command exits
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
-import os
 
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.convert import orbax_io
+from mixtral_jax.convert import orbax_io, paths
 from mixtral_jax.convert.converter import detect_format, open_source, prepare_conversion
+from mixtral_jax.convert.hf import config_source
 from mixtral_jax.convert.orbax_io import default_tokenizer
 from mixtral_jax.errors import CheckpointError
 
@@ -23,12 +23,8 @@ _TOKENIZER_FILES = ("tokenizer.model*", "tokenizer.json", "tekken.json")
 
 
 def _size_on_disk(path: str) -> str:
-    total, files = 0, 0
-    for root, _, names in os.walk(path):
-        for name in names:
-            full = os.path.join(root, name)
-            if os.path.isfile(full) and not os.path.islink(full):
-                total, files = total + os.path.getsize(full), files + 1
+    found = paths.walk_files(path)
+    total, files = sum(n for _, n in found), len(found)
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if total >= scale:
             return f"{total / scale:.1f} {unit} in {files} files"
@@ -47,7 +43,8 @@ def _count(n: int) -> str:
 
 
 def _tokenizer_files(path: str, config: MixtralConfig) -> str:
-    found = sorted({os.path.basename(p) for pat in _TOKENIZER_FILES for p in glob.glob(os.path.join(path, pat))})
+    names = paths.listdir(path)
+    found = sorted({n for pat in _TOKENIZER_FILES for n in names if fnmatch.fnmatch(n, pat)})
     expected = default_tokenizer(config)
     if found:
         return ", ".join(found)
@@ -61,8 +58,7 @@ def _orbax(path: str) -> dict:
     except CheckpointError as e:
         complete = f"no: {e}"
         try:
-            with open(os.path.join(path, orbax_io.METADATA_FILE), encoding="utf-8") as f:
-                meta = json.load(f)
+            meta = json.loads(paths.read_text(paths.join(path, orbax_io.METADATA_FILE)))
         except (OSError, json.JSONDecodeError):
             raise CheckpointError(f"{path} is an incomplete mixtral-jax checkpoint without readable metadata: "
                                   f"{e}") from None
@@ -76,7 +72,8 @@ def _orbax(path: str) -> dict:
 
 
 def _pytorch(path: str, fmt: str) -> dict:
-    config = MixtralConfig.from_hf(path) if fmt == "hf" else MixtralConfig.from_mistral(path)
+    config = (MixtralConfig.from_hf(config_source(path, "config.json")) if fmt == "hf"
+              else MixtralConfig.from_mistral(config_source(path, "params.json")))
     described = {"format": "Hugging Face safetensors" if fmt == "hf" else "Mistral original", "config": config,
                  "dtype": "unknown (tensors unreadable)", "tokenizer": _tokenizer_files(path, config)}
     try:
@@ -90,7 +87,8 @@ def _pytorch(path: str, fmt: str) -> dict:
 def describe(path: str) -> dict:
     """{format, config, dtype, tokenizer, complete, parameters, size}; `CheckpointError` for a directory
     that is no checkpoint at all."""
-    if not os.path.isdir(path):
+    path = paths.normalize(path)
+    if not paths.is_dir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
     found = _orbax(path) if orbax_io.is_checkpoint(path) else _pytorch(path, detect_format(path))
     config = found["config"]

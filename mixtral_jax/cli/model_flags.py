@@ -13,6 +13,8 @@ import os
 import sys
 
 from mixtral_jax.config import KV_CACHE_DTYPES, QUANTIZE_MODES, MixtralConfig, RuntimeConfig
+from mixtral_jax.convert import paths
+from mixtral_jax.convert.hf import config_source
 from mixtral_jax.convert.orbax_io import read_info
 from mixtral_jax.errors import ConfigError
 from mixtral_jax.loading.checkpoint import load_checkpoint
@@ -37,9 +39,13 @@ def model_config(spec: str) -> MixtralConfig:
     or a JSON config file (a `MixtralConfig` dict, `config.json` or `params.json`)."""
     if spec.lower() in NAMED_CONFIGS:
         return NAMED_CONFIGS[spec.lower()]()
-    if os.path.isfile(os.path.join(spec, "mixtral_jax.json")):
+    if paths.is_file(paths.join(spec, "mixtral_jax.json")):
         return read_info(spec).config
-    if os.path.isfile(spec) or any(os.path.isfile(os.path.join(spec, n)) for n in ("config.json", "params.json")):
+    if paths.is_url(spec):  # a Hugging Face or Mistral checkpoint in a bucket: its config file
+        for name, build in (("config.json", MixtralConfig.from_hf), ("params.json", MixtralConfig.from_mistral)):
+            if paths.is_file(paths.join(spec, name)):
+                return build(config_source(spec, name))
+    elif os.path.isfile(spec) or any(os.path.isfile(os.path.join(spec, n)) for n in ("config.json", "params.json")):
         return MixtralConfig.from_file(spec)
     raise ConfigError(f"the model must be one of {', '.join(NAMED_CONFIGS)}, a checkpoint directory or a config "
                       f"JSON file; {spec!r} is none of these")

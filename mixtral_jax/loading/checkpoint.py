@@ -7,6 +7,7 @@ Every parameter goes straight into the sharding `mixtral_jax.sharding.param_shar
 mesh: Orbax restores only the chunks a process's own devices hold, and the Hugging Face reader reads, from
 the memory-mapped files, only the experts they hold. No device ever holds a full copy first. Our checkpoints
 carry their config and the name of their tokenizer, which `load` hands to the model (`tokenizer_name`).
+Paths may be local or `gs://` URLs (`convert.paths`): Orbax reads a bucket through tensorstore.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mixtral_jax.config import RuntimeConfig, as_dtype, check_quantize
-from mixtral_jax.convert import orbax_io
+from mixtral_jax.convert import orbax_io, paths
 from mixtral_jax.convert.hf import HFCheckpoint
 from mixtral_jax.convert.keymap import HF_RULES, assemble, match_keys
 from mixtral_jax.model.mixtral import Mixtral
@@ -160,7 +161,7 @@ def _slice_experts(ckpt, parts, spec, idx):
 
 
 def is_hf_checkpoint(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(os.fspath(path), "config.json"))
+    return paths.is_file(paths.join(path, "config.json"))
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype=None, mesh: Mesh | str | dict | None = None,
