@@ -60,7 +60,8 @@ def server_limits(args) -> ServerLimits:
 
 def run_serve(args) -> int:
     config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-                          cache_dtype=args.kv_cache_dtype)
+                          cache_dtype=args.kv_cache_dtype, page_size=args.page_size, num_pages=args.num_pages,
+                          prefix_cache=not args.no_prefix_cache)
     limits = server_limits(args)  # bad flags fail before loading anything
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = load_model(args)
@@ -80,8 +81,10 @@ def run_serve(args) -> int:
         limits = dataclasses.replace(limits, max_connections=max(files - _SPARE_FILES, 16))
         print(f"warning: the open-file limit is {files}: serving at most {limits.max_connections} connections "
               "(raise `ulimit -n` for more)", file=sys.stderr)
+    lay = engine.layout
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({config.max_batch} slots, context "
-          f"{engine.max_context}, {tokenizer.version} tokenizer{', API key required' if limits.api_key else ''})",
+          f"{engine.max_context}, {lay.total_pages} KV pages of {lay.page_size} tokens = {lay.tokens} tokens, "
+          f"{tokenizer.version} tokenizer{', API key required' if limits.api_key else ''})",
           file=sys.stderr, flush=True)
     run_server(create_app(engine, tokenizer, name, drain_seconds=args.drain_seconds, limits=limits), args.host,
                args.port, args.drain_seconds, limits)
@@ -98,7 +101,15 @@ def register(sub):
     s.add_argument("--max-batch", type=int, default=16, help="decode slots (requests decoded together)")
     s.add_argument("--max-context", type=int, help="prompt + completion tokens per request "
                                                    "(default: the model's, at most 4096)")
-    s.add_argument("--prefill-chunk", type=int, default=256, help="longest prefill call (a power of two)")
+    s.add_argument("--prefill-chunk", type=int, default=256,
+                   help="tokens per engine step and sequence shard: every running decode, then prefill chunks of "
+                        "new requests (a power of two)")
+    s.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+    s.add_argument("--num-pages", type=int, help="KV cache pages in all (default: room for --max-batch requests of "
+                                                 "--max-context; fewer hold more typical requests and preempt when "
+                                                 "full)")
+    s.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not share the pages of a prompt prefix between requests")
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     s.add_argument("--tokenizer", help="v1, v3 or a SentencePiece model file (default: the checkpoint's own; by "
                                        "vocabulary: 32768 tokens is v3, else v1)")

@@ -222,20 +222,21 @@ class Scheduler:
             keys = page_keys(history[:len(history) - 1], self.page_size) if self.prefix_cache else []
             use_hits = self.prefix_cache and not _penalized(r.params)  # penalties count every token fed
             best = None
-            for s in range(self.shards):
-                left = self.budget - sum(wants.get(row, 0) for row in range(s * self.rows, (s + 1) * self.rows))
-                if left <= 0 or not self.free_rows(s):
+            for s in range(self.shards):  # the shard with most of its prefix, then budget left, then pages
+                if not self.free_rows(s):
                     continue
+                left = self.budget - sum(wants.get(row, 0) for row in range(s * self.rows, (s + 1) * self.rows))
                 hits = self.pools[s].match(keys) if use_hits else 0
-                score = (hits + (hits < len(keys) and keys[hits] in pending[s]), self.pools[s].available)
+                coming = use_hits and hits < len(keys) and keys[hits] in pending[s]
+                score = (hits + coming, left > 0, self.pools[s].available)
                 if best is None or score > best[0]:
-                    best = (score, s, hits, left)
-            if best is None:
+                    best = (score, s, hits, left, coming)
+            if best is None or (best[0][0] == 0 and best[3] <= 0):
                 waiting.appendleft(r)
                 break
-            (_, _), s, hits, left = best
-            if use_hits and hits < len(keys) and keys[hits] in pending[s]:
-                skipped.append(r)  # another sequence is writing the next page of its prefix
+            _, s, hits, left, coming = best
+            if coming or left <= 0:
+                skipped.append(r)  # its prefix is being written (or its shard is full this step): wait
                 continue
             pool = self.pools[s]
             pages = pool.take(keys[:hits]) if hits else []
@@ -247,14 +248,14 @@ class Scheduler:
                 break
             row = self.free_rows(s)[0]
             start = len(pages) * self.page_size
-            q = Sequence(r, row, s, self._age, len(history), start, pages, keys[:len(pages)], len(pages))
+            q = Sequence(r, row, s, self._age, len(history), start, pages, keys[:hits], hits)
             self._age += 1
             self.prefix_hit_tokens += start
             self.seqs[row] = q
             n = min(left, q.total - q.computed)
             q.pages += [pool.allocate() for _ in range(-(-(q.computed + n) // self.page_size) - len(q.pages))]
             wants[row] = n
-            pending[s] |= set(keys[len(pages):])  # its prefix pages are being written now
+            pending[s] |= set(keys[hits:])  # its prefix pages are being written now
             admitted.append((row, r))
         waiting.extendleft(reversed(skipped))
         return admitted
