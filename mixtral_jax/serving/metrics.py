@@ -73,9 +73,9 @@ class _EngineCollector:
         yield GaugeMetricFamily("mixtral_busy_slots", "Decode slots in use (prefilling included).",
                                 value=e.busy_slots)
         yield GaugeMetricFamily("mixtral_slots", "Decode slots in all (--max-batch).", value=e.config.max_batch)
-        yield GaugeMetricFamily("mixtral_kv_cache_columns_used", "KV cache positions the running slots span.",
+        yield GaugeMetricFamily("mixtral_kv_cache_columns_used", "KV tokens the held pages span.",
                                 value=e.length)
-        yield GaugeMetricFamily("mixtral_kv_cache_columns", "KV cache positions per slot in all.", value=e.size)
+        yield GaugeMetricFamily("mixtral_kv_cache_columns", "KV tokens all pages hold.", value=e.size)
         yield CounterMetricFamily("mixtral_tokens_generated", "Completion tokens generated.",
                                   value=s.tokens_generated)
         yield CounterMetricFamily("mixtral_prompt_tokens", "Prompt tokens prefilled.", value=s.prompt_tokens)
