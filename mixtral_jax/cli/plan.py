@@ -4,11 +4,14 @@ own answer.
     mixtral-jax plan --topology v5e-8 --mesh expert=4,tensor=2 --decode-batch 8 --context 8192
     mixtral-jax plan --topology v5p-128 --mesh data=8,expert=8 --train-seq 4096 --train-batch 64 --fsdp --json
     mixtral-jax plan --topology h100-8 --mesh expert=8 --decode-batch 64 --context 32768
+    mixtral-jax plan --topology v5e-8 --mesh expert=4,tensor=2 --serve --max-batch 32 --max-context 4096
 
 Compiles the sampler's prefill and decode and the trainer's step ahead of time for the slice (see
 `mixtral_jax.planning.planner`); needs `jax[tpu]` installed for TPU slices and the `gpu-plan` extra for GPU hosts
 (no TPU or GPU). Prints per-chip memory against HBM, whether it fits, compile time, the collectives, and an
-estimated step time; `--json` prints the reports as JSON.
+estimated step time; `--json` prints the reports as JSON. `--serve` compiles the serving engine's paged step
+instead and says how many KV pages, tokens and sequences of `--max-context` the slice holds
+(`mixtral_jax.planning.serve_plan`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jax
 from mixtral_jax.cli.model_flags import NAMED_CONFIGS, model_config
 from mixtral_jax.config import KV_CACHE_DTYPES, QUANTIZE_MODES, MixtralConfig
 from mixtral_jax.planning import planner as plan
+from mixtral_jax.planning import serve_plan
 from mixtral_jax.planning.topologies import GIB, GPU_TOPOLOGIES, TOPOLOGIES, cudnn_available, get_topology
 from mixtral_jax.sharding.distributed import on_cloud_tpu_vm
 from mixtral_jax.sharding.mesh import parse_mesh_spec
@@ -163,6 +167,10 @@ def run_plan(args) -> int:
     _use_cpu_here()
     topology = get_topology(args.topology)  # a bad name fails before anything loads
     config = model_config(args.model)
+    if args.serve:
+        return run_serve_plan(args, config, topology)
+    if stray := [f"--{a.replace('_', '-')}" for a in _SERVE_ONLY if getattr(args, a)]:
+        raise plan.PlanError(f"{', '.join(stray)} plan the serving step: add --serve")
     jobs = workloads(args)
     reports = plan.plan(config, topology, args.mesh, jobs, dtype=args.dtype, quantize=args.quantize,
                         kv_cache_dtype=args.kv_cache_dtype)
@@ -170,6 +178,22 @@ def run_plan(args) -> int:
         print(json.dumps([r.to_dict() for r in reports], indent=1))
     else:
         print(format_reports(config, topology, reports, args.quantize))
+    return 0
+
+
+_SERVE_ONLY = ("max_batch", "max_context", "pages")
+_NOT_WITH_SERVE = ("prefill", "decode_batch", "context", "train_seq", "train_batch")
+
+
+def run_serve_plan(args, config: MixtralConfig, topology) -> int:
+    if clash := [f"--{a.replace('_', '-')}" for a in _NOT_WITH_SERVE if getattr(args, a)]:
+        raise plan.PlanError(f"--serve plans the serving step: drop {', '.join(clash)}")
+    report = serve_plan.plan_serve(
+        config, topology, args.mesh, max_batch=args.max_batch or 16,
+        max_context=args.max_context or min(config.max_seq_len, 4096), prefill_chunk=args.prefill_chunk,
+        page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype, quantize=args.quantize, dtype=args.dtype,
+        pages=args.pages)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else serve_plan.format_serve(config, report))
     return 0
 
 
@@ -199,5 +223,16 @@ def register(subparsers):
     p.add_argument("--train-accum", type=int, default=1, help="gradient-accumulation micro-batches per step")
     p.add_argument("--fsdp", action="store_true", help="train with FSDP (weights also split over data)")
     p.add_argument("--remat", action="store_true", help="train recomputing each layer in the backward pass")
+    s = p.add_argument_group("serving (--serve)")
+    s.add_argument("--serve", action="store_true",
+                   help="plan the serving engine's paged step: memory, fit, and the pages, tokens and sequences of "
+                        "--max-context the slice holds")
+    s.add_argument("--max-batch", type=int, help="sequences running at once (default: 16, as serve)")
+    s.add_argument("--max-context", type=int, help="prompt + completion tokens a request (default: the model's, "
+                                                   "at most 4096)")
+    s.add_argument("--prefill-chunk", type=int, default=256, help="a step's token budget a sequence shard "
+                                                                  "(default: 256, as serve)")
+    s.add_argument("--page-size", type=int, default=16, help="tokens a KV page (default: 16)")
+    s.add_argument("--pages", type=int, help="KV pages in all (default: as many as HBM holds)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     p.set_defaults(run=run_plan)
