@@ -142,7 +142,11 @@ def paged_step(graphdef, treedef, leaves, experts, cache: PagedKVCache, counts, 
     logits = penalize_rows(logits, counts, penalties) + bias
     chosen = sample(apply_bitmask(logits, mask), strategy, row_keys(seeds, jnp.zeros_like(inputs.index),
                                                                    inputs.index))
-    return chosen, logprob_outputs(logits, chosen, wanted), cache, counts
+    logprobs = logprob_outputs(logits, chosen, wanted)
+    if model.runtime.mesh is not None:  # every process reads the tokens where it is (no gather)
+        chosen, logprobs, counts = jax.lax.with_sharding_constraint(
+            (chosen, logprobs, counts), NamedSharding(model.runtime.mesh, PartitionSpec()))
+    return chosen, logprobs, cache, counts
 
 
 # ------------------------------------------------------------------------------ ahead of time
