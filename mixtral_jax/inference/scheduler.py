@@ -50,6 +50,14 @@ class Request:
         self.history: list[int] = list(prompt)  # the prompt and every token read back (what a re-prefill feeds)
         self.n_sampled = 0  # tokens the device has been asked to draw (ahead of `history` by those in flight)
         self.preemptions = 0
+        self._keys: tuple[int, int, list[bytes]] = (-1, 0, [])  # (history length, page size, prefix keys)
+
+    def prefix_keys(self, page_size: int) -> list[bytes]:
+        """The keys of the full pages before the history's last token (what a prefill may take from the
+        prefix cache), kept until the history grows."""
+        if self._keys[:2] != (len(self.history), page_size):
+            self._keys = (len(self.history), page_size, page_keys(self.history[:-1], page_size))
+        return self._keys[2]
 
     def cancel(self) -> None:
         """Stop generating (a client went away, or a stop string matched); its row frees at the next step."""
@@ -219,7 +227,7 @@ class Scheduler:
                 skipped.append(r)
                 continue
             history = r.history
-            keys = page_keys(history[:len(history) - 1], self.page_size) if self.prefix_cache else []
+            keys = r.prefix_keys(self.page_size) if self.prefix_cache else []
             use_hits = self.prefix_cache and not _penalized(r.params)  # penalties count every token fed
             best = None
             for s in range(self.shards):  # the shard with most of its prefix, then budget left, then pages
@@ -264,9 +272,8 @@ class Scheduler:
         """Keys of the prompt pages the shard's prefilling sequences will write."""
         keys = set()
         for q in self.seqs.values():
-            if q.shard == shard and q.prefilling:
-                full = page_keys(q.request.history[:q.total - 1], self.page_size)
-                keys |= set(full[q.registered:])
+            if q.shard == shard and q.prefilling:  # (its history is what it was admitted with)
+                keys |= set(q.request.prefix_keys(self.page_size)[q.registered:])
         return keys
 
     def _arrays(self, wants: dict[int, int], reset: set[int]) -> StepPlan:
