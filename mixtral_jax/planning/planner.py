@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mixtral_jax.config import MixtralConfig, RuntimeConfig, check_quantize
 from mixtral_jax.errors import PlanError
 from mixtral_jax.inference import sampler as sampler_lib
+from mixtral_jax.model import lora as lora_lib
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.mixtral import Mixtral
 from mixtral_jax.model.moe import resolve_strategy
@@ -74,6 +75,7 @@ class Workload:
     accum: int = 1
     fsdp: bool = False
     remat: bool = False
+    lora_rank: int = 0  # train: LoRA adapters of this rank on attention + experts, the base frozen (0: full)
 
     def __post_init__(self):
         if self.kind not in ("prefill", "decode", "train"):
@@ -90,7 +92,7 @@ class Workload:
     @property
     def label(self) -> str:
         extra = (f" accum {self.accum}" if self.accum > 1 else "") + (" fsdp" if self.fsdp else "") \
-            + (" remat" if self.remat else "")
+            + (" remat" if self.remat else "") + (f" lora {self.lora_rank}" if self.lora_rank else "")
         return f"{self.kind} {self.batch}x{self.tokens}{extra}"
 
 
@@ -102,8 +104,9 @@ def decode(batch: int, context: int) -> Workload:
     return Workload("decode", batch, context)
 
 
-def train(batch: int, seq_len: int, accum: int = 1, fsdp: bool = False, remat: bool = False) -> Workload:
-    return Workload("train", batch, seq_len, accum, fsdp, remat)
+def train(batch: int, seq_len: int, accum: int = 1, fsdp: bool = False, remat: bool = False,
+          lora_rank: int = 0) -> Workload:
+    return Workload("train", batch, seq_len, accum, fsdp, remat, lora_rank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +181,20 @@ def slice_mesh(config: MixtralConfig, topology: Topology, spec: str) -> Mesh:
 
 
 # ------------------------------------------------------------------------------ abstract inputs
-def abstract_model(config: MixtralConfig, runtime: RuntimeConfig, rules=DEFAULT_RULES):
-    """(graphdef, state) of a `Mixtral` whose parameters are `ShapeDtypeStruct`s with the rules' shardings."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Mixtral(config, runtime, rngs=nnx.Rngs(0))))
-    shardings = param_shardings(param_specs(config, runtime), runtime.mesh, rules)
+def abstract_model(config: MixtralConfig, runtime: RuntimeConfig, rules=DEFAULT_RULES,
+                   lora: lora_lib.LoRAConfig | None = None):
+    """(graphdef, state) of a `Mixtral` whose parameters are `ShapeDtypeStruct`s with the rules' shardings
+    (with `lora`: and its adapters')."""
+    def build():
+        model = Mixtral(config, runtime, rngs=nnx.Rngs(0))
+        if lora is not None:
+            zeros = {n: jnp.zeros(s.shape, s.dtype) for n, s in lora_lib.adapter_specs(config, lora).items()}
+            lora_lib.add_adapters(model, lora, zeros, rules=rules)
+        return model
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    specs = {**param_specs(config, runtime), **(lora_lib.adapter_specs(config, lora) if lora is not None else {})}
+    shardings = param_shardings(specs, runtime.mesh, rules)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         value = var.get_value()
@@ -225,7 +238,9 @@ def _lower(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload, kv
     """(lowered, weight bytes per chip, argument bytes per chip) for the function a workload runs."""
     mesh = runtime.mesh
     cache_dtype = jnp.dtype(kv_cache_dtype or runtime.dtype)
-    graphdef, state = abstract_model(config, runtime, FSDP_RULES if workload.fsdp else DEFAULT_RULES)
+    lora = lora_lib.LoRAConfig(workload.lora_rank, 2.0 * workload.lora_rank, targets=lora_lib.ALL_TARGETS) \
+        if workload.lora_rank else None
+    graphdef, state = abstract_model(config, runtime, FSDP_RULES if workload.fsdp else DEFAULT_RULES, lora)
     b, n = workload.batch, workload.tokens
     key = _replicated(mesh, (2,), jnp.uint32)  # jax.random.key_data of a threefry key
     if workload.kind == "prefill":
@@ -246,11 +261,16 @@ def _lower(config: MixtralConfig, runtime: RuntimeConfig, workload: Workload, kv
 
 def _train_step(config, graphdef, state, workload: Workload):
     mesh = jax.tree.leaves(state)[0].sharding.mesh
+    lora = lora_lib.LoRAConfig(workload.lora_rank, 2.0 * workload.lora_rank, targets=lora_lib.ALL_TARGETS) \
+        if workload.lora_rank else None
     tc = TrainConfig(batch_size=workload.batch, seq_len=workload.tokens, grad_accum=workload.accum,
-                     warmup_steps=0, fsdp=workload.fsdp, remat=workload.remat)
+                     warmup_steps=0, fsdp=workload.fsdp, remat=workload.remat, lora=lora)
     tc.check_model(config)
     flat = nnx.to_flat_state(state)
-    params = {".".join(map(str, path)): var.get_value() for path, var in flat}
+    values = {".".join(map(str, path)): var.get_value() for path, var in flat}
+    trained = {".".join(map(str, path)) for path, var in flat if lora is None or isinstance(var, lora_lib.LoRAParam)}
+    params = {k: v for k, v in values.items() if k in trained}
+    frozen = {k: v for k, v in values.items() if k not in trained} or None  # LoRA's base: read, not trained
     templates = tuple((path, ".".join(map(str, path)), var) for path, var in flat)
     step = TrainStep(graphdef, templates, tc, config.router_aux_loss_coef)
     param_sh = {k: v.sharding for k, v in params.items()}
@@ -268,7 +288,7 @@ def _train_step(config, graphdef, state, workload: Workload):
     batch = jax.ShapeDtypeStruct((workload.accum, micro, workload.tokens), jnp.int32, sharding=batch_sharding(mesh, tc))
     step = dataclasses.replace(step, param_shardings=tuple(param_sh.items()),
                                opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state))
-    return run_step, (step, params, opt_state, batch), {}
+    return run_step, (step, params, opt_state, batch, frozen), {}
 
 
 # ------------------------------------------------------------------------------ reading XLA
@@ -441,11 +461,12 @@ def plan(config: MixtralConfig, topology: str | Topology | GpuTopology, mesh: st
          dtype="bfloat16", quantize: str | None = None, kv_cache_dtype=None) -> list[Report]:
     """Compile each workload for `topology` (a Cloud name such as "v5e-8", or GPU hosts such as "h100-8") on
     `mesh`; one report each.
-    `quantize='int8'`: int8 expert and attention weights (serving only: training needs float weights).
+    `quantize='int8'`: int8 expert and attention weights (serving, and LoRA training: the base is frozen).
     `kv_cache_dtype` (e.g. "int8"): the sampler's KV cache, default `dtype`."""
     check_quantize(quantize)
-    if quantize is not None and any(w.kind == "train" for w in workloads):
-        raise PlanError("--quantize plans prefill and decode only: training updates float weights")
+    if quantize is not None and any(w.kind == "train" and not w.lora_rank for w in workloads):
+        raise PlanError("--quantize plans prefill, decode and LoRA training (--lora) only: full training updates "
+                        "float weights")
     topo = get_topology(topology) if isinstance(topology, str) else topology
     runtime = plan_runtime(slice_mesh(config, topo, mesh), dtype, backend=topo.backend, quantize=quantize)
     return [compile_workload(config, runtime, w, topo, mesh, kv_cache_dtype) for w in workloads]
