@@ -38,7 +38,7 @@ def workloads(args) -> list:
         out.append(plan.decode(args.decode_batch or 1, args.context or 8192))
     if args.train_seq or args.train_batch:
         out.append(plan.train(args.train_batch or 8, args.train_seq or 4096, args.train_accum, args.fsdp,
-                              args.remat))
+                              args.remat, args.lora))
     return out or [plan.prefill(1, 4096), plan.decode(8, 8192)]
 
 
@@ -223,6 +223,9 @@ def register(subparsers):
     p.add_argument("--train-accum", type=int, default=1, help="gradient-accumulation micro-batches per step")
     p.add_argument("--fsdp", action="store_true", help="train with FSDP (weights also split over data)")
     p.add_argument("--remat", action="store_true", help="train recomputing each layer in the backward pass")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="plan a LoRA step: adapters of this rank on attention + experts, the base frozen "
+                        "(with --quantize int8: an int8 base)")
     s = p.add_argument_group("serving (--serve)")
     s.add_argument("--serve", action="store_true",
                    help="plan the serving engine's paged step: memory, fit, and the pages, tokens and sequences of "
