@@ -85,8 +85,9 @@ class _EngineCollector:
 
 class MeteredEngine:
     """The engine as the response code sees it: `submit` also observes each request in `metrics` when it
-    finishes (by the engine's reason: a stop string's cut counts as "cancelled", as a client going away
-    does); everything else is the engine's own."""
+    finishes, by the reason the client gets: the engine's, except that a request the response code stopped
+    because a stop string matched (`stopped_by`, set before it cancels) counts as "stop", and only a client
+    going away as "cancelled"; everything else is the engine's own."""
 
     def __init__(self, engine: Engine, metrics: ServerMetrics):
         self._engine, self._metrics = engine, metrics
@@ -101,7 +102,10 @@ class MeteredEngine:
             with lock:
                 if "request" in seen and "reason" in seen and not seen.get("done"):
                     seen["done"] = True
-                    self._metrics.observe(seen["request"], *seen["reason"])
+                    reason, now = seen["reason"]
+                    if reason == "cancelled":
+                        reason = getattr(seen["request"], "stopped_by", None) or reason
+                    self._metrics.observe(seen["request"], reason, now)
 
         def finished(reason):
             seen["reason"] = (reason, time.perf_counter())

@@ -49,7 +49,7 @@ class _Choice:
             return "", self._tool_piece(self._tools_decoder.push(event))
         piece = self.text.push(event)
         if self.text.stopped:
-            self.handle.cancel()
+            self.handle.cancel(reason="stop")
         return piece, []
 
     def _tool_piece(self, piece: str) -> list[dict]:
@@ -116,7 +116,11 @@ class _Handle:
     def __init__(self, request):
         self.request = request
 
-    def cancel(self):
+    def cancel(self, reason: str | None = None):
+        """`reason`: why, when the answer is complete ("stop": a stop string matched), for the metrics;
+        None when the client went away."""
+        if reason is not None:
+            self.request.stopped_by = reason
         self.request.cancel()
 
     def request_logprobs(self, i: int):

@@ -34,6 +34,11 @@ def test_histograms_counters_and_gauges_after_real_requests(server):
     answer = client.completions.create(model=MODEL, prompt="def read_config(path):", max_tokens=12, temperature=0)
     wall = time.perf_counter() - start
     assert answer.usage.completion_tokens == 12
+    stop = answer.choices[0].text[4:7]  # matched on text while the engine still runs: the cut is a "stop"
+    assert stop.strip() and stop not in answer.choices[0].text[:6]
+    cut = client.completions.create(model=MODEL, prompt="def read_config(path):", max_tokens=12, temperature=0,
+                                    stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == answer.choices[0].text[:4]
     stream = client.completions.create(model=MODEL, prompt="import os", max_tokens=40, temperature=0, stream=True)
     next(iter(stream))
     running = _scrape(base)
@@ -48,9 +53,10 @@ def test_histograms_counters_and_gauges_after_real_requests(server):
 
     assert grew("mixtral_requests_total", (("finish_reason", "length"),)) == 1
     assert grew("mixtral_requests_total", (("finish_reason", "cancelled"),)) == 1
-    assert grew("mixtral_requests_finished_total") == 2
-    assert grew("mixtral_request_latency_seconds_count") == 2
-    assert grew("mixtral_time_to_first_token_seconds_count") == 2
+    assert grew("mixtral_requests_total", (("finish_reason", "stop"),)) == 1  # the stop string's cut
+    assert grew("mixtral_requests_finished_total") == 3
+    assert grew("mixtral_request_latency_seconds_count") == 3
+    assert grew("mixtral_time_to_first_token_seconds_count") == 3
     assert grew("mixtral_time_per_output_token_seconds_count") >= 1  # the cancelled one: if it got 2+ tokens
     assert grew("mixtral_tokens_generated_total") >= 13
     assert grew("mixtral_request_latency_seconds_sum") > grew("mixtral_time_to_first_token_seconds_sum") > 0
