@@ -240,3 +240,25 @@ def reverse_words_task(n_train=640, n_held=40, seed=0):
 
     convs = [conv(w) for w in lists]
     return convs[:n_train], convs[n_train:]
+
+
+@pytest.mark.tpu
+def test_plan_of_a_lora_step_holds_the_adapters_optimizer_state_only():
+    """`plan --train ... --lora`: compiled for a TPU slice, a LoRA step's arguments are the base once plus the
+    adapters and their two moments (full training: three copies of every weight), and an int8 base is allowed."""
+    pytest.importorskip("libtpu")
+    from mixtral_jax.planning import planner as plan_lib
+
+    config = MixtralConfig.tiny(dim=256, head_dim=128, hidden_dim=512, vocab_size=512)
+    full, low = plan_lib.plan(config, "v5e-4", "expert=2,tensor=2", [plan_lib.train(4, 64),
+                                                                     plan_lib.train(4, 64, lora_rank=8)])
+    adapters = sum(int(np.prod(s.shape)) * 4 for s in lora.adapter_specs(
+        config, lora.LoRAConfig(rank=8, alpha=16.0, targets=lora.ALL_TARGETS)).values())
+    assert low.weight_bytes > full.weight_bytes  # the base and the adapters
+    assert low.argument_bytes < 0.5 * full.argument_bytes
+    assert low.alias_bytes < full.alias_bytes  # only the adapters and their moments are donated and updated
+    assert low.workload.label == "train 4x64 lora 8" and adapters < low.weight_bytes
+    (q,) = plan_lib.plan(config, "v5e-4", "expert=2,tensor=2", [plan_lib.train(4, 64, lora_rank=8)], quantize="int8")
+    assert q.weight_bytes < low.weight_bytes
+    with pytest.raises(plan_lib.PlanError, match="LoRA"):
+        plan_lib.plan(config, "v5e-4", "expert=2,tensor=2", [plan_lib.train(4, 64)], quantize="int8")
