@@ -16,6 +16,7 @@ import jax
 from mixtral_jax.cli.model_flags import add_model_flags, load_model
 from mixtral_jax.errors import ConfigError
 from mixtral_jax.inference.engine import Engine, EngineConfig
+from mixtral_jax.planning.serve_plan import check_engine_fits
 from mixtral_jax.serving.app import create_app, run_server
 from mixtral_jax.serving.limits import ServerLimits, raise_open_file_limit
 from mixtral_jax.text.tokenizer import Tokenizer, load_tokenizer, tokenizer_for
@@ -66,6 +67,7 @@ def run_serve(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = load_model(args)
     tokenizer = check_vocabulary(tokenizer or tokenizer_for(model), model.config.vocab_size)
+    check_engine_fits(model, config)  # on an accelerator: refuse now, with what fits, not OOM at the first request
     engine = Engine(model, config)
     name = args.model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
                                else "mixtral-jax-demo")

@@ -19,8 +19,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from mixtral_jax.config import MixtralConfig, check_quantize
+from mixtral_jax.errors import PlanError
 from mixtral_jax.inference.paged_step import EngineConfig, engine_layout, lower_step
 from mixtral_jax.model.kv_cache import PagedKVCache
 from mixtral_jax.planning.planner import (
@@ -210,3 +212,77 @@ def format_serve(config: MixtralConfig, report: ServeReport) -> str:
     else:
         lines.append(f"fits: room for {r.sequences} sequences of {r.max_context} (>= --max-batch {r.max_batch})")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ at serve start-up
+@dataclasses.dataclass(frozen=True)
+class EngineFit:
+    """The engine's step on the devices it will run on: bytes it needs a device and what a device has, and
+    the sequences of max_context its pages hold against those a device's memory would hold."""
+
+    need_bytes: int
+    device_bytes: int
+    sequences: int
+    sequences_that_fit: int
+    pages_that_fit: int
+    context: int
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.device_bytes
+
+
+def device_memory(devices) -> int | None:
+    """The smallest memory XLA may allocate on `devices` (its `bytes_limit`), None where the backend does not
+    say (CPU: host memory, not planned here)."""
+    limits = []
+    for d in devices:
+        stats = d.memory_stats() if d.platform != "cpu" else None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        limits.append(int(stats["bytes_limit"]))
+    return min(limits) if limits else None
+
+
+def engine_fit(model, engine: EngineConfig, device_bytes: int | None = None) -> EngineFit | None:
+    """Compile the engine's step for `model` as loaded (its weights' shapes and shardings) and compare what it
+    needs with a device's memory (`device_bytes`, default: the devices' own limit; None on CPU, where
+    nothing is checked). Costs one compile of the step."""
+    mesh = model.runtime.mesh
+    if device_bytes is None:
+        device_bytes = device_memory(mesh.devices.flat if mesh is not None else jax.devices()[:1])
+        if device_bytes is None:
+            return None
+    config = model.config
+    graphdef, state = nnx.split(model)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                            state)
+    cache_dtype = jnp.dtype(engine.cache_dtype or model.runtime.dtype)
+    layout = engine_layout(engine, config, mesh)
+    page_bytes = bytes_per_chip(PagedKVCache.shapes(config, layout.shards, layout.page_size, cache_dtype, mesh)) \
+        if mesh is not None else PagedKVCache.bytes_per_page(config, layout.page_size, cache_dtype)
+    pages_bytes = layout.pages * page_bytes
+    try:
+        compiled = lower_step(graphdef, abstract, config, engine, mesh, cache_dtype=cache_dtype).compile()
+        need = _total(compiled)
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program larger than HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        need = _refused_total(str(e), bytes_per_chip(abstract) + pages_bytes, 0) or device_bytes + 1
+    room = device_bytes - (need - pages_bytes)
+    per_shard = max(room // page_bytes, 0)
+    return EngineFit(need, device_bytes, layout.sequences(), layout.shards * (per_shard // layout.pages_per_seq),
+                     layout.shards * per_shard, layout.context)
+
+
+def check_engine_fits(model, engine: EngineConfig, device_bytes: int | None = None) -> EngineFit | None:
+    """`engine_fit`, raising PlanError (before anything is allocated for the engine) when the step cannot fit,
+    with what would."""
+    fit = engine_fit(model, engine, device_bytes)
+    if fit is not None and not fit.fits:
+        raise PlanError(
+            f"the serving step needs {fit.need_bytes / 2**20:.1f} MiB a device and {fit.device_bytes / 2**20:.1f} "
+            f"are available: its KV pages hold {fit.sequences} sequences of {fit.context}, this memory holds "
+            f"{fit.sequences_that_fit} (--num-pages {fit.pages_that_fit}, or --max-batch {fit.sequences_that_fit}); "
+            "or --kv-cache-dtype int8, --quantize int8, a shorter --max-context, more devices")
+    return fit

@@ -80,3 +80,4 @@ def test_cli_serve_json_and_errors(capsys):
     assert "drop --decode-batch" in capsys.readouterr().err
     assert main(["plan", "--topology", "v5e-4", "--mesh", MESH, "--model", "tiny", "--max-batch", "4"]) == 2
     assert "add --serve" in capsys.readouterr().err
+
