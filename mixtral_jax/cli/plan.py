@@ -182,11 +182,11 @@ def run_plan(args) -> int:
 
 
 _SERVE_ONLY = ("max_batch", "max_context", "pages")
-_NOT_WITH_SERVE = ("prefill", "decode_batch", "context", "train_seq", "train_batch")
+_NOT_WITH_SERVE = ("prefill", "decode_batch", "context", "train_seq", "train_batch", "lora")
 
 
 def run_serve_plan(args, config: MixtralConfig, topology) -> int:
-    if clash := [f"--{a.replace('_', '-')}" for a in _NOT_WITH_SERVE if getattr(args, a)]:
+    if clash := [f"--{a.replace('_', '-')}" for a in _NOT_WITH_SERVE if getattr(args, a, None)]:
         raise plan.PlanError(f"--serve plans the serving step: drop {', '.join(clash)}")
     report = serve_plan.plan_serve(
         config, topology, args.mesh, max_batch=args.max_batch or 16,
