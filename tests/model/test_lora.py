@@ -194,3 +194,19 @@ def test_bad_configs():
         bad = trained_like(CONFIG, FULL)
         bad["layers.0.attn.wq_lora_a"] = np.zeros((3, 3), np.float32)
         lora.add_adapters(Mixtral(CONFIG, rngs=nnx.Rngs(0)), FULL, bad)
+
+
+def test_decoding_with_a_kv_cache_equals_the_full_forward_pass(base):
+    """Prefill then one-token steps through `extend` (the sampler's path: decode-sized `grouped`, expert views,
+    the CPU kernels' fallback for adapted layers) give the full forward pass's logits."""
+    from mixtral_jax.model.kv_cache import KVCache
+
+    model = lora.add_adapters(with_runtime(base, moe_strategy="grouped"), FULL, trained_like(CONFIG, FULL))
+    full = np.asarray(model(TOKENS))
+    cache = KVCache.empty(CONFIG, 2, 16, jnp.float32)
+    logits, cache = model.extend(cache, jnp.asarray(TOKENS[:, :8]))
+    steps = [np.asarray(logits)]
+    for i in range(8, 12):
+        logits, cache = model.extend(cache, jnp.asarray(TOKENS[:, i:i + 1]), expert_weights=model.expert_views(2))
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
