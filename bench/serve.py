@@ -5,9 +5,9 @@ same run, vLLM's CPU backend on the same model (the peer; see bench/vllm_peer.py
     python -m bench.serve --hf-dir /tmp/bench-hf --vllm VENV/bin/python --rounds 5    # ours and vLLM in turn
 
 Both servers run at once on 127.0.0.1 and are driven over HTTP with the `openai` client, greedy, streamed,
-with the same prompts as token ids (so both see the same tokens). Rounds alternate (ours, peer, ours,
-peer...) so background load on a shared machine falls on both; every figure is given as min / median / max
-over rounds. Two scenarios:
+with the same prompts as token ids (so both see the same tokens). After an untimed warm-up round (which
+compiles every step shape), rounds alternate (ours, peer, ours, peer...) so background load on a shared
+machine falls on both; every figure is given as min / median / max over rounds. Two scenarios:
 - plain: the 12 short prompts below, one at a time then 12 at once, `--max-tokens` each; tokens/s is
   completion tokens over wall time, time to first token (TTFT) is taken at the first streamed text.
 - prefix: each prompt behind a `--prefix-tokens` system prompt, shared by all requests or a different one
@@ -213,6 +213,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=16, help="sequences each server runs at once")
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (each: ours, then the peer)")
+    p.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds before them (compiles every "
+                   "step shape the timed rounds use)")
     p.add_argument("--prefix-tokens", type=int, default=200, help="system prompt length of the prefix scenario "
                    "(0: no prefix scenario)")
     p.add_argument("--prefix-max-tokens", type=int, default=16, help="completion tokens per prefix request")
@@ -226,8 +228,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("clients", "max_tokens", "max_batch", "max_context", "rounds", "prefix_max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.prefix_tokens < 0:
-        p.error("--prefix-tokens must be 0 or more")
+    for name in ("prefix_tokens", "warmup_rounds"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more")
     longest = 1 + args.prefix_tokens + 16 + args.prefix_max_tokens
     if args.prefix_tokens and longest > args.max_context:
         p.error(f"--prefix-tokens {args.prefix_tokens} and --prefix-max-tokens {args.prefix_max_tokens} need a "
@@ -268,22 +271,34 @@ def main(argv=None) -> int:
     return 0
 
 
+def _round(args, server, work, scenarios, r: int):
+    """{(scenario, mode): (summary, answers)}: every scenario in both modes once, on one server."""
+    out = {}
+    for name, shared in scenarios:
+        for m, mode in enumerate(MODES):
+            if name == "plain":
+                prompts, max_tokens = work.plain, args.max_tokens
+            else:
+                prompts, max_tokens = work.prefixed(shared, r, m), args.prefix_max_tokens
+            out[name, mode] = run_mode(server, prompts, max_tokens, together=mode == "concurrent")
+    return out
+
+
 def _rounds(args, servers, work, scenarios):
-    """runs[server][scenario][mode] = one summary per round; answers[server][mode] = round 1's plain texts."""
+    """runs[server][scenario][mode] = one summary per round; answers[server][mode] = round 1's plain texts.
+    The untimed warm-up rounds come first (a step's shape depends on the mix of prefill chunks and decodes,
+    so a short warm-up leaves programs to compile in the first timed round); their prefixes are fresh too."""
+    for w in range(args.warmup_rounds):
+        for server in servers:
+            _round(args, server, work, scenarios, args.rounds + w)
     runs = {s.name: {name: {m: [] for m in MODES} for name, _ in scenarios} for s in servers}
     answers: dict[str, dict[str, list[str]]] = {s.name: {} for s in servers}
     for r in range(args.rounds):
         for server in servers:
-            for name, shared in scenarios:
-                for m, mode in enumerate(MODES):
-                    if name == "plain":
-                        prompts, max_tokens = work.plain, args.max_tokens
-                    else:
-                        prompts, max_tokens = work.prefixed(shared, r, m), args.prefix_max_tokens
-                    result, texts = run_mode(server, prompts, max_tokens, together=mode == "concurrent")
-                    runs[server.name][name][mode].append(result)
-                    if name == "plain" and r == 0:
-                        answers[server.name][mode] = texts
+            for (name, mode), (result, texts) in _round(args, server, work, scenarios, r).items():
+                runs[server.name][name][mode].append(result)
+                if name == "plain" and r == 0:
+                    answers[server.name][mode] = texts
             plain = runs[server.name]["plain"]
             print(f"round {r + 1} {server.name:<5} " + "  ".join(
                 f"{mode}: {plain[mode][-1]['tokens_per_s']:.1f} tok/s, TTFT p50 {plain[mode][-1]['ttft_p50_ms']:.0f} ms"

@@ -56,6 +56,7 @@ def test_arguments_defaults_and_errors(tmp_path, monkeypatch, capsys):
     bad = {("--clients", "0"): "--clients must be at least 1",
            ("--rounds", "0"): "--rounds must be at least 1",
            ("--prefix-tokens", "-1"): "--prefix-tokens must be 0 or more",
+           ("--warmup-rounds", "-1"): "--warmup-rounds must be 0 or more",
            ("--prefix-tokens", "500"): "need a --max-context of at least",
            ("--vllm", str(tmp_path / "missing")): "no python at",
            ("--vllm", str(venv)): "the vLLM peer needs a Hugging Face directory",
