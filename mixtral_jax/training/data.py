@@ -33,27 +33,35 @@ from mixtral_jax.errors import DataError
 from mixtral_jax.text.tokenizer import load_tokenizer
 
 
+def _jsonl_field(path: str, key: str, kind: type, what: str) -> list[tuple[int, object]]:
+    """(line number, record[key]) of every non-empty line of a JSONL file; `kind` is the field's type."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
+            value = record.get(key) if isinstance(record, dict) else None
+            if not isinstance(value, kind) or (kind is list and not value):
+                raise DataError(f"{path}:{n}: each {what}JSONL line must be an object with a \"{key}\" "
+                                f"{'list' if kind is list else 'string'}")
+            out.append((n, value))
+    return out
+
+
 def read_documents(path: str | os.PathLike) -> list[str]:
     """The documents of one file: each line's `"text"` for `.jsonl`, else the whole file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            if not path.endswith(".jsonl"):
+        if not path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
                 return [f.read()]
-            docs = []
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise DataError(f'{path}:{n}: each JSONL line must be an object with a "text" string')
-                docs.append(record["text"])
-            return docs
+        return [text for _, text in _jsonl_field(path, "text", str, "")]
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text: {e}") from None
 
@@ -128,28 +136,15 @@ class PackedDataset:
 
 
 # ------------------------------------------------------------------------------------------------ chat
-def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
-    """The conversations of a chat `.jsonl` file: each line's `"messages"` list."""
+def read_conversations(path: str | os.PathLike) -> list[tuple[int, list]]:
+    """(line number, messages) of each conversation of a chat `.jsonl` file (its `"messages"` lists)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
-    out = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
-                messages = record.get("messages") if isinstance(record, dict) else None
-                if not isinstance(messages, list) or not messages:
-                    raise DataError(f'{path}:{n}: each chat JSONL line must be an object with a "messages" list')
-                out.append((n, messages))
+        return _jsonl_field(path, "messages", list, "chat ")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text: {e}") from None
-    return out
 
 
 def encode_conversation(messages: Sequence[dict], tokenizer) -> tuple[list[int], list[int]]:
