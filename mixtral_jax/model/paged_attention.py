@@ -14,8 +14,8 @@ vLLM's TPU backend), so TPU runs it unchanged:
   query lengths in the shard's block; num_seqs (S,). Query j of sequence i is at position
   kv_lens[i] - q_len_i + j and sees keys at positions <= its own (and > position - sliding_window).
 
-Implementations: `xla` (any backend; each token reads its own sequence's pages a block at a time under an
-online softmax, so temporaries are (tokens x one block of keys), never a dense copy of the cache),
+Implementations: `xla` (any backend; tiles of query tokens read their sequences' pages a block at a time
+under an online softmax, so temporaries are (tile x one block of keys), never a dense copy of the cache),
 `pallas_tpu` (JAX's kernel; int8 pages are dequantised a step's pages at a time, since the kernel takes
 only one scalar scale), `auto` (the kernel on TPU where it takes the shapes, else `xla`).
 Letters: s shard, t tokens, b sequences, h query heads, k KV heads, g query heads per KV head,
@@ -35,7 +35,8 @@ from mixtral_jax.model.kv_cache import quantize_kv
 from mixtral_jax.sharding.rules import activation_spec
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu")
-STEP_BYTES = 16 << 20  # xla: the keys gathered per loop step (all tokens, K and V) stay under this
+Q_TILE = 16           # xla: query tokens a tile (a decode tile of 16 sequences reads each one's pages once)
+KV_BLOCK_KEYS = 256   # xla: keys a step of a tile's online softmax
 TPU_KV_BUFFER_BYTES = 2 << 20  # pallas_tpu: one of the kernel's double-buffered KV blocks in VMEM
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -214,56 +215,75 @@ def _token_rows(kv_lens, cu_q_lens, num_seqs, t: int):
 
 
 def _attend_xla(q, pages, scales, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, window, kind=None):
-    """One shard: q (t, h, x), pages (p, ps, 2k, x). Each token walks its sequence's pages a block at a
-    time (an online softmax over blocks), from the first block its window can see to the last it holds."""
+    """One shard: q (t, h, x), pages (p, ps, 2k, x). The tokens go in tiles of Q_TILE; a tile attends to
+    each sequence it holds tokens of in turn, reading that sequence's pages a block at a time under an
+    online softmax (rows of other sequences masked), from the first block its window sees to the last it
+    holds. A prefill chunk is then (tile x keys) matmuls over its pages read once a tile; a tile of decode
+    tokens reads each sequence's pages once, as a token at a time would."""
     t, n_heads, head_dim = q.shape
     page_size, n_kv = pages.shape[1], pages.shape[2] // 2
     g = n_heads // n_kv
+    tq = min(Q_TILE, t)
+    n_tiles = -(-t // tq)
+    qp = jnp.pad(q, ((0, n_tiles * tq - t), (0, 0), (0, 0))).reshape(n_tiles * tq, n_kv, g, head_dim)
     pages_per_seq = page_indices.shape[1]
-    per_page = t * page_size * 2 * n_kv * head_dim * max(4, pages.dtype.itemsize)
-    block = max(1, min(pages_per_seq, STEP_BYTES // per_page))             # pages per loop step
-    n_blocks = -(-pages_per_seq // block)
-    table = jnp.pad(page_indices, ((0, 0), (0, n_blocks * block - pages_per_seq)))
-
-    seq, pos, real = _token_rows(kv_lens, cu_q_lens, num_seqs, t)
-    kv_len = jnp.where(real, kv_lens[seq], 0)
+    block = max(1, min(pages_per_seq, KV_BLOCK_KEYS // page_size))          # pages per inner step
     keys = block * page_size
-    last = jnp.max((kv_len + keys - 1) // keys)                            # blocks to visit: [first, last)
-    first = 0 if window is None else jnp.min(jnp.where(real, jnp.maximum(pos - window + 1, 0), 1 << 30)) // keys
-    first = jnp.minimum(first, last)
-    qg = q.reshape(t, n_kv, g, head_dim)
+    table = jnp.pad(page_indices, ((0, 0), (0, -(-pages_per_seq // block) * block - pages_per_seq)))
+    seq, pos, real = _token_rows(kv_lens, cu_q_lens, num_seqs, n_tiles * tq)
     dt = q.dtype
 
-    def step(j, carry):
-        m, denom, acc = carry
-        ids = jax.lax.dynamic_slice_in_dim(table[seq], j * block, block, axis=1)       # (t, block)
-        kv = pages[ids].reshape(t, keys, 2 * n_kv, head_dim)                           # (t, n, 2k, x)
-        k, v = kv[:, :, 0::2], kv[:, :, 1::2]
-        sc = jnp.einsum("tkgx,tnkx->tkgn", qg, k.astype(dt), preferred_element_type=jnp.float32) * sm_scale
-        if scales is not None:
-            s = scales[ids].reshape(t, keys, 2 * n_kv)
-            sc = sc * jnp.swapaxes(s[:, :, 0::2], 1, 2)[:, :, None, :]
-        key_pos = j * keys + jnp.arange(keys)
-        ok = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] < kv_len[:, None])
-        if window is not None:
-            ok &= pos[:, None] - key_pos[None, :] < window
-        ok = ok[:, None, None, :]                                                      # (t, 1, 1, n)
-        sc = jnp.where(ok, sc, _NEG)
-        m_new = jnp.maximum(m, sc.max(-1))
-        p = jnp.where(ok, jnp.exp(sc - m_new[..., None]), 0.0)
-        correction = jnp.exp(m - m_new)
-        denom = denom * correction + p.sum(-1)
-        if scales is not None:
-            p = p * jnp.swapaxes(s[:, :, 1::2], 1, 2)[:, :, None, :]
-        pv = jnp.einsum("tkgn,tnkx->tkgx", p.astype(dt), v.astype(dt), preferred_element_type=jnp.float32)
-        return m_new, denom, acc * correction[..., None] + pv
+    def tile(i, out):
+        cut = lambda a: jax.lax.dynamic_slice_in_dim(a, i * tq, tq)  # noqa: E731
+        qt, st, pt, rt = cut(qp), cut(seq), cut(pos), cut(real)
 
-    carry = (jnp.full((t, n_kv, g), _NEG, jnp.float32), jnp.zeros((t, n_kv, g), jnp.float32),
-             jnp.zeros((t, n_kv, g, head_dim), jnp.float32))
-    _, denom, acc = jax.lax.fori_loop(first, last, step, carry)
-    out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]
-    out = jnp.where(real[:, None, None, None], out, 0.0)
-    return out.reshape(t, n_heads, head_dim).astype(dt)
+        def one_sequence(b, carry):
+            mine = rt & (st == b)
+            kv_len = kv_lens[b]
+            last = (jnp.minimum(kv_len, jnp.max(jnp.where(mine, pt, -1)) + 1) + keys - 1) // keys
+            first = 0 if window is None else \
+                jnp.maximum(jnp.min(jnp.where(mine, pt, 1 << 30)) - window + 1, 0) // keys
+            ids_row = table[b]
+
+            def kv_block(j, carry):
+                m, denom, acc = carry
+                ids = jax.lax.dynamic_slice_in_dim(ids_row, j * block, block)
+                kv = pages[ids].reshape(keys, 2 * n_kv, head_dim)                         # (n, 2k, x)
+                sc = jnp.einsum("tkgx,nkx->tkgn", qt, kv[:, 0::2].astype(dt),
+                                preferred_element_type=jnp.float32) * sm_scale
+                if scales is not None:
+                    sv = scales[ids].reshape(keys, 2 * n_kv)
+                    sc = sc * sv[:, 0::2].T[None, :, None, :]
+                key_pos = j * keys + jnp.arange(keys)
+                ok = mine[:, None] & (key_pos[None, :] <= pt[:, None]) & (key_pos[None, :] < kv_len)
+                if window is not None:
+                    ok &= pt[:, None] - key_pos[None, :] < window
+                ok = ok[:, None, None, :]                                                  # (t, 1, 1, n)
+                sc = jnp.where(ok, sc, _NEG)
+                m_new = jnp.maximum(m, sc.max(-1))
+                p = jnp.where(ok, jnp.exp(sc - m_new[..., None]), 0.0)
+                correction = jnp.exp(m - m_new)
+                denom = denom * correction + p.sum(-1)
+                if scales is not None:
+                    p = p * sv[:, 1::2].T[None, :, None, :]
+                pv = jnp.einsum("tkgn,nkx->tkgx", p.astype(dt), kv[:, 1::2].astype(dt),
+                                preferred_element_type=jnp.float32)
+                return m_new, denom, acc * correction[..., None] + pv
+
+            return jax.lax.fori_loop(first, jnp.maximum(first, last), kv_block, carry)
+
+        carry = (jnp.full((tq, n_kv, g), _NEG, jnp.float32), jnp.zeros((tq, n_kv, g), jnp.float32),
+                 jnp.zeros((tq, n_kv, g, head_dim), jnp.float32))
+        s_first = st[0]
+        s_last = jnp.max(jnp.where(rt, st, s_first - 1))
+        _, denom, acc = jax.lax.fori_loop(s_first, s_last + 1, one_sequence, carry)
+        res = acc / jnp.where(denom == 0, 1.0, denom)[..., None]
+        res = jnp.where(rt[:, None, None, None], res, 0.0).reshape(tq, n_heads, head_dim).astype(dt)
+        return jax.lax.dynamic_update_slice_in_dim(out, res, i * tq, axis=0)
+
+    used = (cu_q_lens[num_seqs] + tq - 1) // tq                                      # tiles holding tokens
+    out = jax.lax.fori_loop(0, used, tile, jnp.zeros((n_tiles * tq, n_heads, head_dim), dt))
+    return out[:t]
 
 
 def _attend_tpu(q, pages, scales, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, window, kind):

@@ -103,11 +103,13 @@ def _attend(step, pages, scales, window, **kw):
 
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("page_size,pages_per_seq,step_bytes", [(4, 8, 1), (8, 4, 1 << 30), (16, 2, 1 << 30)])
-def test_ragged_batch_equals_plain(monkeypatch, int8, window, page_size, pages_per_seq, step_bytes):
+@pytest.mark.parametrize("page_size,pages_per_seq,block_keys,q_tile", [(4, 8, 1, 4), (8, 4, 1 << 20, 16),
+                                                                       (16, 2, 1 << 20, 3)])
+def test_ragged_batch_equals_plain(monkeypatch, int8, window, page_size, pages_per_seq, block_keys, q_tile):
     """Mixed prefill chunks and decode tokens over four sequence shards (one empty), zero rows for padding;
-    one page per loop step and all pages in one."""
-    monkeypatch.setattr(paged, "STEP_BYTES", step_bytes)
+    one page per loop step and all pages in one; query tiles that split sequences and hold several."""
+    monkeypatch.setattr(paged, "KV_BLOCK_KEYS", block_keys)
+    monkeypatch.setattr(paged, "Q_TILE", q_tile)
     step = Step(BATCHES, page_size=page_size, pages_per_seq=pages_per_seq, int8=int8)
     pages, scales = step.written()
     got = np.asarray(_attend(step, pages, scales, window, implementation="xla"))
