@@ -331,6 +331,11 @@ def _report(args, servers, runs, answers) -> dict:
               "speedup": round(_median(ours["concurrent"], "tokens_per_s") /
                                _median(ours["one at a time"], "tokens_per_s"), 2)}
     print(f"\nours: concurrent / one at a time, tokens/s (medians): {report['speedup']:.2f}x")
+    if answers["ours"]:
+        alike = sum(a == b for a, b in zip(*(answers["ours"][mode] for mode in MODES)))
+        report["ours_concurrent_equals_alone"] = alike
+        print(f"ours: greedy answers under load equal to the same requests alone (round 1, plain): "
+              f"{alike}/{args.clients}")
     if "shared prefix" in runs["ours"]:
         report["prefix_ttft_gain"] = {}
         for name in names:

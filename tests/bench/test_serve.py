@@ -109,6 +109,7 @@ def test_the_report_with_the_peer_gives_per_round_ratios(tmp_path, monkeypatch, 
     report = serve._report(args, servers, {"ours": _runs(100.0), "vLLM": _runs(50.0)}, answers)
     assert report["ours_vs_vllm"]["concurrent"] == {"tokens_per_s": 2.0, "ttft_p50": 1.0}
     assert report["same_greedy_answers"] == {m: 1 for m in serve.MODES} and report["peer"]["version"] == "0.32.0"
+    assert report["ours_concurrent_equals_alone"] == 2
     assert "not measured" not in capsys.readouterr().out
 
 
@@ -124,6 +125,7 @@ def test_a_real_run_without_the_peer(monkeypatch, capsys):
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])
     assert report["peer"] is None and "vLLM peer: not measured" in out
+    assert report["ours_concurrent_equals_alone"] == 2  # greedy: batching must not change the answers
     for scenario in ("plain", "shared prefix", "own prefix"):
         for mode in serve.MODES:
             row = report["servers"]["ours"][scenario][mode]
