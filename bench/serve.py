@@ -2,7 +2,7 @@
 same run, vLLM's CPU backend on the same model (the peer; see bench/vllm_peer.py).
 
     python -m bench.serve                                   # ours only, the demo model, 12 clients, 64 tokens
-    python -m bench.serve --hf-dir /tmp/bench-hf --vllm VENV/bin/python --rounds 5    # ours and vLLM in turn
+    python -m bench.serve --hf-dir BENCH_HF_DIR --vllm VENV/bin/python --rounds 5    # ours and vLLM in turn
 
 Both servers run at once on 127.0.0.1 and are driven over HTTP with the `openai` client, greedy, streamed,
 with the same prompts as token ids (so both see the same tokens). After an untimed warm-up round (which

