@@ -12,13 +12,9 @@ import time
 import urllib.error
 import urllib.request
 
+from tests.helpers.processes import free_port  # noqa: F401 - re-exported for the serving tests
+
 MODEL = "mixtral-jax-demo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raise_open_files(wanted: int) -> int:

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,10 @@ import pytest
 
 from mixtral_jax.inference.sampling import SamplingParams
 from mixtral_jax.serving.protocol import BadRequest, parse_request
+from tests.helpers.processes import free_port
 
 MODEL = "mixtral-jax-demo"
 MAX_CONTEXT = 128
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(base, path, timeout=30):
@@ -54,7 +48,7 @@ def _metric(base, name) -> float:
 
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port), "--max-batch", "4",
                              "--max-context", str(MAX_CONTEXT), "--prefill-chunk", "16", "--drain-seconds", "20"],
@@ -269,7 +263,7 @@ def test_two_processes_serve_what_one_does(server):
     both: process 0 serves HTTP and broadcasts each step's plan, process 1 runs the same steps; the answers
     equal the one-process server's, and SIGTERM to process 0 ends both cleanly."""
     _, _, client = server
-    port, coordinator = _free_port(), _free_port()
+    port, coordinator = free_port(), free_port()
     procs = []
     for pid in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
