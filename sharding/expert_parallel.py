@@ -14,6 +14,8 @@ and a `psum` over `expert` adds the results. Same numbers, no all_to_all.
 LoRA adapters of the experts (`ExpertLoRA`) travel with their experts: each a and b is split over the
 expert axis, and the hidden dimension's side (b of w1/w3, a of w2) over the hidden axes, so every device
 adds its local experts' low-rank terms inside the same strategy call (w2's partial sums join the `psum`).
+Stacked adapters' per-token rank mask (`ExpertLoRA.mask`) is split as the tokens are and travels with them:
+repeated with the copies, or sent through the all_to_all as extra feature columns and split off after.
 
 The mesh axes come from the rules table (`sharding/rules.py`): none is named here.
 
@@ -51,6 +53,11 @@ def lora_specs(lora: ExpertLoRA | None, expert_axis, hidden) -> ExpertLoRA | Non
     down = (P(expert_axis, hidden, None), P(expert_axis, None, None))
     pick = lambda pair, spec: None if pair is None else spec  # noqa: E731
     return ExpertLoRA(pick(lora.w1, up), pick(lora.w3, up), pick(lora.w2, down), lora.scale)
+
+
+def _with_token_spec(specs: ExpertLoRA | None, lora: ExpertLoRA | None, tok) -> ExpertLoRA | None:
+    """`specs` plus the token mask's (split as the tokens are), when `lora` has a mask."""
+    return specs if lora is None or lora.mask is None else specs.with_mask(tok)
 
 
 def _token_axes(mesh: Mesh, n_tokens: int, batch_axes: tuple[str, ...]):
@@ -92,9 +99,10 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
         # rows for copies that are not ours get weight 0 (and a spread-out expert, to keep buckets even)
         spread = jnp.arange(mine.size).reshape(mine.shape) % local
         local_expert = jnp.where(mine, routing.expert_ids % local, spread)
+        copies = None if lora is None else lora.rows(jnp.arange(x.shape[0] * top_k) // top_k)
         ys = _local_experts(jnp.repeat(x, top_k, axis=0), local_expert.reshape(-1),
                             jnp.where(mine, routing.weights, 0.0).reshape(-1), w1, w3, w2, strategy,
-                            capacity_factor, lora)
+                            capacity_factor, copies)
         y = ys.reshape(x.shape[0], top_k, -1).sum(1)
         return (jax.lax.psum(y, summed) if summed else y), routing.logits
 
@@ -105,16 +113,22 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
         buckets = assign_buckets(routing.expert_ids.reshape(-1) // local, n_shards)  # bucket = expert shard
         token_of = jnp.arange(copies) // top_k
 
+        masked = lora is not None and lora.mask is not None
+        # stacked adapters: each copy's rank mask (0 / 1, exact in any float dtype) rides on its features
+        rows = jnp.concatenate([x, lora.mask.astype(x.dtype)], axis=1) if masked else x
+
         def exchange(capacity):
-            def run(x):
-                send = buckets.dispatch(x[token_of], capacity)                                     # (n, C, d)
+            def run(rows):
+                width = rows.shape[1]
+                send = buckets.dispatch(rows[token_of], capacity)                               # (n, C, d [+ l])
                 send_e = buckets.dispatch(routing.expert_ids.reshape(-1) % local, capacity, fill=-1)  # (n, C)
-                recv = jax.lax.all_to_all(send.reshape(-1, d), expert_axis, 0, 0, tiled=True)    # (r, d)
+                recv = jax.lax.all_to_all(send.reshape(-1, width), expert_axis, 0, 0, tiled=True)  # (r, d [+ l])
                 recv_e = jax.lax.all_to_all(send_e.reshape(-1), expert_axis, 0, 0, tiled=True)   # (r,)
                 valid = recv_e >= 0
                 spread = jnp.arange(recv_e.shape[0]) % local
-                y = _local_experts(recv, jnp.where(valid, recv_e, spread), valid.astype(jnp.float32),
-                                   w1, w3, w2, strategy, capacity_factor, lora)
+                mine = lora.with_mask(recv[:, d:]) if masked else lora
+                y = _local_experts(recv[:, :d], jnp.where(valid, recv_e, spread), valid.astype(jnp.float32),
+                                   w1, w3, w2, strategy, capacity_factor, mine)
                 if hidden_axes:
                     y = jax.lax.psum(y, hidden_axes)
                 back = jax.lax.all_to_all(y, expert_axis, 0, 0, tiled=True).reshape(n_shards, capacity, d)
@@ -124,12 +138,12 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
 
         capacity = bucket_capacity(copies, 1, n_shards, capacity_factor)
         if capacity >= copies:
-            return exchange(copies)(x), routing.logits
+            return exchange(copies)(rows), routing.logits
         overflow = jax.lax.pmax(buckets.overflows(capacity), all_axes)
-        return jax.lax.cond(overflow, exchange(copies), exchange(capacity), x), routing.logits
+        return jax.lax.cond(overflow, exchange(copies), exchange(capacity), rows), routing.logits
 
     splits_over_experts = expert_axis is not None and token_axes is not None and expert_axis in token_axes
     body = all_to_all if splits_over_experts else replicated_tokens
-    specs = (tok, P(None, None), w_in, w_in, w_out, lora_specs(lora, expert_axis, hidden))
+    specs = (tok, P(None, None), w_in, w_in, w_out, _with_token_spec(lora_specs(lora, expert_axis, hidden), lora, tok))
     fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok, tok), check_vma=False)
     return fn(x, router, w1, w3, w2, lora)

@@ -25,6 +25,18 @@ Shapes (l = rank; PEFT's `lora_A.weight` is a transposed, `lora_B.weight` b tran
 
 A new adapter starts as PEFT's does: a uniform in +-1/sqrt(fan_in) (kaiming-uniform with a = sqrt(5)),
 b zero, so the adapted model starts equal to the base.
+
+Several adapters at once (multi-adapter serving):
+
+    lora.stack_adapters(model, {"sql": (cfg1, arrays1), "chat": (cfg2, arrays2)})
+    model(tokens, adapter_ids=jnp.array([1, 0, 2]))   # row 0 with "sql", row 1 the base, row 2 "chat"
+
+stacks them along the rank into one wide adapter of rank R = r1 + r2 (a target an adapter lacks: zero
+columns; each adapter's alpha / r folded into its b, so the wide scale is 1), and each token carries a
+mask over the R columns (ones on its own adapter's, `LoRAStack.mask`): `((x @ a) * mask) @ b` is exactly
+each token's own adapter, in one batched low-rank product for a batch that mixes adapters, with no
+gather of per-row weights. The mask travels with the tokens through every MoE strategy and the
+expert-parallel all_to_all (`ExpertLoRA.mask`).
 """
 
 from __future__ import annotations
@@ -55,6 +67,33 @@ _ATTENTION_SPECS = {"wq": ("btd,dl->btl", "btl,lhx->bthx"), "wk": ("btd,dl->btl"
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAStack:
+    """Which adapters a stacked model carries: their names (adapter i + 1 is `names[i]`; 0 is the base)
+    and ranks, in the order their columns sit along the wide rank axis. Static (hashable): it is part of
+    the model's graph, not its state."""
+
+    names: tuple[str, ...]
+    ranks: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+    def index(self, name: str | None) -> int:
+        """0 for the base (None), i + 1 for `names[i]`; ConfigError for a name not stacked."""
+        if name is None:
+            return 0
+        if name not in self.names:
+            raise ConfigError(f"no adapter {name!r}; loaded: {', '.join(self.names) or '(none)'}")
+        return self.names.index(name) + 1
+
+    def mask(self, adapter_ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+        """(..., R): 1 on the rank columns of each id's adapter, 0 elsewhere (every 0 for id 0, the base)."""
+        owner = np.repeat(np.arange(1, len(self.ranks) + 1, dtype=np.int32), self.ranks)  # column -> adapter
+        return (jnp.asarray(adapter_ids, jnp.int32)[..., None] == owner).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class LoRAConfig:
     """Rank, alpha (the update is scaled by alpha / rank, as PEFT without rsLoRA), dropout (PEFT's
     `lora_dropout`; kept for the adapter's config, not applied by our training) and the targets, named as
@@ -64,6 +103,7 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ATTENTION_TARGETS
+    stack: LoRAStack | None = None  # several adapters side by side along the rank (`stack_adapters`)
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -77,12 +117,17 @@ class LoRAConfig:
         if unknown or not targets:
             raise ConfigError(f"unknown LoRA targets {unknown or '(none)'}; choose from {', '.join(ALL_TARGETS)}")
         object.__setattr__(self, "targets", tuple(t for t in ALL_TARGETS if t in targets))  # canonical order
+        if self.stack is not None and (self.stack.rank != self.rank or self.alpha != self.rank):
+            raise ConfigError(f"stacked adapters of ranks {list(self.stack.ranks)} need rank = alpha = "
+                              f"{self.stack.rank}, got {self.rank} and {self.alpha}")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
     def to_dict(self) -> dict:
+        if self.stack is not None:
+            raise ConfigError("stacked adapters are not one adapter: save each of them on its own")
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
 
     @classmethod
@@ -173,6 +218,67 @@ def add_adapters(model, lora: LoRAConfig, arrays: Mapping[str, np.ndarray | jax.
     return model
 
 
+def stack_adapters(model, adapters: Mapping[str, tuple[LoRAConfig, Mapping[str, np.ndarray]]], *,
+                   rules: Mapping[str, Rule] = DEFAULT_RULES):
+    """Attach several adapters at once, `{name: (LoRAConfig, arrays by adapter_name)}` (e.g. from
+    `read_peft`), stacked along the rank (see the module docstring); `lora_stack(model)` names them.
+    A forward pass then takes `adapter_ids` (0: the base, i + 1: the i-th name); without them every row
+    is the base. Replaces adapters the model already has."""
+    if not adapters:
+        raise ConfigError("stack_adapters needs at least one adapter")
+    config = model.config
+    targets = tuple(t for t in ALL_TARGETS if any(t in cfg.targets for cfg, _ in adapters.values()))
+    wide_rank = sum(cfg.rank for cfg, _ in adapters.values())
+    stack = LoRAStack(tuple(adapters), tuple(cfg.rank for cfg, _ in adapters.values()))
+    wide = LoRAConfig(wide_rank, float(wide_rank), 0.0, targets, stack)  # scale 1: folded into each b
+    arrays = {}
+    for name, (cfg, own) in adapters.items():
+        specs = adapter_specs(config, cfg)
+        missing = [n for n in specs if n not in own]
+        if missing or len(own) != len(specs):
+            raise ConfigError(f"adapter {name!r}: arrays do not match its LoRA config (missing {missing[:3]})")
+        for n, spec in specs.items():
+            if tuple(np.shape(own[n])) != spec.shape:
+                raise ConfigError(f"adapter {name!r}: {n} of shape {list(np.shape(own[n]))}, expected "
+                                  f"{list(spec.shape)} for this model")
+    for i in range(config.n_layers):
+        for target in targets:
+            for part, (shape, _) in zip("ab", _shapes(config, target, wide_rank), strict=True):
+                key = adapter_name(i, target, part)
+                axis = len(shape) - 1 if part == "a" else (1 if target in EXPERT_TARGETS else 0)  # the rank axis
+                pieces = []
+                for cfg, own in adapters.values():
+                    piece_shape = list(shape)
+                    piece_shape[axis] = cfg.rank
+                    if target not in cfg.targets:
+                        pieces.append(np.zeros(piece_shape, np.float32))
+                    else:
+                        value = np.asarray(own[key], np.float32)
+                        pieces.append(value if part == "a" else value * np.float32(cfg.scale))
+                arrays[key] = np.concatenate(pieces, axis=axis)
+    return add_adapters(model, wide, arrays, rules=rules)
+
+
+def lora_stack(model) -> LoRAStack | None:
+    """The `LoRAStack` of a model with stacked adapters (its `lora_config().stack`; copies made with
+    `add_adapters(out, lora_config(model), ...)`, as `shard_model` does, keep it), or None."""
+    cfg = lora_config(model)
+    return None if cfg is None else cfg.stack
+
+
+def token_mask(model, adapter_ids, shape: tuple[int, ...], dtype) -> jax.Array | None:
+    """The (*shape, R) rank mask of tokens (`shape`, e.g. (b, t)) whose adapters are `adapter_ids`
+    (broadcast onto `shape`; None: every token the base) on a stacked model; None on any other (its
+    adapter, if any, acts on every token)."""
+    stack = lora_stack(model)
+    if stack is None:
+        if adapter_ids is not None:
+            raise ConfigError("adapter_ids need a model with stacked adapters (lora.stack_adapters)")
+        return None
+    ids = jnp.zeros(shape, jnp.int32) if adapter_ids is None else jnp.broadcast_to(adapter_ids, shape)
+    return stack.mask(ids, dtype)
+
+
 def remove_adapters(model):
     """Drop every adapter from `model` in place (and return it): the base model again."""
     for layer in model.layers:
@@ -205,26 +311,30 @@ def adapter_arrays(model) -> dict[str, jax.Array]:
     return out
 
 
-def plus(module, weight: str, x: jax.Array, y: jax.Array) -> jax.Array:
-    """`y` (the base projection of `x` by `module.<weight>`) plus its adapter's term, if it has one."""
+def plus(module, weight: str, x: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """`y` (the base projection of `x` by `module.<weight>`) plus its adapter's term, if it has one.
+    `mask` (b, t, l): each token's rank columns (stacked adapters; see `stack_adapters`)."""
     a = getattr(module, weight + A_SUFFIX, None)
     if a is None:
         return y
     b = getattr(module, weight + B_SUFFIX)
     down, up = _ATTENTION_SPECS[weight]
     h = jnp.einsum(down, x, a[...].astype(x.dtype))
+    if mask is not None:
+        h = h * mask.astype(h.dtype)
     return y + (jnp.einsum(up, h, b[...].astype(x.dtype)) * jnp.asarray(module.lora_scale, x.dtype)).astype(y.dtype)
 
 
-def experts(module) -> ExpertLoRA | None:
-    """The `ExpertLoRA` of a MoE module's adapters (None without any), for the MoE strategies."""
+def experts(module, mask: jax.Array | None = None) -> ExpertLoRA | None:
+    """The `ExpertLoRA` of a MoE module's adapters (None without any), for the MoE strategies; `mask`
+    (tokens, l): the tokens' rank columns (stacked adapters)."""
     pairs = {}
     for weight in ("w1", "w3", "w2"):
         a = getattr(module, weight + A_SUFFIX, None)
         pairs[weight] = None if a is None else (a[...], getattr(module, weight + B_SUFFIX)[...])
     if all(p is None for p in pairs.values()):
         return None
-    return ExpertLoRA(pairs["w1"], pairs["w3"], pairs["w2"], module.lora_scale)
+    return ExpertLoRA(pairs["w1"], pairs["w3"], pairs["w2"], module.lora_scale, mask)
 
 
 _MERGE_SPECS = {"wq": "dl,lhx->dhx", "wk": "dl,lkx->dkx", "wv": "dl,lkx->dkx", "wo": "hxl,ld->hxd",

@@ -98,43 +98,45 @@ class Attention(nnx.Module):
         self.impl = rt.attention
         self.mesh = rt.mesh
 
-    def project_qkv(self, x, cos, sin):
-        """q (b, t, h, x); k, v in the cache layout (b, k, t, x)."""
+    def project_qkv(self, x, cos, sin, lora_mask=None):
+        """q (b, t, h, x); k, v in the cache layout (b, k, t, x). `lora_mask` (b, t, l): each token's
+        columns of stacked adapters (`lora.stack_adapters`), as everywhere below."""
         dt = x.dtype
         kernel = self.mesh is None  # decode-sized products on one CPU device: mixtral_jax.kernels.cpu
         q, k, v = qeinsums(("btd,dhx->bthx", "btd,dkx->btkx", "btd,dkx->btkx"), x,
                            [_read(self, name, dt) for name in ("wq", "wk", "wv")], cpu_kernel=kernel)
-        q, k, v = (lora.plus(self, name, x, y) for name, y in zip(("wq", "wk", "wv"), (q, k, v), strict=True))
+        q, k, v = (lora.plus(self, name, x, y, lora_mask) for name, y in zip(("wq", "wk", "wv"), (q, k, v),
+                                                                              strict=True))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
-    def project_out(self, out):
+    def project_out(self, out, lora_mask=None):
         return lora.plus(self, "wo", out, qeinsum("bthx,hxd->btd", out, _read(self, "wo", out.dtype),
-                                                  cpu_kernel=self.mesh is None))
+                                                  cpu_kernel=self.mesh is None), lora_mask)
 
-    def __call__(self, x, cos, sin, span: Span, cache=None, start=None):
+    def __call__(self, x, cos, sin, span: Span, cache=None, start=None, lora_mask=None):
         """Without a cache: self-attention over `x`'s own tokens. With `cache` = this layer's `LayerKV`,
         writes this call's keys/values at slot `start` and attends over the whole cache (the attention
         skips slots not written yet); returns (output, updated cache or None)."""
-        q, k, v = self.project_qkv(x, cos, sin)
+        q, k, v = self.project_qkv(x, cos, sin, lora_mask)
         k_scale = v_scale = None
         if cache is not None:
             cache = cache.write(k, v, start, self.mesh)
             k, v, k_scale, v_scale = cache
         out = attention(q, k, v, span, window=self.window, k_scale=k_scale, v_scale=v_scale,
                         self_attention=cache is None, impl=self.impl, mesh=self.mesh)
-        return self.project_out(out), cache
+        return self.project_out(out, lora_mask), cache
 
-    def paged(self, x, cos, sin, pages, scales, batch: PagedBatch):
+    def paged(self, x, cos, sin, pages, scales, batch: PagedBatch, lora_mask=None):
         """A ragged step's tokens x (S, T, d): their keys/values written into their pages, then each token
         attends over its own sequence's pages. Returns (output, pages, scales)."""
-        q, k, v = self.project_qkv(x, cos, sin)
+        q, k, v = self.project_qkv(x, cos, sin, lora_mask)
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)                  # (S, T, k, x)
         pages, scales = write_pages(pages, k, v, batch.slot_mapping, scales, mesh=self.mesh)
         out = ragged_paged_attention(q, pages, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs,
                                      sm_scale=q.shape[-1] ** -0.5, sliding_window=self.window, kv_scales=scales,
                                      mesh=self.mesh)
-        return self.project_out(out), pages, scales
+        return self.project_out(out, lora_mask), pages, scales
 
 
 class MoE(nnx.Module):
@@ -150,7 +152,7 @@ class MoE(nnx.Module):
         self.capacity_factor = rt.capacity_factor
         self.mesh = rt.mesh
 
-    def __call__(self, x: jax.Array, expert_weights=None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, expert_weights=None, lora_mask=None) -> tuple[jax.Array, jax.Array]:
         """x (b, t, d) -> (output (b, t, d), router logits (b, t, e)).
 
         `expert_weights`: this layer's (w1, w3, w2) as per-expert arrays from `Mixtral.expert_views`, read
@@ -159,14 +161,15 @@ class MoE(nnx.Module):
         flat = x.reshape(b * t, d)
         dt = x.dtype
         w1, w3, w2 = (_read(self, name, dt) for name in ("w1", "w3", "w2"))
+        adapters = lora.experts(self, None if lora_mask is None else lora_mask.reshape(b * t, -1))
         if self.mesh is not None:
             out, logits = moe_expert_parallel(flat, self.router[...], w1, w3, w2, top_k=self.top_k, mesh=self.mesh,
                                               strategy=self.strategy, capacity_factor=self.capacity_factor,
-                                              lora=lora.experts(self))
+                                              lora=adapters)
         else:
             routing = route(flat, self.router[...], self.top_k)
             out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, expert_weights,
-                              cpu_kernel=True, lora=lora.experts(self))
+                              cpu_kernel=True, lora=adapters)
             logits = routing.logits
         return out.reshape(b, t, d), logits.reshape(b, t, -1)
 
@@ -180,16 +183,16 @@ class DecoderLayer(nnx.Module):
         self.moe_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
         self.moe = MoE(cfg, rt, rngs=rngs)
 
-    def __call__(self, x, cos, sin, span, kv=None, start=None, expert_weights=None):
-        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, span, kv, start)
+    def __call__(self, x, cos, sin, span, kv=None, start=None, expert_weights=None, lora_mask=None):
+        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, span, kv, start, lora_mask)
         h = x + attn_out
-        moe_out, router_logits = self.moe(self.moe_norm(h), expert_weights)
+        moe_out, router_logits = self.moe(self.moe_norm(h), expert_weights, lora_mask)
         return h + moe_out, router_logits, kv
 
-    def paged(self, x, cos, sin, pages, scales, batch: PagedBatch, expert_weights=None):
-        attn_out, pages, scales = self.attn.paged(self.attn_norm(x), cos, sin, pages, scales, batch)
+    def paged(self, x, cos, sin, pages, scales, batch: PagedBatch, expert_weights=None, lora_mask=None):
+        attn_out, pages, scales = self.attn.paged(self.attn_norm(x), cos, sin, pages, scales, batch, lora_mask)
         h = x + attn_out
-        moe_out, _ = self.moe(self.moe_norm(h), expert_weights)
+        moe_out, _ = self.moe(self.moe_norm(h), expert_weights, lora_mask)
         return h + moe_out, pages, scales
 
 
@@ -223,11 +226,14 @@ class Mixtral(nnx.Module):
                        cpu_kernel=self.runtime.mesh is None)
 
     def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, return_router_logits: bool = False):
+                 positions: jax.Array | None = None, return_router_logits: bool = False,
+                 adapter_ids: jax.Array | None = None):
         """Full causal forward pass, no cache.
 
         tokens (b, t) int; attention_mask (b, t) with 1 for real tokens and 0 for padding (as HF's);
         positions (b, t) default to the count of real tokens before each one, so left padding is harmless.
+        adapter_ids (b,): each row's adapter on a model with stacked adapters (0: the base; see
+        `lora.stack_adapters`).
         Returns logits (b, t, vocab) float32, and with `return_router_logits` also (layers, b, t, e).
         """
         tokens = jnp.asarray(tokens)
@@ -237,7 +243,9 @@ class Mixtral(nnx.Module):
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
-        h, router_logits, _ = self._decoder(tokens, positions, Span(positions, positions, valid))
+        mask = lora.token_mask(self, None if adapter_ids is None else jnp.asarray(adapter_ids)[:, None], (b, t),
+                               self.runtime.dtype)
+        h, router_logits, _ = self._decoder(tokens, positions, Span(positions, positions, valid), lora_mask=mask)
         logits = self.logits(h)
         return (logits, router_logits) if return_router_logits else logits
 
@@ -267,18 +275,19 @@ class Mixtral(nnx.Module):
         views = tuple(tuple(expert_views(w) for w in layer) for layer in experts)
         return None if any(v is None for layer in views for v in layer) else views
 
-    def _decoder(self, tokens, positions, span: Span, cache: KVCache | None = None, expert_weights=None):
+    def _decoder(self, tokens, positions, span: Span, cache: KVCache | None = None, expert_weights=None,
+                 lora_mask=None):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         mesh = self.runtime.mesh
         h = constrain(self.embed_tokens(tokens), ACTIVATION_AXES, mesh)  # sequences split over data x expert
         router_logits, layers = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layer(i)
-            if self.remat and cache is None:  # keep only each layer's input for the backward pass
+            if self.remat and cache is None and lora_mask is None:  # keep only each layer's input for backward
                 h, layer_router_logits = _rematerialized(layer, h, cos, sin, span)
             else:
                 h, layer_router_logits, kv = layer(h, cos, sin, span, kv, None if cache is None else cache.length,
-                                                   None if expert_weights is None else expert_weights[i])
+                                                   None if expert_weights is None else expert_weights[i], lora_mask)
             h = constrain(h, ACTIVATION_AXES, mesh)
             router_logits.append(layer_router_logits)
             layers.append(kv)
@@ -299,25 +308,28 @@ class Mixtral(nnx.Module):
         positions = jnp.maximum(positions, 0).astype(jnp.int32)
         kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.length, axis=1)
         kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.length, axis=1)
-        h, _, layers = self._decoder(tokens, positions, Span(positions, kv_pos, kv_valid), cache, expert_weights)
+        h, _, layers = self._decoder(tokens, positions, Span(positions, kv_pos, kv_valid), cache, expert_weights,
+                                     lora.token_mask(self, None, (b, t), self.runtime.dtype))
         new_cache = cache.with_layers(layers, positions=kv_pos, valid=kv_valid, length=cache.length + t,
                                       next_position=cache.next_position + valid.sum(-1).astype(jnp.int32)
                                       ).laid_out(self.runtime.mesh)
         return self.logits(h[:, -1:] if last_only else h), new_cache
 
     def extend_paged(self, cache: PagedKVCache, tokens: jax.Array, batch: PagedBatch, sample_at: jax.Array, *,
-                     expert_weights=None) -> tuple[jax.Array, PagedKVCache]:
+                     expert_weights=None, adapter_ids: jax.Array | None = None) -> tuple[jax.Array, PagedKVCache]:
         """One ragged step over a paged cache: tokens (S, T) of several sequences per shard (prefill chunks
         and decode tokens alike; see `PagedBatch`), written into their pages. Returns the logits at the
-        token slots `sample_at` (S, R) of each shard's block, (S, R, vocab) float32, and the new cache."""
+        token slots `sample_at` (S, R) of each shard's block, (S, R, vocab) float32, and the new cache.
+        `adapter_ids` (S, T): each token's adapter on a model with stacked adapters (0: the base)."""
         cos, sin = rope_tables(batch.positions, self.config.head_dim, self.config.rope_theta)
         mesh = self.runtime.mesh
         h = constrain(self.embed_tokens(tokens), ACTIVATION_AXES, mesh)     # (S, T, d): shards over data x expert
         scales = cache.scales or (None,) * len(self.layers)
+        mask = lora.token_mask(self, adapter_ids, tokens.shape, self.runtime.dtype)
         new_pages, new_scales = [], []
         for i, layer in enumerate(self.layers):
             h, pages, layer_scales = layer.paged(h, cos, sin, cache.pages[i], scales[i], batch,
-                                                 None if expert_weights is None else expert_weights[i])
+                                                 None if expert_weights is None else expert_weights[i], mask)
             h = constrain(h, ACTIVATION_AXES, mesh)
             new_pages.append(pages)
             new_scales.append(layer_scales)

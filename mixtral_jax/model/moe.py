@@ -24,7 +24,9 @@ Every strategy takes the same `Routing` (computed once by `route`) and returns t
 LoRA (`ExpertLoRA`, built by `mixtral_jax.model.lora`): every strategy adds each expert's low-rank term
 `(x @ a[e]) @ b[e] * scale` beside its base matmul, in the strategy's own form (einsums over buckets,
 grouped `ragged_dot`s, per-expert matmuls): the merged weights `w + a @ b` are never formed, so the base
-stays frozen (and int8) and a step costs ~rank/hidden extra FLOPs.
+stays frozen (and int8) and a step costs ~rank/hidden extra FLOPs. Serving several adapters at once, they
+are stacked along the rank and `ExpertLoRA.mask` (tokens, l) zeroes each token's columns of the others
+(`lora.stack_adapters`): every strategy permutes that mask with its token copies.
 
 Einsum letters: t tokens, d model dim, f expert hidden dim, e experts, r experts per token (top_k), c bucket slot,
 l LoRA rank.
@@ -65,47 +67,62 @@ class ExpertLoRA:
     w3: tuple | None = None
     w2: tuple | None = None
     scale: float = dataclasses.field(default=1.0, metadata={"static": True})
+    mask: jax.Array | None = None  # (tokens, l): which rank columns act on each token (None: all)
 
     def __getitem__(self, idx) -> ExpertLoRA:
-        """Index the expert axis of every a and b (as `QArray` does)."""
+        """Index the expert axis of every a and b (as `QArray` does); the token mask is kept as it is."""
         pick = lambda p: None if p is None else (p[0][idx], p[1][idx])  # noqa: E731
-        return ExpertLoRA(pick(self.w1), pick(self.w3), pick(self.w2), self.scale)
+        return ExpertLoRA(pick(self.w1), pick(self.w3), pick(self.w2), self.scale, self.mask)
 
     def pair(self, name: str):
         return getattr(self, name)
+
+    def rows(self, idx) -> ExpertLoRA:
+        """The token mask's rows `idx` (the strategy's own order of token copies); unchanged without a mask."""
+        return self if self.mask is None else dataclasses.replace(self, mask=self.mask[idx])
+
+    def with_mask(self, mask) -> ExpertLoRA:
+        return dataclasses.replace(self, mask=mask)
 
 
 def _pair(lora: ExpertLoRA | None, name: str):
     return None if lora is None else lora.pair(name)
 
 
-def lora_einsum(spec: str, x: jax.Array, pair, scale: float) -> jax.Array:
+def _masked(h, mask):
+    """h (..., l) with each token's rank columns outside its own adapter zeroed (`mask` broadcasts onto h)."""
+    return h if mask is None else h * mask.astype(h.dtype)
+
+
+def lora_einsum(spec: str, x: jax.Array, pair, scale: float, mask=None) -> jax.Array:
     """The low-rank term of `qeinsum(spec, x, w)` for a weight spec ending in (contracted, output) letters:
-    `(x . a) . b * scale` with a = w's spec with its output letter made `l`, b = with its contracted one."""
+    `(x . a) . b * scale` with a = w's spec with its output letter made `l`, b = with its contracted one.
+    `mask`: multiplies `x . a` (several adapters stacked along l, each token using its own columns)."""
     inputs, out = spec.split("->")
     x_spec, w_spec = inputs.split(",")
     o = w_spec[-1]
     mid = out.replace(o, "l")
     a, b = pair
-    h = jnp.einsum(f"{x_spec},{w_spec[:-1]}l->{mid}", x, a.astype(x.dtype))
+    h = _masked(jnp.einsum(f"{x_spec},{w_spec[:-1]}l->{mid}", x, a.astype(x.dtype)), mask)
     return jnp.einsum(f"{mid},{w_spec[:-2]}l{o}->{out}", h, b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
 
 
-def _dot(spec: str, x, w, pair, scale: float):
+def _dot(spec: str, x, w, pair, scale: float, mask=None):
     y = qeinsum(spec, x, w)
-    return y if pair is None else y + lora_einsum(spec, x, pair, scale)
+    return y if pair is None else y + lora_einsum(spec, x, pair, scale, mask)
 
 
-def _ragged_lora(xs, pair, group_sizes, scale: float):
+def _ragged_lora(xs, pair, group_sizes, scale: float, mask=None):
     """Grouped low-rank term: each row through its group's a then b (two thin `ragged_dot`s)."""
     a, b = pair
-    h = jax.lax.ragged_dot(xs, a.astype(xs.dtype), group_sizes)
+    h = _masked(jax.lax.ragged_dot(xs, a.astype(xs.dtype), group_sizes), mask)
     return jax.lax.ragged_dot(h, b.astype(xs.dtype), group_sizes) * jnp.asarray(scale, xs.dtype)
 
 
 def _with_ragged_lora(y, xs, lora, name, group_sizes):
+    """`lora`'s mask (if any) in the rows' order, as `xs`."""
     pair = _pair(lora, name)
-    return y if pair is None else y + _ragged_lora(xs, pair, group_sizes, lora.scale)
+    return y if pair is None else y + _ragged_lora(xs, pair, group_sizes, lora.scale, lora.mask)
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
@@ -118,9 +135,9 @@ def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
 def _swiglu(x, w1, w3, w2, spec_in: str, spec_w: str, spec_h: str, spec_w2: str, spec_out: str,
             lora: ExpertLoRA | None = None):
     up = f"{spec_in},{spec_w}->{spec_h}"
-    scale = 1.0 if lora is None else lora.scale
-    h = jax.nn.silu(_dot(up, x, w1, _pair(lora, "w1"), scale)) * _dot(up, x, w3, _pair(lora, "w3"), scale)
-    return _dot(f"{spec_h},{spec_w2}->{spec_out}", h, w2, _pair(lora, "w2"), scale)
+    scale, mask = (1.0, None) if lora is None else (lora.scale, lora.mask)
+    h = jax.nn.silu(_dot(up, x, w1, _pair(lora, "w1"), scale, mask)) * _dot(up, x, w3, _pair(lora, "w3"), scale, mask)
+    return _dot(f"{spec_h},{spec_w2}->{spec_out}", h, w2, _pair(lora, "w2"), scale, mask)
 
 
 def moe_dense(x, routing: Routing, w1, w3, w2, lora: ExpertLoRA | None = None) -> jax.Array:
@@ -138,6 +155,7 @@ def moe_ragged(x, routing: Routing, w1, w3, w2, lora: ExpertLoRA | None = None) 
     group_sizes = jnp.bincount(flat_experts, length=w1.shape[0]).astype(jnp.int32)
     xs = x[token_of]                                                       # (t*k, d)
     row_expert = flat_experts[order]                                       # int8: each row's scales
+    lora = None if lora is None else lora.rows(token_of)
     up1 = _with_ragged_lora(quant.ragged_dot(xs, w1, group_sizes, row_expert), xs, lora, "w1", group_sizes)
     up3 = _with_ragged_lora(quant.ragged_dot(xs, w3, group_sizes, row_expert), xs, lora, "w3", group_sizes)
     h = jax.nn.silu(up1) * up3
@@ -188,7 +206,10 @@ def moe_capacity(x, routing: Routing, w1, w3, w2, capacity_factor: float = 2.0,
     token_of = jnp.arange(t * k) // k
 
     def in_buckets(x):
-        y = _swiglu(buckets.dispatch(x[token_of], capacity), w1, w3, w2, "ecd", "edf", "ecf", "efd", "ecd", lora)
+        bucket_lora = lora if lora is None or lora.mask is None else lora.with_mask(
+            buckets.dispatch(lora.mask[token_of], capacity))                       # (e, c, l) as the tokens
+        y = _swiglu(buckets.dispatch(x[token_of], capacity), w1, w3, w2, "ecd", "edf", "ecf", "efd", "ecd",
+                    bucket_lora)
         picked = buckets.collect(y).reshape(t, k, -1)                              # (t, r, d)
         return jnp.einsum("tr,trd->td", routing.weights.astype(y.dtype), picked)
 
@@ -199,7 +220,10 @@ def moe_capacity(x, routing: Routing, w1, w3, w2, capacity_factor: float = 2.0,
 
 def moe_gather(x, routing: Routing, w1, w3, w2, lora: ExpertLoRA | None = None) -> jax.Array:
     ids = routing.expert_ids
-    y = _swiglu(x, w1[ids], w3[ids], w2[ids], "td", "tkdf", "tkf", "tkfd", "tkd", None if lora is None else lora[ids])
+    picked = None if lora is None else lora[ids]
+    if picked is not None and picked.mask is not None:
+        picked = picked.with_mask(picked.mask[:, None])  # (t, 1, l) onto h (t, k, l)
+    y = _swiglu(x, w1[ids], w3[ids], w2[ids], "td", "tkdf", "tkf", "tkfd", "tkd", picked)
     return jnp.einsum("tr,trd->td", routing.weights.astype(y.dtype), y)
 
 
@@ -234,6 +258,8 @@ def moe_grouped(x, routing: Routing, w1, w3, w2, expert_weights=None, lora: Expe
     weight_of = jnp.concatenate([routing.weights.reshape(-1)[order], jnp.zeros((t,), routing.weights.dtype)])
     rows = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
     out = jnp.zeros_like(rows)
+    masks = None if lora is None or lora.mask is None else jnp.concatenate(
+        [lora.mask, jnp.zeros((1, lora.mask.shape[1]), lora.mask.dtype)])     # padded as `rows`
 
     def expert_branch(e, size: int):
         def run(out, start, count):
@@ -244,7 +270,8 @@ def moe_grouped(x, routing: Routing, w1, w3, w2, expert_weights=None, lora: Expe
             if lora is None:
                 y = quant.matmul(jax.nn.silu(quant.matmul(xs, w1[e])) * quant.matmul(xs, w3[e]), w2[e])
             else:  # this expert's adapters: (s, d) @ (d, l) @ (l, f) beside the base (s, d) @ (d, f)
-                y = _swiglu(xs, w1[e], w3[e], w2[e], "sd", "df", "sf", "fd", "sd", lora[e])
+                mine = lora[e] if masks is None else lora[e].with_mask(masks[tokens])
+                y = _swiglu(xs, w1[e], w3[e], w2[e], "sd", "df", "sf", "fd", "sd", mine)
             return out.at[tokens].add(y * weights[:, None])
         return run
 
@@ -311,6 +338,7 @@ def moe_gmm(x, routing: Routing, w1, w3, w2, lora: ExpertLoRA | None = None) -> 
     group_sizes = jnp.bincount(flat_experts, length=w1.shape[0]).astype(jnp.int32)
     xs = x[token_of]
     row_expert = flat_experts[order]
+    lora = None if lora is None else lora.rows(token_of)
     up1 = _with_ragged_lora(_gmm_dot(xs, w1, group_sizes, row_expert), xs, lora, "w1", group_sizes)
     up3 = _with_ragged_lora(_gmm_dot(xs, w3, group_sizes, row_expert), xs, lora, "w3", group_sizes)
     h = jax.nn.silu(up1) * up3
