@@ -59,6 +59,7 @@ from mixtral_jax.inference.sampling import (
     seed_words,
 )
 from mixtral_jax.inference.scheduler import Request, Scheduler, StepPlan
+from mixtral_jax.model import lora
 from mixtral_jax.model.kv_cache import PagedBatch, PagedKVCache
 from mixtral_jax.model.mixtral import Mixtral
 
@@ -191,10 +192,27 @@ class Engine:
                                f"shard of this engine has {lay.pages} (raise num_pages or lower max_tokens)")
         return prompt
 
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the LoRA adapters a request may pick (the model's stacked adapters)."""
+        stack = lora.lora_stack(self.model)
+        return () if stack is None else stack.names
+
+    def adapter_index(self, adapter: str | None) -> int:
+        """0 for the base (None), i + 1 for the i-th adapter; RequestError for one not loaded."""
+        if adapter is None:
+            return 0
+        if adapter not in self.adapters:
+            raise RequestError(f"no LoRA adapter {adapter!r}; loaded: {', '.join(self.adapters) or '(none)'}")
+        return self.adapters.index(adapter) + 1
+
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_token: Callable[[int], None] = lambda t: None,
-               on_finish: Callable[[str], None] = lambda r: None, constraint: Constraint | None = None) -> Request:
-        """Queue a request; `constraint` restricts each drawn token to what it allows (see `Constraint`)."""
-        request = Request(self.validate(prompt, params), params, on_token, on_finish, constraint)
+               on_finish: Callable[[str], None] = lambda r: None, constraint: Constraint | None = None,
+               adapter: str | None = None) -> Request:
+        """Queue a request; `constraint` restricts each drawn token to what it allows (see `Constraint`);
+        `adapter`: the name of the stacked LoRA adapter to answer with (None: the base model)."""
+        request = Request(self.validate(prompt, params), params, on_token, on_finish, constraint,
+                          self.adapter_index(adapter))
         with self._lock:
             if self._stopping:
                 raise RequestError("the engine has failed" if self.failed else "the server is shutting down")
@@ -365,7 +383,7 @@ class Engine:
         batch = PagedBatch(put(plan.positions), put(plan.slot_mapping), put(plan.kv_lens), put(plan.page_indices),
                            put(plan.cu_q_lens), put(plan.num_seqs))
         inputs = StepInputs(put(plan.tokens), put(plan.from_prev), put(plan.rows), put(plan.sample_at),
-                            put(plan.reset), put(plan.index), batch)
+                            put(plan.reset), put(plan.index), batch, put(plan.adapter))
         out, logprobs, self.cache, self.counts = paged_step(
             self._graphdef, self._treedef, self._leaves, self._experts, self.cache, self.counts, self.bias,
             self._prev, inputs, mask, strategy, penalties, seeds, wanted)
@@ -442,7 +460,7 @@ def _plan_shapes(layout, tokens: int, width: int) -> dict[str, tuple[int, ...]]:
     s, b, t, r = layout.shards, layout.rows, tokens, layout.total_rows
     return {"tokens": (s, t), "from_prev": (s, t), "rows": (s, t), "positions": (s, t), "slot_mapping": (s, t),
             "kv_lens": (s, b), "page_indices": (s, b, width), "cu_q_lens": (s, b + 1),
-            "num_seqs": (s,), "sample_at": (s, b), "reset": (r,), "index": (r,)}
+            "num_seqs": (s,), "sample_at": (s, b), "reset": (r,), "index": (r,), "adapter": (r,)}
 
 
 @functools.partial(jax.jit, donate_argnames=("table",))

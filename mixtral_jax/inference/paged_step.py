@@ -23,6 +23,7 @@ from mixtral_jax.errors import RequestError
 from mixtral_jax.inference.penalties import penalize_rows
 from mixtral_jax.inference.sampler import HashedOnce, flat_state, merge_flat
 from mixtral_jax.inference.sampling import Greedy, RowParams, apply_bitmask, logprob_outputs, row_keys, sample
+from mixtral_jax.model import lora
 from mixtral_jax.model.kv_cache import PagedBatch, PagedKVCache
 from mixtral_jax.sharding.rules import mesh_axes
 
@@ -123,6 +124,7 @@ class StepInputs(NamedTuple):
     reset: jax.Array        # (S * B,) bool: the row's penalty counts start again
     index: jax.Array        # (S * B,) int32: the token number each row draws (its key)
     batch: PagedBatch
+    adapter: jax.Array      # (S * B,) int32: each row's stacked LoRA adapter (0: the base)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "treedef"), donate_argnames=("cache", "counts"))
@@ -137,7 +139,9 @@ def paged_step(graphdef, treedef, leaves, experts, cache: PagedKVCache, counts, 
     tokens = jnp.where(inputs.from_prev, prev[rows], inputs.tokens)                   # (S, T)
     counts = jnp.where(inputs.reset[:, None], 0, counts)
     counts = counts.at[rows.reshape(-1), tokens.reshape(-1)].add((inputs.rows >= 0).reshape(-1).astype(jnp.int32))
-    logits, cache = model.extend_paged(cache, tokens, inputs.batch, inputs.sample_at, expert_weights=experts)
+    adapters = inputs.adapter[rows] if lora.lora_stack(model) is not None else None  # (S, T): each token's
+    logits, cache = model.extend_paged(cache, tokens, inputs.batch, inputs.sample_at, expert_weights=experts,
+                                       adapter_ids=adapters)
     logits = logits.reshape(-1, logits.shape[-1])                                     # (S * B, vocab)
     logits = penalize_rows(logits, counts, penalties) + bias
     chosen = sample(apply_bitmask(logits, mask), strategy, row_keys(seeds, jnp.zeros_like(inputs.index),
@@ -167,7 +171,7 @@ def abstract_step_args(config: MixtralConfig, engine: EngineConfig, mesh, tokens
     batch = PagedBatch(rep((s, t), i32), rep((s, t), i32), rep((s, b), i32), rep((s, b, layout.pages_per_seq), i32),
                        rep((s, b + 1), i32), rep((s,), i32))
     inputs = StepInputs(rep((s, t), i32), rep((s, t), jnp.bool_), rep((s, t), i32), rep((s, b), i32),
-                        rep((r,), jnp.bool_), rep((r,), i32), batch)
+                        rep((r,), jnp.bool_), rep((r,), i32), batch, rep((r,), i32))
     cache = PagedKVCache.shapes(config, layout.total_pages, layout.page_size,
                                 cache_dtype or engine.cache_dtype or jnp.bfloat16, mesh)
     strategy = Greedy() if greedy else RowParams(rep((r,), jnp.float32), rep((r,), i32), rep((r,), jnp.float32))

@@ -38,8 +38,9 @@ class Request:
     [(id, log probability) of the top `params.logprobs`]) before `on_token` sees it."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, on_token: Callable[[int], None],
-                 on_finish: Callable[[str], None], constraint=None):
+                 on_finish: Callable[[str], None], constraint=None, adapter: int = 0):
         self.prompt, self.params, self.constraint = prompt, params, constraint
+        self.adapter = adapter  # 0: the base model; i: the model's i-th stacked LoRA adapter
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self._on_token, self._on_finish = on_token, on_finish
         self.cancelled = False
@@ -52,11 +53,17 @@ class Request:
         self.preemptions = 0
         self._keys: tuple[int, int, list[bytes]] = (-1, 0, [])  # (history length, page size, prefix keys)
 
+    @property
+    def key_root(self) -> bytes:
+        """The parent of its first page's key: pages computed under different adapters hold different K/V
+        for the same tokens, so each adapter's pages are a prefix cache of their own (the base's: b"")."""
+        return b"" if not self.adapter else b"lora adapter %d" % self.adapter
+
     def prefix_keys(self, page_size: int) -> list[bytes]:
         """The keys of the full pages before the history's last token (what a prefill may take from the
         prefix cache), kept until the history grows."""
         if self._keys[:2] != (len(self.history), page_size):
-            self._keys = (len(self.history), page_size, page_keys(self.history[:-1], page_size))
+            self._keys = (len(self.history), page_size, page_keys(self.history[:-1], page_size, self.key_root))
         return self._keys[2]
 
     def cancel(self) -> None:
@@ -100,9 +107,9 @@ class StepPlan:
     """One step's inputs (numpy, shaped by shard) and what the host does with its output.
 
     tokens, from_prev, rows, positions, slot_mapping: (S, T); kv_lens, sample_at: (S, B); page_indices
-    (S, B, pages per sequence); cu_q_lens (S, B + 1); num_seqs (S,); reset, index: (S * B,) (rows whose
-    penalty counts start again; the token number each row draws, for its key). `emits`: (row, request)
-    whose drawn token this step's output holds."""
+    (S, B, pages per sequence); cu_q_lens (S, B + 1); num_seqs (S,); reset, index, adapter: (S * B,) (rows
+    whose penalty counts start again; the token number each row draws, for its key; each row's LoRA
+    adapter, 0 for none). `emits`: (row, request) whose drawn token this step's output holds."""
 
     tokens: np.ndarray
     from_prev: np.ndarray
@@ -116,10 +123,11 @@ class StepPlan:
     sample_at: np.ndarray
     reset: np.ndarray
     index: np.ndarray
+    adapter: np.ndarray
     emits: list[tuple[int, Request]] = dataclasses.field(default_factory=list)
 
     ARRAYS = ("tokens", "from_prev", "rows", "positions", "slot_mapping", "kv_lens", "page_indices", "cu_q_lens",
-              "num_seqs", "sample_at", "reset", "index")
+              "num_seqs", "sample_at", "reset", "index", "adapter")
 
     @classmethod
     def empty(cls, shards: int, rows: int, tokens: int, pages_per_seq: int) -> StepPlan:
@@ -127,7 +135,8 @@ class StepPlan:
         return cls(np.zeros(st, np.int32), np.zeros(st, bool), np.full(st, -1, np.int32), np.zeros(st, np.int32),
                    np.full(st, -1, np.int32), np.zeros(sb, np.int32), np.zeros((*sb, pages_per_seq), np.int32),
                    np.zeros((shards, rows + 1), np.int32), np.zeros(shards, np.int32), np.zeros(sb, np.int32),
-                   np.zeros(shards * rows, bool), np.zeros(shards * rows, np.int32))
+                   np.zeros(shards * rows, bool), np.zeros(shards * rows, np.int32),
+                   np.zeros(shards * rows, np.int32))
 
 
 def step_tokens(n: int, budget: int) -> int:
@@ -290,6 +299,7 @@ class Scheduler:
                 if q is None or not n:
                     continue
                 r = q.request
+                p.adapter[row] = r.adapter
                 for j in range(q.computed, q.computed + n):
                     if j < len(r.history):
                         p.tokens[s, t] = r.history[j]
@@ -325,7 +335,7 @@ class Scheduler:
         if known > len(q.keys):
             start = len(q.keys) * self.page_size
             q.keys += page_keys(q.request.history[start:known * self.page_size], self.page_size,
-                                q.keys[-1] if q.keys else b"")
+                                q.keys[-1] if q.keys else q.request.key_root)
         pool = self.pools[q.shard]
         for i in range(q.registered, known):
             pool.register(q.pages[i], q.keys[i])
