@@ -3,6 +3,10 @@
 It encodes with the checkpoint's own tokenizer (as `generate` does) and refuses to start when the tokenizer's
 vocabulary is not the model's. On several processes (a multi-host slice) process 0 serves HTTP and plans each
 batch step; the others run the same steps from its broadcasts.
+
+`--lora NAME=DIR` (repeatable) serves PEFT adapters (as `train --lora` writes them) beside the base: a request
+whose `model` is NAME is answered with that adapter, and requests of different adapters share each batch step
+(`lora.stack_adapters`). A DIR that is not a PEFT adapter of this model stops start-up with the reason.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import sys
 import jax
 
 from mixtral_jax.cli.model_flags import add_model_flags, load_model
+from mixtral_jax.convert.peft import read_peft
 from mixtral_jax.errors import ConfigError
 from mixtral_jax.inference.engine import Engine, EngineConfig
+from mixtral_jax.model import lora
 from mixtral_jax.planning.serve_plan import check_engine_fits
 from mixtral_jax.serving.app import create_app, run_server
 from mixtral_jax.serving.limits import ServerLimits, raise_open_file_limit
@@ -47,6 +53,35 @@ _LIMIT_FLAGS = (  # ServerLimits field, what its flag means
 )
 
 
+def parse_lora_flags(flags: list[str] | None, model_name: str) -> dict[str, str]:
+    """`--lora NAME=DIR` flags as {name: dir}: names unique, not the base model's, without spaces."""
+    out = {}
+    for flag in flags or ():
+        name, sep, path = flag.partition("=")
+        name = name.strip()
+        if not sep or not name or not path or any(c.isspace() for c in name):
+            raise ConfigError(f"--lora {flag!r}: expected NAME=DIR (the name clients send as `model`)")
+        if name == model_name or name in out:
+            raise ConfigError(f"--lora {flag!r}: the name {name!r} is already "
+                              + ("the base model's (see --model-name)" if name == model_name else "taken"))
+        out[name] = path
+    return out
+
+
+def load_adapters(model, dirs: dict[str, str]):
+    """Stack the PEFT adapters `dirs` ({name: dir}) onto `model` (in place); each is read and checked
+    against the model's shapes first (a CheckpointError naming the dir otherwise). Returns the model."""
+    if not dirs:
+        return model
+    adapters = {}
+    for name, path in dirs.items():
+        try:
+            adapters[name] = read_peft(path, model.config)
+        except ValueError as e:
+            raise type(e)(f"--lora {name}={path}: {e}") from None
+    return lora.stack_adapters(model, adapters)
+
+
 def exposure_warning(host: str, api_key: str | None) -> str | None:
     if host in _LOCAL_HOSTS or api_key is not None:
         return None
@@ -64,13 +99,14 @@ def run_serve(args) -> int:
                           cache_dtype=args.kv_cache_dtype, page_size=args.page_size, num_pages=args.num_pages,
                           prefix_cache=not args.no_prefix_cache)
     limits = server_limits(args)  # bad flags fail before loading anything
+    name = args.model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
+                               else "mixtral-jax-demo")
+    adapter_dirs = parse_lora_flags(args.lora, name)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    model = load_model(args)
+    model = load_adapters(load_model(args), adapter_dirs)
     tokenizer = check_vocabulary(tokenizer or tokenizer_for(model), model.config.vocab_size)
     check_engine_fits(model, config)  # on an accelerator: refuse now, with what fits, not OOM at the first request
     engine = Engine(model, config)
-    name = args.model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
-                               else "mixtral-jax-demo")
     if jax.process_index() != 0:  # follow process 0's steps until it shuts down
         engine.run()
         return 0
@@ -86,7 +122,8 @@ def run_serve(args) -> int:
     lay = engine.layout
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({config.max_batch} slots, context "
           f"{engine.max_context}, {lay.total_pages} KV pages of {lay.page_size} tokens = {lay.tokens} tokens, "
-          f"{tokenizer.version} tokenizer{', API key required' if limits.api_key else ''})",
+          f"{tokenizer.version} tokenizer{', API key required' if limits.api_key else ''}"
+          f"{', LoRA adapters ' + ', '.join(engine.adapters) if engine.adapters else ''})",
           file=sys.stderr, flush=True)
     run_server(create_app(engine, tokenizer, name, drain_seconds=args.drain_seconds, limits=limits), args.host,
                args.port, args.drain_seconds, limits)
@@ -113,6 +150,9 @@ def register(sub):
     s.add_argument("--no-prefix-cache", action="store_true",
                    help="do not share the pages of a prompt prefix between requests")
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    s.add_argument("--lora", action="append", metavar="NAME=DIR",
+                   help="serve the PEFT LoRA adapter in DIR (as `train --lora` writes) as model NAME beside the "
+                        "base; repeat for several (requests of different adapters are batched together)")
     s.add_argument("--tokenizer", help="v1, v3 or a SentencePiece model file (default: the checkpoint's own; by "
                                        "vocabulary: 32768 tokens is v3, else v1)")
     s.add_argument("--drain-seconds", type=float, default=10.0,

@@ -1,5 +1,7 @@
 """An OpenAI-compatible HTTP layer over the batching engine: /v1/models, /v1/completions,
-/v1/chat/completions (streamed as server-sent events or not), /health and /metrics (Prometheus text).
+/v1/chat/completions (streamed as server-sent events or not), /health and /metrics (Prometheus text). A
+request's `model` picks the base or one of the engine's LoRA adapters (`serve --lora NAME=DIR`); any other
+name is OpenAI's 404 `model_not_found`.
 
 Kept thin: the limits and the API key are checked first (`serving/limits.py`), then parse and check a
 request (any problem is an HTTP 400 with OpenAI's error body, and nothing reaches the engine), submit token
@@ -51,7 +53,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_s
 
     @app.exception_handler(BadRequest)
     async def bad_request(_request, e: BadRequest):
-        return JSONResponse(error_body(str(e), e.param), status_code=400)
+        return JSONResponse(error_body(str(e), e.param, code=getattr(e, "code", None)),
+                            status_code=getattr(e, "status", 400))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, e):
@@ -72,9 +75,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_s
         return Response(meter.text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "mixtral-jax", "max_model_len": engine.max_context}]}
+    async def models():  # the base, then each LoRA adapter (vLLM's fields: `root`, `parent`)
+        base = {"id": model_name, "object": "model", "created": created, "owned_by": "mixtral-jax",
+                "max_model_len": engine.max_context, "root": model_name, "parent": None}
+        return {"object": "list", "data": [base] + [base | {"id": name, "root": name, "parent": model_name}
+                                                    for name in engine.adapters]}
 
     async def handle(http: Request, chat: bool):
         try:
@@ -87,7 +92,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, drain_s
             return JSONResponse(error_body(f"{len(engine.waiting)} requests are already waiting for a slot "
                                            "(--max-queue); retry later", kind="rate_limit_error"),
                                 status_code=429, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        return await respond(http, req, chat=chat, engine=metered, tokenizer=tokenizer, model_name=model_name)
+        return await respond(http, req, chat=chat, engine=metered, tokenizer=tokenizer, model_name=req.model)
 
     @app.post("/v1/completions")
     async def completions(http: Request):

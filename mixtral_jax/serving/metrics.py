@@ -95,7 +95,8 @@ class MeteredEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def submit(self, prompt, params, on_token=lambda t: None, on_finish=lambda r: None, constraint=None) -> Request:
+    def submit(self, prompt, params, on_token=lambda t: None, on_finish=lambda r: None, constraint=None,
+               adapter=None) -> Request:
         lock, seen = threading.Lock(), {}
 
         def observe_once():  # the request may finish before `submit` has returned it
@@ -112,6 +113,6 @@ class MeteredEngine:
             observe_once()
             on_finish(reason)
 
-        seen["request"] = self._engine.submit(prompt, params, on_token, finished, constraint)
+        seen["request"] = self._engine.submit(prompt, params, on_token, finished, constraint, adapter)
         observe_once()
         return seen["request"]

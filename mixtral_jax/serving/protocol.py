@@ -26,8 +26,15 @@ class BadRequest(ValueError):
         self.param = param
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+class ModelNotFound(BadRequest):
+    """A `model` this server does not serve: HTTP 404 with code `model_not_found`, as OpenAI answers."""
+
+    status, code = 404, "model_not_found"
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # Every field OpenAI defines for the two endpoints, and what this server does with it: taken (True), or
@@ -52,7 +59,8 @@ _MAX_N = 16
 @dataclasses.dataclass(frozen=True)
 class Parsed:
     """A checked request: its prompts (one for chat; completions may send several), `n` choices of each, and
-    how to answer: logprobs (None: off), echo, a grammar for constrained decoding, tools."""
+    how to answer: logprobs (None: off), echo, a grammar for constrained decoding, tools; `model`: the
+    name the client asked for, `adapter` the LoRA adapter it names (None: the base model)."""
 
     prompts: list[list[int]]
     params: SamplingParams
@@ -65,6 +73,8 @@ class Parsed:
     prefix: tuple[int, ...] = ()  # token ids forced before the grammar ([TOOL_CALLS])
     banned: tuple[int, ...] = ()  # token ids never drawn (tool_choice "none": [TOOL_CALLS])
     tools: bool = False  # the answer is parsed for tool calls
+    model: str = ""
+    adapter: str | None = None
 
     @property
     def prompt(self) -> list[int]:
@@ -255,12 +265,17 @@ _ENGINE_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "presen
 
 def parse_request(body, *, chat: bool, model_name: str, tokenizer: Tokenizer, engine: Engine) -> Parsed:
     """Check an OpenAI request body and turn it into token ids and sampling parameters (BadRequest if not).
-    Besides OpenAI's, it takes vLLM's `top_k` and transformers' `repetition_penalty`."""
+    Besides OpenAI's, it takes vLLM's `top_k` and transformers' `repetition_penalty`. `model` picks the base
+    (`model_name`, or absent) or one of the engine's LoRA adapters by name."""
     if not isinstance(body, Mapping):
         raise BadRequest("the request body must be a JSON object")
     _check_fields(body, chat)
-    if body.get("model") not in (None, model_name):
-        raise BadRequest(f"unknown model {body.get('model')!r}; this server serves {model_name!r}", "model")
+    adapters = tuple(getattr(engine, "adapters", ()))
+    model = body.get("model")
+    if model not in (None, model_name, *adapters):
+        served = ", ".join(repr(m) for m in (model_name, *adapters))
+        raise ModelNotFound(f"The model {model!r} does not exist; this server serves {served}", "model")
+    adapter = model if model in adapters and model != model_name else None
     n = _number(body, "n", 1, 1, _MAX_N, integer=True)
     if not chat and body.get("best_of") is not None and _number(body, "best_of", 1, 1, _MAX_N, integer=True) != n:
         raise BadRequest("'best_of' other than n is not supported (every sample is returned)", "best_of")
@@ -335,7 +350,8 @@ def parse_request(body, *, chat: bool, model_name: str, tokenizer: Tokenizer, en
         field = next((f for f in _ENGINE_FIELDS if message.startswith(f)), None)
         raise BadRequest(message, field or ("max_tokens" if "max_tokens" in message else "prompt")) from None
     return Parsed(prompts, params, stops, stream, bool(options.get("include_usage")), n=n, echo=echo,
-                  grammar=grammar, prefix=prefix, banned=banned, tools=tools is not None)
+                  grammar=grammar, prefix=prefix, banned=banned, tools=tools is not None,
+                  model=model or model_name, adapter=adapter)
 
 
 def choice_params(parsed: Parsed, i: int) -> SamplingParams:

@@ -140,7 +140,7 @@ async def respond(http, req: Parsed, *, chat: bool, engine: Engine, tokenizer: T
                 loop.call_soon_threadsafe(events.put_nowait, (i, e))
 
             c.handle = _Handle(engine.submit(c.prompt, choice_params(req, c.index), on_event, on_event,
-                                             req.constraint(tokenizer, engine.model.config.vocab_size)))
+                                             req.constraint(tokenizer, engine.model.config.vocab_size), req.adapter))
     except RequestError as e:  # shutting down
         for c in choices:
             if c.handle is not None:

@@ -4,7 +4,6 @@ request alone; the prefix cache never hands one adapter's pages to another."""
 
 import functools
 
-import numpy as np
 import pytest
 from flax import nnx
 
