@@ -28,6 +28,11 @@ Multi-host: process 0 owns the queue and the scheduler; `broadcast_one_to_all` s
 (rows freed and admitted with their sampling parameters, and the step's arrays) to every process, and all
 of them run the same jitted steps.
 
+LoRA: on a model with stacked adapters (`lora.stack_adapters`) a request names its adapter (`submit(...,
+adapter=)`); each row's adapter index is a step input, turned into its tokens' rank mask inside the step, so
+requests of different adapters (and none) share every step. Prefix-cache keys start from the adapter:
+pages are shared only between requests of the same one.
+
 The engine knows nothing of HTTP: `submit` takes token ids and two callbacks, called on the engine thread.
 """
 
@@ -46,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mixtral_jax.errors import RequestError, SamplingError
+from mixtral_jax.errors import ConfigError, RequestError, SamplingError
 from mixtral_jax.inference.paged_step import EngineConfig, StepInputs, engine_layout, paged_step
 from mixtral_jax.inference.penalties import penalty_row
 from mixtral_jax.inference.sampler import replicator, split_flat, to_host
@@ -200,11 +205,10 @@ class Engine:
 
     def adapter_index(self, adapter: str | None) -> int:
         """0 for the base (None), i + 1 for the i-th adapter; RequestError for one not loaded."""
-        if adapter is None:
-            return 0
-        if adapter not in self.adapters:
-            raise RequestError(f"no LoRA adapter {adapter!r}; loaded: {', '.join(self.adapters) or '(none)'}")
-        return self.adapters.index(adapter) + 1
+        try:
+            return (lora.lora_stack(self.model) or lora.LoRAStack((), ())).index(adapter)
+        except ConfigError as e:
+            raise RequestError(str(e)) from None
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_token: Callable[[int], None] = lambda t: None,
                on_finish: Callable[[str], None] = lambda r: None, constraint: Constraint | None = None,

@@ -84,7 +84,7 @@ class LoRAStack:
         if name is None:
             return 0
         if name not in self.names:
-            raise ConfigError(f"no adapter {name!r}; loaded: {', '.join(self.names) or '(none)'}")
+            raise ConfigError(f"no LoRA adapter {name!r}; loaded: {', '.join(self.names) or '(none)'}")
         return self.names.index(name) + 1
 
     def mask(self, adapter_ids: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -76,7 +76,7 @@ def test_expert_parallel_equals_one_device(base, adapters, alone, spec, rows, le
 
 def test_bad_stacks(base, adapters):
     model = with_runtime(base)
-    with pytest.raises(ConfigError, match="no adapter 'third'"):
+    with pytest.raises(ConfigError, match="no LoRA adapter 'third'"):
         lora.LoRAStack(("first",), (4,)).index("third")
     bad = dict(adapters["second"][1])
     bad["layers.0.attn.wq_lora_a"] = np.zeros((3, 2), np.float32)
