@@ -1,9 +1,11 @@
 """The engine over stacked LoRA adapters: greedy requests of adapter A, adapter B and the base, running in the
 same steps, each answer what an engine over a model with only that adapter (or the bare base) answers for the
-request alone; the prefix cache never hands one adapter's pages to another."""
+request alone; the prefix cache never hands one adapter's pages to another; sharded over a mesh it answers as
+one device."""
 
 import functools
 
+import jax
 import pytest
 from flax import nnx
 
@@ -11,6 +13,7 @@ from mixtral_jax import MixtralConfig, RuntimeConfig
 from mixtral_jax.inference.engine import Engine, EngineConfig, RequestError, SamplingParams
 from mixtral_jax.model import lora
 from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.model.placement import shard_model
 from tests.inference.test_engine import prompts, steps_until_idle, submit_all
 from tests.model.test_lora import trained_like, with_runtime
 
@@ -90,3 +93,24 @@ def test_prefix_cache_is_per_adapter(solo, stacked):
         engine.submit(prompt, SamplingParams(max_tokens=2), adapter="c")
     with pytest.raises(RequestError, match="loaded: \\(none\\)"):
         Engine(base(), ENGINE).adapter_index("a")
+
+
+needs_mesh = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU mesh from conftest.py")
+
+
+@pytest.mark.slow
+@needs_mesh
+def test_sharded_engine_equals_one_device(stacked):
+    """Sequences over data x expert (4 shards), the experts and the masks expert-parallel, the hidden
+    dimension over tensor: the same tokens as one device."""
+    ids, picks = prompts([12, 16, 9, 14], seed=2), ["a", None, "b", "a"]
+    answers = []
+    for model in (stacked, shard_model(stacked, "data=2,expert=2,tensor=2")):
+        engine = Engine(model, ENGINE)
+        outs = [[] for _ in ids]
+        for i, p in enumerate(ids):
+            engine.submit(p, SamplingParams(max_tokens=8, stop_tokens=()), on_token=outs[i].append,
+                          adapter=picks[i])
+        steps_until_idle(engine)
+        answers.append(outs)
+    assert answers[0] == answers[1]
