@@ -117,11 +117,16 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
         # stacked adapters: each copy's rank mask (0 / 1, exact in any float dtype) rides on its features
         rows = jnp.concatenate([x, lora.mask.astype(x.dtype)], axis=1) if masked else x
 
-        def exchange(capacity):
+        def exchange(capacity, first=0):
+            """The copies in slots [first, first + capacity) of their buckets: one round of the exchange."""
+            slot = buckets.slot - first
+            in_round = (slot >= 0) & (slot < capacity)
+            part = buckets._replace(slot=jnp.where(in_round, slot, capacity))  # the other copies are dropped
+
             def run(rows):
                 width = rows.shape[1]
-                send = buckets.dispatch(rows[token_of], capacity)                               # (n, C, d [+ l])
-                send_e = buckets.dispatch(routing.expert_ids.reshape(-1) % local, capacity, fill=-1)  # (n, C)
+                send = part.dispatch(rows[token_of], capacity)                                  # (n, C, d [+ l])
+                send_e = part.dispatch(routing.expert_ids.reshape(-1) % local, capacity, fill=-1)  # (n, C)
                 recv = jax.lax.all_to_all(send.reshape(-1, width), expert_axis, 0, 0, tiled=True)  # (r, d [+ l])
                 recv_e = jax.lax.all_to_all(send_e.reshape(-1), expert_axis, 0, 0, tiled=True)   # (r,)
                 valid = recv_e >= 0
@@ -132,15 +137,21 @@ def moe_expert_parallel(x, router, w1, w3, w2, *, top_k: int, mesh: Mesh, strate
                 if hidden_axes:
                     y = jax.lax.psum(y, hidden_axes)
                 back = jax.lax.all_to_all(y, expert_axis, 0, 0, tiled=True).reshape(n_shards, capacity, d)
-                picked = buckets.collect(back).reshape(t, top_k, d)
+                picked = jnp.where(in_round[:, None], part.collect(back), 0).reshape(t, top_k, d)
                 return jnp.einsum("tr,trd->td", routing.weights.astype(picked.dtype), picked)
             return run
 
-        capacity = bucket_capacity(copies, 1, n_shards, capacity_factor)
-        if capacity >= copies:
-            return exchange(copies)(rows), routing.logits
-        overflow = jax.lax.pmax(buckets.overflows(capacity), all_axes)
-        return jax.lax.cond(overflow, exchange(copies), exchange(capacity), rows), routing.logits
+        most = t * min(top_k, local)  # copies one bucket can get (a token's k experts are distinct)
+        capacity = min(bucket_capacity(copies, 1, n_shards, capacity_factor), most)
+        # Skewed routing: the copies past a full bucket go in further rounds of the same size, each taken
+        # only when some device needs it and recomputed in the backward pass (one round's memory at a time;
+        # the first round runs last, so its saved activations are freed before the later rounds recompute).
+        later = jnp.zeros((t, d), x.dtype)
+        for j in range(1, -(-most // capacity)):
+            needed = jax.lax.pmax(jnp.max(buckets.load) > j * capacity, all_axes)
+            later = later + jax.lax.cond(needed, jax.checkpoint(exchange(capacity, j * capacity)),
+                                         lambda rows: jnp.zeros((t, d), x.dtype), rows)
+        return later + exchange(capacity)(rows), routing.logits
 
     splits_over_experts = expert_axis is not None and token_axes is not None and expert_axis in token_axes
     body = all_to_all if splits_over_experts else replicated_tokens
