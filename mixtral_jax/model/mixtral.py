@@ -24,6 +24,7 @@ from mixtral_jax.model.kv_cache import KVCache, PagedBatch, PagedKVCache
 from mixtral_jax.model.moe import expert_views, resolve_strategy, route, run_experts
 from mixtral_jax.model.paged_attention import ragged_paged_attention, write_pages
 from mixtral_jax.model.quant import qeinsum, qeinsums, quantize_jax, read
+from mixtral_jax.model.remat import remat_in_order
 from mixtral_jax.sharding.expert_parallel import moe_expert_parallel
 from mixtral_jax.sharding.rules import ACTIVATION_AXES, constrain
 
@@ -197,10 +198,12 @@ class DecoderLayer(nnx.Module):
 
 
 def _rematerialized(layer: DecoderLayer, h, cos, sin, span):
-    """A decoder layer whose activations are recomputed in the backward pass (`jax.checkpoint`): training
+    """A decoder layer whose activations are recomputed in the backward pass (`remat_in_order`): training
     memory holds one (b, t, d) input per layer instead of every intermediate (attention tiles, expert
     buckets), for about a third more compute."""
-    return nnx.remat(lambda layer, h, cos, sin, span: layer(h, cos, sin, span)[:2])(layer, h, cos, sin, span)
+    graphdef, state = nnx.split(layer)
+    run = lambda state, h, cos, sin, span: nnx.merge(graphdef, state)(h, cos, sin, span)[:2]  # noqa: E731
+    return remat_in_order(run)(state, h, cos, sin, span)
 
 
 class Mixtral(nnx.Module):
