@@ -16,10 +16,8 @@ an argument of the jitted functions, and row r's token i is drawn with the key o
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
@@ -44,6 +42,7 @@ from mixtral_jax.inference.sampling import (
     sample,
     seed_words,
 )
+from mixtral_jax.model.compiled import HashedOnce, flat_state, merge_flat, split_flat  # noqa: F401 - re-exported
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.mixtral import Mixtral
 
@@ -231,64 +230,6 @@ def _group_size(step_time: float) -> int:
 
 
 # ------------------------------------------------------------------------------- jitted pieces
-class HashedOnce:
-    """A static jit argument whose hash is computed once. jit hashes its static arguments on every call,
-    and an nnx `GraphDef` hashes its whole module tree: 0.6 ms of each ~20 ms CPU decode step went there.
-    `HashedOnce.of` hands out one wrapper per distinct graph, so jit's cache lookup is an identity check on
-    every step; an equal graph from a later request is compared in full once, when it is wrapped (jit
-    compared it in full on every step otherwise: 0.44 ms of a 9 ms step)."""
-
-    _recent: collections.OrderedDict[int, list[HashedOnce]] = collections.OrderedDict()  # hash -> wrappers
-    _KEEP = 16  # distinct graphs remembered (one per model a process samples from, in practice)
-    _lock = threading.Lock()
-
-    def __init__(self, value):
-        self.value, self._hash = value, hash(value)
-
-    @classmethod
-    def of(cls, value) -> HashedOnce:
-        """The wrapper handed out before for a graph equal to `value`, else a new one."""
-        h = hash(value)
-        with cls._lock:
-            same = cls._recent.setdefault(h, [])
-            cls._recent.move_to_end(h)
-            for wrapper in same:
-                if wrapper.value == value:
-                    return wrapper
-            same.append(cls(value))
-            while len(cls._recent) > cls._KEEP:
-                cls._recent.popitem(last=False)
-            return same[-1]
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return self is other or (isinstance(other, HashedOnce) and self._hash == other._hash
-                                 and self.value == other.value)
-
-    @staticmethod
-    def unwrap(value):
-        return value.value if isinstance(value, HashedOnce) else value
-
-
-def split_flat(model: Mixtral) -> tuple[HashedOnce, HashedOnce, list]:
-    """(graph, state tree, state leaves) for a jitted function called once per decode step: the two static
-    parts wrapped once (`HashedOnce.of`), the state flattened once (an nnx State flattens in Python on
-    every call, ~70 us; a list in C++). `merge_flat` inside the jitted function undoes it."""
-    graphdef, state = nnx.split(model)
-    return HashedOnce.of(graphdef), *flat_state(state)
-
-
-def flat_state(state) -> tuple[HashedOnce, list]:
-    leaves, treedef = jax.tree.flatten(state)
-    return HashedOnce.of(treedef), leaves
-
-
-def merge_flat(graphdef, treedef, leaves) -> Mixtral:
-    return nnx.merge(HashedOnce.unwrap(graphdef), jax.tree.unflatten(HashedOnce.unwrap(treedef), leaves))
-
-
 PREFILL_CHUNK = 512  # tokens per prefill step: one compiled step serves every prompt length
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from mixtral_jax.config import MixtralConfig, RuntimeConfig
 from mixtral_jax.kernels import cpu as cpu_kernels
-from mixtral_jax.model import lora
+from mixtral_jax.model import compiled, lora
 from mixtral_jax.model.attention import Span, attention
 from mixtral_jax.model.kv_cache import KVCache, PagedBatch, PagedKVCache
 from mixtral_jax.model.moe import expert_views, resolve_strategy, route, run_experts
@@ -238,10 +238,17 @@ class Mixtral(nnx.Module):
         adapter_ids (b,): each row's adapter on a model with stacked adapters (0: the base; see
         `lora.stack_adapters`).
         Returns logits (b, t, vocab) float32, and with `return_router_logits` also (layers, b, t, e).
+        Called outside any jit or grad it runs as one compiled program (`model.compiled.forward`).
         """
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (batch, seq), got {tokens.shape}")
+        inputs, static = (tokens, attention_mask, positions, adapter_ids), (return_router_logits,)
+        if compiled.tracing(inputs, nnx.state(self)):  # inside a jit or grad already
+            return self._forward(*inputs, *static)
+        return compiled.forward(self, inputs, static)  # eagerly: one compiled program, not op by op
+
+    def _forward(self, tokens, attention_mask, positions, adapter_ids, return_router_logits):
         b, t = tokens.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if positions is None:
