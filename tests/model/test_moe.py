@@ -105,7 +105,8 @@ def test_route_softmax_over_topk_equals_softmax_all_then_renormalise():
     probs = jax.nn.softmax(x @ router, -1)
     top, idx = jax.lax.top_k(probs, 2)
     np.testing.assert_array_equal(np.asarray(r.expert_ids), np.asarray(idx))
-    np.testing.assert_allclose(np.asarray(r.weights), np.asarray(top / top.sum(-1, keepdims=True)), atol=1e-6)
+    # the same numbers by two roundings: a few float32 ulps apart (1.07e-6 seen with jax 0.12)
+    np.testing.assert_allclose(np.asarray(r.weights), np.asarray(top / top.sum(-1, keepdims=True)), atol=3e-6)
     assert r.logits.dtype == jnp.float32 and r.weights.dtype == jnp.float32
 
 
