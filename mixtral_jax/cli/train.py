@@ -34,11 +34,11 @@ from mixtral_jax.training.trainer import TrainConfig, Trainer, list_checkpoints,
 
 def lora_config(args) -> LoRAConfig | None:
     if not args.lora:
-        if args.lora_targets or args.lora_alpha is not None or args.merge:
-            raise ConfigError("--lora-targets, --lora-alpha and --merge need --lora RANK")
+        if args.lora_targets or args.lora_alpha is not None or args.lora_dropout or args.merge:
+            raise ConfigError("--lora-targets, --lora-alpha, --lora-dropout and --merge need --lora RANK")
         return None
     return LoRAConfig(rank=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora,
-                      targets=tuple(args.lora_targets or ALL_TARGETS))
+                      dropout=args.lora_dropout, targets=tuple(args.lora_targets or ALL_TARGETS))
 
 
 def train_config(args) -> TrainConfig:
@@ -154,6 +154,8 @@ def register(subparsers):
     p.add_argument("--lora-targets", nargs="+", choices=list(ALL_TARGETS), metavar="MODULE",
                    help=f"modules to adapt (default: all of {' '.join(ALL_TARGETS)})")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha: the update is scaled by alpha/rank (default 2*rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="dropout on the adapters' input while training (PEFT's lora_dropout; attention targets only)")
     p.add_argument("--quantize", choices=["int8"], help="with --lora: an int8 base (QLoRA-style; adapters float)")
     p.add_argument("--merge", action="store_true", help="with --lora: OUT/final is the base with the adapters merged")
     p.add_argument("--quiet", action="store_true")

@@ -62,6 +62,7 @@ MODULE_OF = {**dict.fromkeys(ATTENTION_TARGETS, "attn"), **dict.fromkeys(EXPERT_
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
 
 # the attention's low-rank products: x -> (x @ a) -> (.. @ b), letters as in mixtral.py
+_WEIGHT_INDEX = {"wq": 0, "wk": 1, "wv": 2, "wo": 3}  # each projection's own dropout mask (fold_in)
 _ATTENTION_SPECS = {"wq": ("btd,dl->btl", "btl,lhx->bthx"), "wk": ("btd,dl->btl", "btl,lkx->btkx"),
                     "wv": ("btd,dl->btl", "btl,lkx->btkx"), "wo": ("bthx,hxl->btl", "btl,ld->btd")}
 
@@ -96,7 +97,8 @@ class LoRAStack:
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
     """Rank, alpha (the update is scaled by alpha / rank, as PEFT without rsLoRA), dropout (PEFT's
-    `lora_dropout`; kept for the adapter's config, not applied by our training) and the targets, named as
+    `lora_dropout` on the adapter's input while training; the attention targets only, as PEFT, which
+    refuses it on Mixtral's fused experts) and the targets, named as
     PEFT names Mixtral's modules."""
 
     rank: int = 8
@@ -214,6 +216,8 @@ def add_adapters(model, lora: LoRAConfig, arrays: Mapping[str, np.ndarray | jax.
         owner = getattr(model.layers[int(layer)], module)
         setattr(owner, attr, LoRAParam(value, logical_axes=spec.logical_axes))
         owner.lora_scale = lora.scale
+        if module == "attn":
+            owner.lora_dropout = lora.dropout
     model.lora = lora
     return model
 
@@ -287,8 +291,9 @@ def remove_adapters(model):
                 for suffix in (A_SUFFIX, B_SUFFIX):
                     if hasattr(module, weight + suffix):
                         delattr(module, weight + suffix)
-            if hasattr(module, "lora_scale"):
-                delattr(module, "lora_scale")
+            for attr in ("lora_scale", "lora_dropout"):
+                if hasattr(module, attr):
+                    delattr(module, attr)
     if getattr(model, "lora", None) is not None:
         model.lora = None
     return model
@@ -311,14 +316,20 @@ def adapter_arrays(model) -> dict[str, jax.Array]:
     return out
 
 
-def plus(module, weight: str, x: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def plus(module, weight: str, x: jax.Array, y: jax.Array, mask: jax.Array | None = None,
+         dropout_key: jax.Array | None = None) -> jax.Array:
     """`y` (the base projection of `x` by `module.<weight>`) plus its adapter's term, if it has one.
-    `mask` (b, t, l): each token's rank columns (stacked adapters; see `stack_adapters`)."""
+    `mask` (b, t, l): each token's rank columns (stacked adapters; see `stack_adapters`). `dropout_key`
+    (training only): PEFT's `lora_dropout` on the adapter's input, `lora_B(lora_A(dropout(x)))`."""
     a = getattr(module, weight + A_SUFFIX, None)
     if a is None:
         return y
     b = getattr(module, weight + B_SUFFIX)
     down, up = _ATTENTION_SPECS[weight]
+    rate = getattr(module, "lora_dropout", 0.0)
+    if dropout_key is not None and rate > 0:
+        keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, _WEIGHT_INDEX[weight]), 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
     h = jnp.einsum(down, x, a[...].astype(x.dtype))
     if mask is not None:
         h = h * mask.astype(h.dtype)

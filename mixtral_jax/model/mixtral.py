@@ -99,34 +99,35 @@ class Attention(nnx.Module):
         self.impl = rt.attention
         self.mesh = rt.mesh
 
-    def project_qkv(self, x, cos, sin, lora_mask=None):
+    def project_qkv(self, x, cos, sin, lora_mask=None, lora_key=None):
         """q (b, t, h, x); k, v in the cache layout (b, k, t, x). `lora_mask` (b, t, l): each token's
-        columns of stacked adapters (`lora.stack_adapters`), as everywhere below."""
+        columns of stacked adapters (`lora.stack_adapters`), as everywhere below; `lora_key`: the layer's
+        LoRA dropout key (training)."""
         dt = x.dtype
         kernel = self.mesh is None  # decode-sized products on one CPU device: mixtral_jax.kernels.cpu
         q, k, v = qeinsums(("btd,dhx->bthx", "btd,dkx->btkx", "btd,dkx->btkx"), x,
                            [_read(self, name, dt) for name in ("wq", "wk", "wv")], cpu_kernel=kernel)
-        q, k, v = (lora.plus(self, name, x, y, lora_mask) for name, y in zip(("wq", "wk", "wv"), (q, k, v),
-                                                                              strict=True))
+        q, k, v = (lora.plus(self, name, x, y, lora_mask, lora_key) for name, y in zip(("wq", "wk", "wv"),
+                                                                                        (q, k, v), strict=True))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
-    def project_out(self, out, lora_mask=None):
+    def project_out(self, out, lora_mask=None, lora_key=None):
         return lora.plus(self, "wo", out, qeinsum("bthx,hxd->btd", out, _read(self, "wo", out.dtype),
-                                                  cpu_kernel=self.mesh is None), lora_mask)
+                                                  cpu_kernel=self.mesh is None), lora_mask, lora_key)
 
-    def __call__(self, x, cos, sin, span: Span, cache=None, start=None, lora_mask=None):
+    def __call__(self, x, cos, sin, span: Span, cache=None, start=None, lora_mask=None, lora_key=None):
         """Without a cache: self-attention over `x`'s own tokens. With `cache` = this layer's `LayerKV`,
         writes this call's keys/values at slot `start` and attends over the whole cache (the attention
         skips slots not written yet); returns (output, updated cache or None)."""
-        q, k, v = self.project_qkv(x, cos, sin, lora_mask)
+        q, k, v = self.project_qkv(x, cos, sin, lora_mask, lora_key)
         k_scale = v_scale = None
         if cache is not None:
             cache = cache.write(k, v, start, self.mesh)
             k, v, k_scale, v_scale = cache
         out = attention(q, k, v, span, window=self.window, k_scale=k_scale, v_scale=v_scale,
                         self_attention=cache is None, impl=self.impl, mesh=self.mesh)
-        return self.project_out(out, lora_mask), cache
+        return self.project_out(out, lora_mask, lora_key), cache
 
     def paged(self, x, cos, sin, pages, scales, batch: PagedBatch, lora_mask=None):
         """A ragged step's tokens x (S, T, d): their keys/values written into their pages, then each token
@@ -184,8 +185,8 @@ class DecoderLayer(nnx.Module):
         self.moe_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=rt.param_dtype, rngs=rngs)
         self.moe = MoE(cfg, rt, rngs=rngs)
 
-    def __call__(self, x, cos, sin, span, kv=None, start=None, expert_weights=None, lora_mask=None):
-        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, span, kv, start, lora_mask)
+    def __call__(self, x, cos, sin, span, kv=None, start=None, expert_weights=None, lora_mask=None, lora_key=None):
+        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, span, kv, start, lora_mask, lora_key)
         h = x + attn_out
         moe_out, router_logits = self.moe(self.moe_norm(h), expert_weights, lora_mask)
         return h + moe_out, router_logits, kv
@@ -197,13 +198,13 @@ class DecoderLayer(nnx.Module):
         return h + moe_out, pages, scales
 
 
-def _rematerialized(layer: DecoderLayer, h, cos, sin, span):
+def _rematerialized(layer: DecoderLayer, h, cos, sin, span, lora_key=None):
     """A decoder layer whose activations are recomputed in the backward pass (`remat_in_order`): training
     memory holds one (b, t, d) input per layer instead of every intermediate (attention tiles, expert
     buckets), for about a third more compute."""
     graphdef, state = nnx.split(layer)
-    run = lambda state, h, cos, sin, span: nnx.merge(graphdef, state)(h, cos, sin, span)[:2]  # noqa: E731
-    return remat_in_order(run)(state, h, cos, sin, span)
+    run = lambda state, h, cos, sin, span, key: nnx.merge(graphdef, state)(h, cos, sin, span, lora_key=key)[:2]  # noqa: E731
+    return remat_in_order(run)(state, h, cos, sin, span, lora_key)
 
 
 class Mixtral(nnx.Module):
@@ -230,32 +231,35 @@ class Mixtral(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, return_router_logits: bool = False,
-                 adapter_ids: jax.Array | None = None):
+                 adapter_ids: jax.Array | None = None, lora_dropout_key: jax.Array | None = None):
         """Full causal forward pass, no cache.
 
         tokens (b, t) int; attention_mask (b, t) with 1 for real tokens and 0 for padding (as HF's);
         positions (b, t) default to the count of real tokens before each one, so left padding is harmless.
         adapter_ids (b,): each row's adapter on a model with stacked adapters (0: the base; see
-        `lora.stack_adapters`).
+        `lora.stack_adapters`). lora_dropout_key: training's key for the adapters' dropout (`LoRAConfig.dropout`;
+        none, the default, is inference: no dropout).
         Returns logits (b, t, vocab) float32, and with `return_router_logits` also (layers, b, t, e).
         Called outside any jit or grad it runs as one compiled program (`model.compiled.forward`).
         """
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (batch, seq), got {tokens.shape}")
-        inputs, static = (tokens, attention_mask, positions, adapter_ids), (return_router_logits,)
+        inputs = (tokens, attention_mask, positions, adapter_ids, lora_dropout_key)
+        static = (return_router_logits,)
         if compiled.tracing(inputs, nnx.state(self)):  # inside a jit or grad already
             return self._forward(*inputs, *static)
         return compiled.forward(self, inputs, static)  # eagerly: one compiled program, not op by op
 
-    def _forward(self, tokens, attention_mask, positions, adapter_ids, return_router_logits):
+    def _forward(self, tokens, attention_mask, positions, adapter_ids, lora_dropout_key, return_router_logits):
         b, t = tokens.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
         mask = lora.token_mask(self, None if adapter_ids is None else jnp.asarray(adapter_ids)[:, None], (b, t),
                                self.runtime.dtype)
-        h, router_logits, _ = self._decoder(tokens, positions, Span(positions, positions, valid), lora_mask=mask)
+        h, router_logits, _ = self._decoder(tokens, positions, Span(positions, positions, valid), lora_mask=mask,
+                                            lora_key=lora_dropout_key)
         logits = self.logits(h)
         return (logits, router_logits) if return_router_logits else logits
 
@@ -286,18 +290,20 @@ class Mixtral(nnx.Module):
         return None if any(v is None for layer in views for v in layer) else views
 
     def _decoder(self, tokens, positions, span: Span, cache: KVCache | None = None, expert_weights=None,
-                 lora_mask=None):
+                 lora_mask=None, lora_key=None):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         mesh = self.runtime.mesh
         h = constrain(self.embed_tokens(tokens), ACTIVATION_AXES, mesh)  # sequences split over data x expert
         router_logits, layers = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layer(i)
+            key = None if lora_key is None else jax.random.fold_in(lora_key, i)
             if self.remat and cache is None and lora_mask is None:  # keep only each layer's input for backward
-                h, layer_router_logits = _rematerialized(layer, h, cos, sin, span)
+                h, layer_router_logits = _rematerialized(layer, h, cos, sin, span, key)
             else:
                 h, layer_router_logits, kv = layer(h, cos, sin, span, kv, None if cache is None else cache.length,
-                                                   None if expert_weights is None else expert_weights[i], lora_mask)
+                                                   None if expert_weights is None else expert_weights[i], lora_mask,
+                                                   key)
             h = constrain(h, ACTIVATION_AXES, mesh)
             router_logits.append(layer_router_logits)
             layers.append(kv)

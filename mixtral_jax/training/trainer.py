@@ -124,9 +124,11 @@ class TrainConfig:
             object.__setattr__(self, "lora", lora_lib.LoRAConfig.from_dict(self.lora))
         if self.lora is not None and not isinstance(self.lora, lora_lib.LoRAConfig):
             raise ConfigError(f"lora must be a LoRAConfig or None, got {self.lora!r}")
-        if self.lora is not None and self.lora.dropout:
-            raise ConfigError("LoRA dropout is not applied by this trainer (as peft's expert adapters, it "
-                              "keeps dropout 0); set dropout=0")
+        if self.lora is not None and self.lora.dropout and set(self.lora.targets) & set(lora_lib.EXPERT_TARGETS):
+            raise ConfigError("LoRA dropout applies to the attention targets only (q_proj k_proj v_proj "
+                              "o_proj): PEFT refuses lora_dropout on Mixtral's fused experts too, since "
+                              "lora_B(lora_A(dropout(x))) cannot share x with the base there; set dropout=0 "
+                              "or leave w1 w2 w3 out of the targets")
 
     def check_model(self, config: MixtralConfig):
         if self.seq_len > config.max_seq_len:
@@ -138,10 +140,12 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------------ loss
 def loss_terms(model: Mixtral, tokens: jax.Array, aux_loss_coef: float, z_loss_coef: float = 0.0,
-               loss_mask: jax.Array | None = None):
+               loss_mask: jax.Array | None = None, dropout_key: jax.Array | None = None):
     """tokens (b, t) -> (total loss, {"loss", "ce", "aux", "z"}); every position predicts the next, or
-    with `loss_mask` (b, t) only the positions it marks (1: this token is a target)."""
-    logits, router_logits = model(tokens, return_router_logits=True)  # (b, t, v), (l, b, t, e)
+    with `loss_mask` (b, t) only the positions it marks (1: this token is a target). `dropout_key`: the
+    LoRA adapters' dropout (none: no dropout)."""
+    logits, router_logits = model(tokens, return_router_logits=True,
+                                  lora_dropout_key=dropout_key)  # (b, t, v), (l, b, t, e)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # (b, t - 1)
     if loss_mask is None:
@@ -217,22 +221,26 @@ class TrainStep:
         model.remat = self.tc.remat
         return model
 
-    def loss(self, params, tokens, frozen=None, loss_mask=None):
-        return loss_terms(self.model(params, frozen), tokens, self.aux_loss_coef, self.tc.z_loss_coef, loss_mask)
+    def loss(self, params, tokens, frozen=None, loss_mask=None, dropout_key=None):
+        return loss_terms(self.model(params, frozen), tokens, self.aux_loss_coef, self.tc.z_loss_coef, loss_mask,
+                          dropout_key)
 
-    def __call__(self, params, opt_state, batch, frozen=None):
+    def __call__(self, params, opt_state, batch, frozen=None, dropout_key=None):
         """batch (grad_accum, micro_batch, seq_len), or a (tokens, loss mask) pair of those -> new params,
-        new opt state, metrics. `frozen`: parameters that are inputs, not trained (LoRA's base)."""
+        new opt state, metrics. `frozen`: parameters that are inputs, not trained (LoRA's base);
+        `dropout_key`: this step's LoRA dropout key (see `Trainer.train_step`)."""
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
 
-        def micro(carry, micro_batch):
+        def micro(carry, indexed):
+            i, micro_batch = indexed
             tokens, mask = micro_batch if isinstance(micro_batch, tuple) else (micro_batch, None)
-            (_, metrics), grads = grad_fn(params, tokens, frozen, mask)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            (_, metrics), grads = grad_fn(params, tokens, frozen, mask, key)
             return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
         zeros = (jax.tree.map(jnp.zeros_like, params), dict.fromkeys(("loss", "ce", "aux", "z"), jnp.float32(0)))
-        (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
         n = jax.tree.leaves(batch)[0].shape[0]
+        (grads, metrics), _ = jax.lax.scan(micro, zeros, (jnp.arange(n), batch))
         grads = jax.tree.map(lambda g: g / n, grads)
         metrics = {k: v / n for k, v in metrics.items()}
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -246,10 +254,10 @@ class TrainStep:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
-def run_step(step: TrainStep, params, opt_state, batch, frozen=None):
+def run_step(step: TrainStep, params, opt_state, batch, frozen=None, dropout_key=None):
     """One jitted step; equal `TrainStep`s share one compile (the step is a static argument). `frozen`
     (LoRA's base weights) is read, never donated."""
-    return step(params, opt_state, batch, frozen)
+    return step(params, opt_state, batch, frozen, dropout_key)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -360,8 +368,11 @@ class Trainer:
             return jax.device_put(x, self._batch_sharding) if self._batch_sharding is not None else jnp.asarray(x)
 
         batch = tuple(put(x) for x in tokens) if isinstance(tokens, tuple) else put(tokens)
+        # LoRA dropout: a key per step from the seed and the step number (a resumed run draws what it would have)
+        key = (jax.random.fold_in(jax.random.PRNGKey(tc.seed), self.step)
+               if tc.lora is not None and tc.lora.dropout else None)
         self.params, self.opt_state, metrics = run_step(self.step_fn, self.params, self.opt_state, batch,
-                                                        self.frozen or None)
+                                                        self.frozen or None, key)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["lr"] = float(self.schedule(self.step))  # the rate this step's update used
         self.step += 1
