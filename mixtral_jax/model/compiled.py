@@ -79,10 +79,10 @@ def tracing(*trees) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for tree in trees for leaf in jax.tree.leaves(tree))
 
 
-def forward(model, inputs: tuple, static: tuple):
-    """`model._forward(*inputs, *static)` as one compiled program (cached per graph, shapes and `static`)."""
-    graphdef, treedef, leaves = split_flat(model)
-    return _forward(graphdef, treedef, leaves, inputs, static)
+def forward(graphdef, state, inputs: tuple, static: tuple):
+    """`model._forward(*inputs, *static)` of the model `nnx.split` gave as (graphdef, state), as one compiled
+    program (cached per graph, shapes and `static`)."""
+    return _forward(HashedOnce.of(graphdef), *flat_state(state), inputs, static)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "treedef", "static"))

@@ -247,9 +247,10 @@ class Mixtral(nnx.Module):
             raise ValueError(f"tokens must have shape (batch, seq), got {tokens.shape}")
         inputs = (tokens, attention_mask, positions, adapter_ids, lora_dropout_key)
         static = (return_router_logits,)
-        if compiled.tracing(inputs, nnx.state(self)):  # inside a jit or grad already
+        graphdef, state = nnx.split(self)
+        if compiled.tracing(inputs, state):  # inside a jit or grad already
             return self._forward(*inputs, *static)
-        return compiled.forward(self, inputs, static)  # eagerly: one compiled program, not op by op
+        return compiled.forward(graphdef, state, inputs, static)  # eagerly: one compiled program, not op by op
 
     def _forward(self, tokens, attention_mask, positions, adapter_ids, lora_dropout_key, return_router_logits):
         b, t = tokens.shape
