@@ -7,8 +7,9 @@ The Cloud name counts TensorCores for v4 and v5p (two per chip, fused as one "me
 chips for v5e and v6e: v4-32 is 16 chips, v5e-8 is 8.
 
 Chip figures are the published per-chip ones (Cloud TPU system architecture pages): HBM, HBM bandwidth,
-dense bf16 peak. For v5e and v5p the HBM is what XLA:TPU says is available when it refuses a program
-(15.75 GiB of the nominal 16; 95.74 GiB of 95); v4 and v6e are nominal.
+dense bf16 peak. For v4, v5e and v5p the HBM is what XLA:TPU says is available when it refuses a program
+(30.75 GiB of the nominal 32; 15.75 of 16; 95.74 GiB of 95): serving plans size pages to it, so a nominal
+figure over it makes XLA refuse the first size; v6e is nominal (XLA says 31.25 GiB).
 
 GPU hosts are described the same way by the CUDA PJRT plugin (`jax-cuda12-plugin` and `ptxas` from
 `nvidia-cuda-nvcc-cu12`, the `gpu-plan` extra; no GPU needed) from one of XLA's GpuTargetConfigProto files
@@ -50,7 +51,7 @@ class Chip:
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * GIB, 1.2e12, 275e12),
+    "v4": Chip("TPU v4", int(30.75 * GIB), 1.2e12, 275e12),
     "v5e": Chip("TPU v5e", int(15.75 * GIB), 8.19e11, 197e12),
     "v5p": Chip("TPU v5p", int(95.74 * GIB), 2.765e12, 459e12),
     "v6e": Chip("TPU v6e", 32 * GIB, 1.64e12, 918e12),
