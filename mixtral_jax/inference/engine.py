@@ -63,8 +63,8 @@ from mixtral_jax.inference.sampling import (
     check_request,
     seed_words,
 )
-from mixtral_jax.inference.scheduler import Request, Scheduler, StepPlan
-from mixtral_jax.model import lora
+from mixtral_jax.inference.scheduler import Request, Scheduler, StepPlan, step_shapes
+from mixtral_jax.model import lora, paged_attention
 from mixtral_jax.model.kv_cache import PagedBatch, PagedKVCache
 from mixtral_jax.model.mixtral import Mixtral
 
@@ -171,7 +171,7 @@ class Engine:
         self.row_params: list[SamplingParams | None] = [None] * rows
         self.row_constrained = [False] * rows
         self.scheduler = Scheduler(lay.shards, lay.rows, lay.pages, lay.page_size, lay.pages_per_seq, lay.budget,
-                                   config.prefix_cache)
+                                   config.prefix_cache, narrow_tables=self._reads_every_entry())
         self.waiting: collections.deque[Request] = collections.deque()
         self.stats = Stats()
         self._lock = threading.Condition()
@@ -181,7 +181,42 @@ class Engine:
         self.failed = False
         self.lead = jax.process_index() == 0
 
+    def _reads_every_entry(self) -> bool:
+        """Whether the paged attention reads every page-table entry's page (`xla`: narrow tables for short
+        sequences pay) or only those in use (the TPU kernel: one table width, fewer shapes to compile)."""
+        mc, lay = self.model.config, self.layout
+        q = jax.ShapeDtypeStruct((lay.shards, 1, mc.n_heads, mc.head_dim), self.model.runtime.dtype)
+        pages = jax.ShapeDtypeStruct((lay.total_pages, lay.page_size, 2 * mc.n_kv_heads, mc.head_dim),
+                                     self._cache_dtype)
+        return paged_attention.resolve("auto", q, pages, self.model.runtime.mesh) != "pallas_tpu"
+
     # ------------------------------------------------------------------------------ public API
+    @property
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """Every (token slots, page-table width) this engine's steps can take: one compiled program each."""
+        lay = self.layout
+        return step_shapes(lay.budget, lay.pages_per_seq, self.scheduler.narrow_tables)
+
+    def warmup(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Compile every step shape now rather than when requests first need them: a compile stalls every
+        running request (seconds on CPU; a minute or more for the full model on a TPU host). Each shape runs
+        once as a step without tokens, which writes no page, counts nothing and draws for no row. Call it
+        on every process of a multi-host engine, before `start()`. `progress(done, total)` after each.
+        Returns the number of shapes."""
+        if not self.idle or self._thread is not None:
+            raise RuntimeError("warm up an idle engine, before start()")
+        lay, shapes = self.layout, self.step_shapes
+        row = self._put(np.int32(0))
+        self.bias = _set_row(self.bias, row, self._put(np.asarray(self.bias[0])))  # admission's program too
+        for i, (tokens, width) in enumerate(shapes):
+            self._pending = self._launch(StepPlan.empty(lay.shards, lay.rows, tokens, width))
+            jax.block_until_ready(self._pending[1])
+            self._read_back()
+            if progress is not None:
+                progress(i + 1, len(shapes))
+        self.stats.steps -= len(shapes)
+        return len(shapes)
+
     def validate(self, prompt: Sequence[int], params: SamplingParams) -> list[int]:
         """Raise RequestError unless the engine can serve this prompt with these parameters (`check_request`,
         the sampler's check, in this engine's context and pages). Returns the prompt as a list of ints."""
@@ -387,7 +422,7 @@ class Engine:
         batch = PagedBatch(put(plan.positions), put(plan.slot_mapping), put(plan.kv_lens), put(plan.page_indices),
                            put(plan.cu_q_lens), put(plan.num_seqs))
         inputs = StepInputs(put(plan.tokens), put(plan.from_prev), put(plan.rows), put(plan.sample_at),
-                            put(plan.reset), put(plan.index), batch, put(plan.adapter))
+                            put(plan.sample_rows), put(plan.reset), put(plan.index), batch, put(plan.adapter))
         out, logprobs, self.cache, self.counts = paged_step(
             self._graphdef, self._treedef, self._leaves, self._experts, self.cache, self.counts, self.bias,
             self._prev, inputs, mask, strategy, penalties, seeds, wanted)
@@ -464,7 +499,8 @@ def _plan_shapes(layout, tokens: int, width: int) -> dict[str, tuple[int, ...]]:
     s, b, t, r = layout.shards, layout.rows, tokens, layout.total_rows
     return {"tokens": (s, t), "from_prev": (s, t), "rows": (s, t), "positions": (s, t), "slot_mapping": (s, t),
             "kv_lens": (s, b), "page_indices": (s, b, width), "cu_q_lens": (s, b + 1),
-            "num_seqs": (s,), "sample_at": (s, b), "reset": (r,), "index": (r,), "adapter": (r,)}
+            "num_seqs": (s,), "sample_at": (s, min(b, t)), "sample_rows": (s, min(b, t)), "reset": (r,),
+            "index": (r,), "adapter": (r,)}
 
 
 @functools.partial(jax.jit, donate_argnames=("table",))

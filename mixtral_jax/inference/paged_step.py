@@ -120,7 +120,8 @@ class StepInputs(NamedTuple):
     tokens: jax.Array       # (S, T) int32
     from_prev: jax.Array    # (S, T) bool: take the token the previous step drew for its row
     rows: jax.Array         # (S, T) int32 row of each token slot, -1 for padding
-    sample_at: jax.Array    # (S, B) the token slot whose logits each row draws from
+    sample_at: jax.Array    # (S, R) the token slot whose logits each draw takes (R = min(B, T))
+    sample_rows: jax.Array  # (S, R) int32 the row each draw is for, -1 for none
     reset: jax.Array        # (S * B,) bool: the row's penalty counts start again
     index: jax.Array        # (S * B,) int32: the token number each row draws (its key)
     batch: PagedBatch
@@ -130,7 +131,8 @@ class StepInputs(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("graphdef", "treedef"), donate_argnames=("cache", "counts"))
 def paged_step(graphdef, treedef, leaves, experts, cache: PagedKVCache, counts, bias, prev, inputs: StepInputs,
                mask, strategy, penalties, seeds, wanted):
-    """Returns (a token per row (S * B,), `Logprobs`, cache, counts). counts, bias (S * B, vocab): penalty
+    """Returns (a token per row (S * B,): drawn this step, else the previous step's; `Logprobs` per row,
+    zeros where none was drawn; cache, counts). counts, bias (S * B, vocab): penalty
     counts and logit_bias rows; prev (S * B,): the previous step's tokens; mask (S * B, words): allowed tokens;
     strategy, penalties, seeds, wanted: the rows' sampling (`RowParams` or `Greedy`, (3, rows) penalties,
     (rows, 2) seed words, logprobs wanted (rows,))."""
@@ -142,11 +144,18 @@ def paged_step(graphdef, treedef, leaves, experts, cache: PagedKVCache, counts, 
     adapters = inputs.adapter[rows] if lora.lora_stack(model) is not None else None  # (S, T): each token's
     logits, cache = model.extend_paged(cache, tokens, inputs.batch, inputs.sample_at, expert_weights=experts,
                                        adapter_ids=adapters)
-    logits = logits.reshape(-1, logits.shape[-1])                                     # (S * B, vocab)
-    logits = penalize_rows(logits, counts, penalties) + bias
-    chosen = sample(apply_bitmask(logits, mask), strategy, row_keys(seeds, jnp.zeros_like(inputs.index),
-                                                                   inputs.index))
-    logprobs = logprob_outputs(logits, chosen, wanted)
+    logits = logits.reshape(-1, logits.shape[-1])                                     # (S * R, vocab)
+    slots = inputs.sample_rows.reshape(-1)
+    at = jnp.maximum(slots, 0)                                                        # each draw's row
+    logits = penalize_rows(logits, counts[at], penalties[:, at]) + bias[at]
+    index = inputs.index[at]
+    chosen = sample(apply_bitmask(logits, mask[at]), jax.tree.map(lambda x: x[at], strategy),
+                    row_keys(seeds[at], jnp.zeros_like(index), index))
+    drawn = logprob_outputs(logits, chosen, wanted[at] & (slots >= 0))
+    to_row = jnp.where(slots >= 0, slots, prev.shape[0])                              # none: dropped
+    chosen = prev.at[to_row].set(chosen, mode="drop")                                 # (S * B,)
+    logprobs = jax.tree.map(lambda x: jnp.zeros((prev.shape[0], *x.shape[1:]), x.dtype).at[to_row].set(
+        x, mode="drop"), drawn)
     if model.runtime.mesh is not None:  # every process reads the tokens where it is (no gather)
         chosen, logprobs, counts = jax.lax.with_sharding_constraint(
             (chosen, logprobs, counts), NamedSharding(model.runtime.mesh, PartitionSpec()))
@@ -162,6 +171,7 @@ def abstract_step_args(config: MixtralConfig, engine: EngineConfig, mesh, tokens
     layout = engine_layout(engine, config, mesh)
     s, b, r = layout.shards, layout.rows, layout.total_rows
     t = tokens or layout.budget
+    draws = min(b, t)
 
     def rep(shape, dtype):
         sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -170,8 +180,8 @@ def abstract_step_args(config: MixtralConfig, engine: EngineConfig, mesh, tokens
     i32 = jnp.int32
     batch = PagedBatch(rep((s, t), i32), rep((s, t), i32), rep((s, b), i32), rep((s, b, layout.pages_per_seq), i32),
                        rep((s, b + 1), i32), rep((s,), i32))
-    inputs = StepInputs(rep((s, t), i32), rep((s, t), jnp.bool_), rep((s, t), i32), rep((s, b), i32),
-                        rep((r,), jnp.bool_), rep((r,), i32), batch, rep((r,), i32))
+    inputs = StepInputs(rep((s, t), i32), rep((s, t), jnp.bool_), rep((s, t), i32), rep((s, draws), i32),
+                        rep((s, draws), i32), rep((r,), jnp.bool_), rep((r,), i32), batch, rep((r,), i32))
     cache = PagedKVCache.shapes(config, layout.total_pages, layout.page_size,
                                 cache_dtype or engine.cache_dtype or jnp.bfloat16, mesh)
     strategy = Greedy() if greedy else RowParams(rep((r,), jnp.float32), rep((r,), i32), rep((r,), jnp.float32))

@@ -106,10 +106,12 @@ class Sequence:
 class StepPlan:
     """One step's inputs (numpy, shaped by shard) and what the host does with its output.
 
-    tokens, from_prev, rows, positions, slot_mapping: (S, T); kv_lens, sample_at: (S, B); page_indices
-    (S, B, pages per sequence); cu_q_lens (S, B + 1); num_seqs (S,); reset, index, adapter: (S * B,) (rows
-    whose penalty counts start again; the token number each row draws, for its key; each row's LoRA
-    adapter, 0 for none). `emits`: (row, request) whose drawn token this step's output holds."""
+    tokens, from_prev, rows, positions, slot_mapping: (S, T); kv_lens (S, B); page_indices (S, B, pages per
+    sequence); cu_q_lens (S, B + 1); num_seqs (S,); sample_at, sample_rows (S, R), R = min(B, T): the
+    token slot each draw takes its logits from and the row it draws for (-1: none; a step's T slots hold
+    at most T draws, so a lone decode computes the LM head for R = 4 rows, not B); reset, index, adapter:
+    (S * B,) (rows whose penalty counts start again; the token number each row draws, for its key; each
+    row's LoRA adapter, 0 for none). `emits`: (row, request) whose drawn token this step's output holds."""
 
     tokens: np.ndarray
     from_prev: np.ndarray
@@ -121,21 +123,22 @@ class StepPlan:
     cu_q_lens: np.ndarray
     num_seqs: np.ndarray
     sample_at: np.ndarray
+    sample_rows: np.ndarray
     reset: np.ndarray
     index: np.ndarray
     adapter: np.ndarray
     emits: list[tuple[int, Request]] = dataclasses.field(default_factory=list)
 
     ARRAYS = ("tokens", "from_prev", "rows", "positions", "slot_mapping", "kv_lens", "page_indices", "cu_q_lens",
-              "num_seqs", "sample_at", "reset", "index", "adapter")
+              "num_seqs", "sample_at", "sample_rows", "reset", "index", "adapter")
 
     @classmethod
     def empty(cls, shards: int, rows: int, tokens: int, pages_per_seq: int) -> StepPlan:
-        st, sb = (shards, tokens), (shards, rows)
+        st, sb, sr = (shards, tokens), (shards, rows), (shards, min(rows, tokens))
         return cls(np.zeros(st, np.int32), np.zeros(st, bool), np.full(st, -1, np.int32), np.zeros(st, np.int32),
                    np.full(st, -1, np.int32), np.zeros(sb, np.int32), np.zeros((*sb, pages_per_seq), np.int32),
-                   np.zeros((shards, rows + 1), np.int32), np.zeros(shards, np.int32), np.zeros(sb, np.int32),
-                   np.zeros(shards * rows, bool), np.zeros(shards * rows, np.int32),
+                   np.zeros((shards, rows + 1), np.int32), np.zeros(shards, np.int32), np.zeros(sr, np.int32),
+                   np.full(sr, -1, np.int32), np.zeros(shards * rows, bool), np.zeros(shards * rows, np.int32),
                    np.zeros(shards * rows, np.int32))
 
 
@@ -152,13 +155,22 @@ def table_width(n: int, pages_per_seq: int) -> int:
     return min(pages_per_seq, max(4, 1 << max(0, n - 1).bit_length()))
 
 
+def step_shapes(budget: int, pages_per_seq: int, narrow_tables: bool = True) -> list[tuple[int, int]]:
+    """Every (token slots, page-table width) a step can have (`step_tokens`, `table_width`): what
+    `Engine.warmup` compiles."""
+    tokens = sorted({step_tokens(n, budget) for n in range(1, budget + 1)})
+    widths = sorted({table_width(n, pages_per_seq) for n in range(1, pages_per_seq + 1)}) if narrow_tables \
+        else [pages_per_seq]
+    return [(t, w) for t in tokens for w in widths]
+
+
 class Scheduler:
     """Rows, pages and the queue's next step (see the module docstring). `plan(waiting)` takes what it
     admits from `waiting` and puts preempted requests back at its front; `release(row)` ends a row's
     sequence (finished or cancelled)."""
 
     def __init__(self, shards: int, rows: int, pages: int, page_size: int, pages_per_seq: int, budget: int,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, narrow_tables: bool = True):
         if budget < rows:
             raise ValueError(f"a step's {budget} tokens per shard cannot hold the shard's {rows} decodes")
         self.shards, self.rows, self.page_size, self.pages_per_seq, self.budget = (shards, rows, page_size,
@@ -166,6 +178,9 @@ class Scheduler:
         self.pools = [PagePool(pages) for _ in range(shards)]
         self.seqs: dict[int, Sequence] = {}
         self.prefix_cache = prefix_cache
+        # False: every table is pages_per_seq wide (where the attention reads only the pages in use, as
+        # the TPU kernel does, narrow tables only add shapes to compile)
+        self.narrow_tables = narrow_tables
         self._age = 0
         self.prefix_hit_tokens = 0
         self.preemptions = 0
@@ -290,10 +305,10 @@ class Scheduler:
                       for s in range(self.shards))
         widest = max(len(self.seqs[r].pages) for r, n in wants.items() if n and r in self.seqs)
         p = StepPlan.empty(self.shards, self.rows, step_tokens(busiest, self.budget),
-                           table_width(widest, self.pages_per_seq))
+                           table_width(widest, self.pages_per_seq) if self.narrow_tables else self.pages_per_seq)
         ps = self.page_size
         for s in range(self.shards):
-            t = i = 0
+            t = i = drawn = 0
             for row in range(s * self.rows, (s + 1) * self.rows):
                 q, n = self.seqs.get(row), wants.get(row, 0)
                 if q is None or not n:
@@ -315,7 +330,8 @@ class Scheduler:
                 p.cu_q_lens[s, i + 1] = t
                 i += 1
                 if q.computed == q.total:  # its last token is in: draw the next one
-                    p.sample_at[s, row - s * self.rows] = t - 1
+                    p.sample_at[s, drawn], p.sample_rows[s, drawn] = t - 1, row
+                    drawn += 1
                     p.index[row] = r.n_sampled
                     p.emits.append((row, r))
                     r.n_sampled += 1

@@ -488,6 +488,7 @@ ffi::Error MoeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids,
   for (int64_t c = 0; c < m * K; ++c) {
     const int32_t e = id[c];
     if (e < 0 || e >= E) return ffi::Error::InvalidArgument("mixtral_moe: expert id out of range");
+    if (gate[c] == 0.0f) continue;  // a padding token's copy (moe.without_padding): adds exactly 0
     copies[e].push_back(c);
   }
   struct Group {

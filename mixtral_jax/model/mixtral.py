@@ -21,7 +21,7 @@ from mixtral_jax.kernels import cpu as cpu_kernels
 from mixtral_jax.model import compiled, lora
 from mixtral_jax.model.attention import Span, attention
 from mixtral_jax.model.kv_cache import KVCache, PagedBatch, PagedKVCache
-from mixtral_jax.model.moe import expert_views, resolve_strategy, route, run_experts
+from mixtral_jax.model.moe import expert_views, resolve_strategy, route, run_experts, without_padding
 from mixtral_jax.model.paged_attention import ragged_paged_attention, write_pages
 from mixtral_jax.model.quant import qeinsum, qeinsums, quantize_jax, read
 from mixtral_jax.model.remat import remat_in_order
@@ -154,11 +154,13 @@ class MoE(nnx.Module):
         self.capacity_factor = rt.capacity_factor
         self.mesh = rt.mesh
 
-    def __call__(self, x: jax.Array, expert_weights=None, lora_mask=None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, expert_weights=None, lora_mask=None, valid=None) -> tuple[jax.Array, jax.Array]:
         """x (b, t, d) -> (output (b, t, d), router logits (b, t, e)).
 
         `expert_weights`: this layer's (w1, w3, w2) as per-expert arrays from `Mixtral.expert_views`, read
-        by the `grouped` strategy in place of static slices of the stacked parameters."""
+        by the `grouped` strategy in place of static slices of the stacked parameters. `valid` (b, t): the
+        real tokens (others are padding, whose output is 0 and which read no experts of their own; on one
+        device, where that saves weight reads)."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         dt = x.dtype
@@ -170,6 +172,8 @@ class MoE(nnx.Module):
                                               lora=adapters)
         else:
             routing = route(flat, self.router[...], self.top_k)
+            if valid is not None:
+                routing = without_padding(routing, valid.reshape(b * t))
             out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, expert_weights,
                               cpu_kernel=True, lora=adapters)
             logits = routing.logits
@@ -194,7 +198,7 @@ class DecoderLayer(nnx.Module):
     def paged(self, x, cos, sin, pages, scales, batch: PagedBatch, expert_weights=None, lora_mask=None):
         attn_out, pages, scales = self.attn.paged(self.attn_norm(x), cos, sin, pages, scales, batch, lora_mask)
         h = x + attn_out
-        moe_out, _ = self.moe(self.moe_norm(h), expert_weights, lora_mask)
+        moe_out, _ = self.moe(self.moe_norm(h), expert_weights, lora_mask, valid=batch.slot_mapping >= 0)
         return h + moe_out, pages, scales
 
 

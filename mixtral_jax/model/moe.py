@@ -132,6 +132,15 @@ def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
     return Routing(logits, jax.nn.softmax(top_logits, axis=-1), expert_ids.astype(jnp.int32))
 
 
+def without_padding(routing: Routing, valid: jax.Array) -> Routing:
+    """Routing in which the padding tokens (`valid` (t,) False) weigh 0 and pick the experts of the first real
+    token: a ragged serving step's empty slots then read no expert weights of their own (a decode step is
+    bound by the experts it reads; three padding tokens beside one decode read up to twice as many)."""
+    first = jnp.argmax(valid)
+    ids = jnp.where(valid[:, None], routing.expert_ids, routing.expert_ids[first][None])
+    return Routing(routing.logits, jnp.where(valid[:, None], routing.weights, 0), ids)
+
+
 def _swiglu(x, w1, w3, w2, spec_in: str, spec_w: str, spec_h: str, spec_w2: str, spec_out: str,
             lora: ExpertLoRA | None = None):
     up = f"{spec_in},{spec_w}->{spec_h}"

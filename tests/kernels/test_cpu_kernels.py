@@ -16,7 +16,7 @@ from mixtral_jax.config import MixtralConfig, RuntimeConfig
 from mixtral_jax.inference.sampler import Sampler
 from mixtral_jax.kernels import cpu as cpu_kernels
 from mixtral_jax.model.mixtral import Mixtral
-from mixtral_jax.model.moe import moe_dense, moe_kernel, route, run_experts
+from mixtral_jax.model.moe import moe_dense, moe_kernel, route, run_experts, without_padding
 from mixtral_jax.model.quant import QArray, dequantize, quantize
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs a C++ compiler for the CPU kernels")
@@ -177,6 +177,26 @@ def test_run_experts_takes_the_kernel_for_decode_only():
         got = run_experts(x, routing, w1, w3, w2, "grouped", cpu_kernel=True)
         np.testing.assert_allclose(np.asarray(got), np.asarray(moe_dense(x, routing, w1, w3, w2)), rtol=2e-5,
                                    atol=2e-6)
+
+
+@pytest.mark.parametrize("tokens", [4, 16, 40])
+def test_padding_tokens_read_no_experts_and_leave_the_real_ones_exact(tokens):
+    """`without_padding` (a serving step's empty slots): the real tokens' outputs equal the dense loop's
+    over the real tokens alone, padding rows are 0, and (kernel path) only the real tokens' experts are used."""
+    rng = np.random.default_rng(tokens)
+    w1, w3, w2 = _experts(8, 32, 48, "float32", rng)
+    router = jnp.asarray(rng.standard_normal((32, 8)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((tokens, 32)), jnp.float32)
+    valid = jnp.asarray(np.arange(tokens) % 4 == 1)  # the first real token is not row 0
+    routing = without_padding(route(x, router, 2), valid)
+    real = np.flatnonzero(np.asarray(valid))
+    assert set(np.asarray(routing.expert_ids).ravel()) == set(np.asarray(routing.expert_ids)[real].ravel())
+    want = np.asarray(moe_dense(x[real], route(x[real], router, 2), w1, w3, w2))
+    for strategy in ("grouped", "dense", "gather"):
+        got = np.asarray(jax.jit(lambda x, r, s=strategy: run_experts(x, r, w1, w3, w2, s, cpu_kernel=True))(
+            x, routing))
+        np.testing.assert_allclose(got[real], want, rtol=2e-5, atol=2e-6, err_msg=strategy)
+        assert not got[np.asarray(~valid)].any(), strategy
 
 
 def test_gradients_through_the_kernels_equal_xlas():
