@@ -23,6 +23,7 @@ from mixtral_jax.errors import ConfigError
 from mixtral_jax.inference.engine import Engine, EngineConfig
 from mixtral_jax.model import lora
 from mixtral_jax.planning.serve_plan import check_engine_fits
+from mixtral_jax.progress import progress
 from mixtral_jax.serving.app import create_app, run_server
 from mixtral_jax.serving.limits import ServerLimits, raise_open_file_limit
 from mixtral_jax.text.tokenizer import Tokenizer, load_tokenizer, tokenizer_for
@@ -107,6 +108,9 @@ def run_serve(args) -> int:
     tokenizer = check_vocabulary(tokenizer or tokenizer_for(model), model.config.vocab_size)
     check_engine_fits(model, config)  # on an accelerator: refuse now, with what fits, not OOM at the first request
     engine = Engine(model, config)
+    if not args.no_warmup:  # every process: each compiles the same programs
+        with progress(len(engine.step_shapes), "compiling the engine's step shapes", "shapes") as bar:
+            engine.warmup(lambda done, total: bar.advance())
     if jax.process_index() != 0:  # follow process 0's steps until it shuts down
         engine.run()
         return 0
@@ -147,6 +151,9 @@ def register(sub):
     s.add_argument("--num-pages", type=int, help="KV cache pages in all (default: room for --max-batch requests of "
                                                  "--max-context; fewer hold more typical requests and preempt when "
                                                  "full)")
+    s.add_argument("--no-warmup", action="store_true",
+                   help="do not compile every step shape at start-up (each is then compiled when a step first needs "
+                        "it, stalling the requests running then)")
     s.add_argument("--no-prefix-cache", action="store_true",
                    help="do not share the pages of a prompt prefix between requests")
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")

@@ -28,9 +28,12 @@ def raise_open_files(wanted: int) -> int:
 
 
 @contextlib.contextmanager
-def serve_process(*flags: str, env: dict | None = None, startup_s: float = 300):
-    """Yields (process, base URL, port) once /health answers; the process is killed at exit."""
+def serve_process(*flags: str, env: dict | None = None, startup_s: float = 300, warmup: bool = False):
+    """Yields (process, base URL, port) once /health answers; the process is killed at exit. Without
+    `warmup`, `--no-warmup` (step shapes compile when first used: the tests here are about other things,
+    and tests/serving/test_serve.py starts its servers warmed up)."""
     port = free_port()
+    flags = flags if warmup else (*flags, "--no-warmup")
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu") | (env or {})
     proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port), *flags],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
