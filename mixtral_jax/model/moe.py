@@ -252,13 +252,17 @@ def bucket_sizes(n_tokens: int, top_k: int, n_experts: int) -> tuple[int, ...]:
     return tuple(sorted(ladder | {n_tokens}))
 
 
-def moe_grouped(x, routing: Routing, w1, w3, w2, expert_weights=None, lora: ExpertLoRA | None = None) -> jax.Array:
+def moe_grouped(x, routing: Routing, w1, w3, w2, expert_weights=None, lora: ExpertLoRA | None = None,
+                valid: jax.Array | None = None) -> jax.Array:
     """`expert_weights`: optional (w1, w3, w2) as tuples of per-expert arrays (see `expert_views`); the
-    decode form reads them in place of static slices of the stacked weights."""
+    decode form reads them in place of static slices of the stacked weights. `valid` (t,): the real tokens;
+    the others' copies go to no expert (sorted last, counted nowhere) and their output rows are 0."""
     t, k = routing.expert_ids.shape
     n_experts = w1.shape[0]
     sizes = bucket_sizes(t, k, n_experts)
     flat_experts = routing.expert_ids.reshape(-1)
+    if valid is not None:
+        flat_experts = jnp.where(jnp.repeat(valid, k), flat_experts, n_experts)
     order = jnp.argsort(flat_experts, stable=True)                      # copies grouped by expert
     counts = jnp.bincount(flat_experts, length=n_experts).astype(jnp.int32)
     starts = jnp.cumsum(counts) - counts
@@ -377,25 +381,26 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
 
 
 def run_experts(x, routing: Routing, w1, w3, w2, strategy: str = "auto", capacity_factor: float = 2.0,
-                expert_weights=None, cpu_kernel: bool = False, lora: ExpertLoRA | None = None):
+                expert_weights=None, cpu_kernel: bool = False, lora: ExpertLoRA | None = None, valid=None):
     """Apply the experts to `x` (t, d) with the chosen strategy; `expert_weights` (see `expert_views`)
     serve `grouped` and are ignored by the others. `cpu_kernel`: `x` is on one device; `grouped` then
     runs a decode-sized `x` through `cpu_kernels.moe` where the kernels are usable (not with `lora`:
-    the kernel has no low-rank terms). `lora`: the experts' adapters, added inside the strategy."""
+    the kernel has no low-rank terms). `lora`: the experts' adapters, added inside the strategy. `valid`
+    (t,): the real tokens, for `grouped` (padding computes nothing; see `without_padding` for the rest)."""
     strategy = resolve_strategy(strategy)
     if cpu_kernel and lora is None and strategy == "grouped" and cpu_kernels.usable(x.shape[0], w1, w3, w2):
         return moe_kernel(x, routing, w1, w3, w2)
     # Eagerly, jit: `lax.switch` would otherwise compile its branches on every call. Under an outer jit,
     # call straight through: a nested jit boundary costs the decode step ~20% on XLA:CPU.
     run = _run_experts if isinstance(x, jax.core.Tracer) else _run_experts_jit
-    return run(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weights, lora)
+    return run(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weights, lora, valid)
 
 
-def _run_experts(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weights, lora=None):
+def _run_experts(x, routing, w1, w3, w2, strategy, capacity_factor, expert_weights, lora=None, valid=None):
     if strategy == "capacity":
         return moe_capacity(x, routing, w1, w3, w2, capacity_factor, lora)
     if strategy == "grouped":
-        return moe_grouped(x, routing, w1, w3, w2, expert_weights, lora)
+        return moe_grouped(x, routing, w1, w3, w2, expert_weights, lora, valid)
     return STRATEGIES[strategy](x, routing, w1, w3, w2, lora)
 
 

@@ -193,8 +193,8 @@ def test_padding_tokens_read_no_experts_and_leave_the_real_ones_exact(tokens):
     assert set(np.asarray(routing.expert_ids).ravel()) == set(np.asarray(routing.expert_ids)[real].ravel())
     want = np.asarray(moe_dense(x[real], route(x[real], router, 2), w1, w3, w2))
     for strategy in ("grouped", "dense", "gather"):
-        got = np.asarray(jax.jit(lambda x, r, s=strategy: run_experts(x, r, w1, w3, w2, s, cpu_kernel=True))(
-            x, routing))
+        got = np.asarray(jax.jit(lambda x, r, s=strategy: run_experts(x, r, w1, w3, w2, s, cpu_kernel=True,
+                                                                      valid=valid))(x, routing))
         np.testing.assert_allclose(got[real], want, rtol=2e-5, atol=2e-6, err_msg=strategy)
         assert not got[np.asarray(~valid)].any(), strategy
 
