@@ -21,6 +21,7 @@ from mixtral_jax.cli.model_flags import add_model_flags, load_model
 from mixtral_jax.convert.peft import read_peft
 from mixtral_jax.errors import ConfigError
 from mixtral_jax.inference.engine import Engine, EngineConfig
+from mixtral_jax.kernels import cpu as cpu_kernels
 from mixtral_jax.model import lora
 from mixtral_jax.planning.serve_plan import check_engine_fits
 from mixtral_jax.progress import progress
@@ -95,6 +96,17 @@ def server_limits(args) -> ServerLimits:
                         api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None)
 
 
+def use_compile_cache(directory: str | None) -> str | None:
+    """JAX's persistent compilation cache in `directory` (None: mixtral_jax's cache folder, `xla/`; "": off),
+    so a restarted server loads the step programs its warm-up compiled (on a TPU host, minutes for the full
+    model) instead of compiling them again. Returns the folder used."""
+    if directory == "":
+        return None
+    path = directory or str(cpu_kernels.cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def run_serve(args) -> int:
     config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
                           cache_dtype=args.kv_cache_dtype, page_size=args.page_size, num_pages=args.num_pages,
@@ -107,6 +119,7 @@ def run_serve(args) -> int:
     model = load_adapters(load_model(args), adapter_dirs)
     tokenizer = check_vocabulary(tokenizer or tokenizer_for(model), model.config.vocab_size)
     check_engine_fits(model, config)  # on an accelerator: refuse now, with what fits, not OOM at the first request
+    use_compile_cache(args.compile_cache)
     engine = Engine(model, config)
     if not args.no_warmup:  # every process: each compiles the same programs
         with progress(len(engine.step_shapes), "compiling the engine's step shapes", "shapes") as bar:
@@ -154,6 +167,8 @@ def register(sub):
     s.add_argument("--no-warmup", action="store_true",
                    help="do not compile every step shape at start-up (each is then compiled when a step first needs "
                         "it, stalling the requests running then)")
+    s.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache: a restart loads the "
+                   "compiled steps from DIR (default: the mixtral_jax cache folder's xla/; '' turns it off)")
     s.add_argument("--no-prefix-cache", action="store_true",
                    help="do not share the pages of a prompt prefix between requests")
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")

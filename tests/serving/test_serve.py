@@ -46,12 +46,19 @@ def _metric(base, name) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+COMPILE_CACHE = {}
+
+
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
+    """The demo model's server, warmed up (every step shape compiled at start-up) into a compile cache of
+    its own (every program kept, however quick its compile)."""
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    COMPILE_CACHE["dir"] = cache = tmp_path_factory.mktemp("xla")
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port), "--max-batch", "4",
-                             "--max-context", str(MAX_CONTEXT), "--prefill-chunk", "16", "--drain-seconds", "20"],
+                             "--max-context", str(MAX_CONTEXT), "--prefill-chunk", "16", "--drain-seconds", "20",
+                             "--compile-cache", str(cache)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -72,6 +79,13 @@ def server():
         proc.kill()
         proc.wait(30)
 
+
+
+def test_the_warm_up_writes_the_step_programs_to_the_compile_cache(server):
+    """What a restarted server loads instead of compiling: the warm-up's programs, one entry each at least
+    (3 token-slot counts x 2 page-table widths at this context and chunk)."""
+    entries = [f for f in COMPILE_CACHE["dir"].rglob("*") if f.is_file()]
+    assert len(entries) >= 6, entries
 
 def test_models_completion_and_stream_agree(server):
     _, base, client = server
