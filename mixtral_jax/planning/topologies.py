@@ -7,9 +7,9 @@ The Cloud name counts TensorCores for v4 and v5p (two per chip, fused as one "me
 chips for v5e and v6e: v4-32 is 16 chips, v5e-8 is 8.
 
 Chip figures are the published per-chip ones (Cloud TPU system architecture pages): HBM, HBM bandwidth,
-dense bf16 peak. For v4, v5e and v5p the HBM is what XLA:TPU says is available when it refuses a program
-(30.75 GiB of the nominal 32; 15.75 of 16; 95.74 GiB of 95): serving plans size pages to it, so a nominal
-figure over it makes XLA refuse the first size; v6e is nominal (XLA says 31.25 GiB).
+dense bf16 peak. The HBM is what XLA:TPU says is available when it refuses a program (30.75 GiB of v4's
+nominal 32; 15.75 of 16; 95.74 GiB of 95; 31.25 of 32 for v6e): serving plans size pages to it, so a
+nominal figure over it makes XLA refuse the first size.
 
 GPU hosts are described the same way by the CUDA PJRT plugin (`jax-cuda12-plugin` and `ptxas` from
 `nvidia-cuda-nvcc-cu12`, the `gpu-plan` extra; no GPU needed) from one of XLA's GpuTargetConfigProto files
@@ -54,7 +54,7 @@ CHIPS = {
     "v4": Chip("TPU v4", int(30.75 * GIB), 1.2e12, 275e12),
     "v5e": Chip("TPU v5e", int(15.75 * GIB), 8.19e11, 197e12),
     "v5p": Chip("TPU v5p", int(95.74 * GIB), 2.765e12, 459e12),
-    "v6e": Chip("TPU v6e", 32 * GIB, 1.64e12, 918e12),
+    "v6e": Chip("TPU v6e", int(31.25 * GIB), 1.64e12, 918e12),
 }
 H100 = Chip("NVIDIA H100 SXM 80GB", 80 * 10**9, 3.35e12, 989e12)
 

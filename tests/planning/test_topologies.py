@@ -36,7 +36,7 @@ def xla_available_hbm(slice_name: str) -> float:
     return float(m[1])
 
 
-@pytest.mark.parametrize("slice_name", ["v4-8", "v5e-8", "v5p-8"])
+@pytest.mark.parametrize("slice_name", ["v4-8", "v5e-8", "v5p-8", "v6e-8"])
 def test_chip_hbm_is_what_xla_allows(slice_name):
     hbm = get_topology(slice_name).chip.hbm_bytes
     assert xla_available_hbm(slice_name) == pytest.approx(hbm / GIB, abs=0.005)
