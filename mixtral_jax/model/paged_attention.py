@@ -17,7 +17,8 @@ vLLM's TPU backend), so TPU runs it unchanged:
 Implementations: `xla` (any backend; tiles of query tokens read their sequences' pages a block at a time
 under an online softmax, so temporaries are (tile x one block of keys), never a dense copy of the cache),
 `pallas_tpu` (JAX's kernel; int8 pages are dequantised a step's pages at a time, since the kernel takes
-only one scalar scale), `auto` (the kernel on TPU where it takes the shapes, else `xla`).
+only one scalar scale), `pallas_gpu` (our Pallas Triton kernel, `paged_attention_gpu`: the same pages read
+through the page table, int8 too), `auto` (the kernel of the platform where it takes the shapes, else `xla`).
 Letters: s shard, t tokens, b sequences, h query heads, k KV heads, g query heads per KV head,
 n keys of a block, x head dim.
 """
@@ -31,10 +32,11 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import ragged_paged_attention as tpu_rpa
 from jax.sharding import Mesh, PartitionSpec
 
+from mixtral_jax.model import paged_attention_gpu as gpu_rpa
 from mixtral_jax.model.kv_cache import quantize_kv
 from mixtral_jax.sharding.rules import activation_spec
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu")
+IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 Q_TILE = 16           # xla: query tokens a tile (a decode tile of 16 sequences reads each one's pages once)
 KV_BLOCK_KEYS = 256   # xla: keys a step of a tile's online softmax
 TPU_KV_BUFFER_BYTES = 2 << 20  # pallas_tpu: one of the kernel's double-buffered KV blocks in VMEM
@@ -134,7 +136,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
     seq, heads = _specs(n_shards, n_kv, mesh)
     kind = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).device_kind
     kw = dict(sm_scale=float(sm_scale), window=sliding_window, kind=kind)
-    one = _attend_tpu if impl == "pallas_tpu" else _attend_xla
+    one = {"pallas_tpu": _attend_tpu, "pallas_gpu": gpu_rpa.attend}.get(impl, _attend_xla)
 
     def local(q, pages, scales, kv_lens, page_indices, cu_q_lens, num_seqs):
         if scales is None:
@@ -157,17 +159,22 @@ def _platform(mesh: Mesh | None) -> str:
 
 
 def resolve(implementation: str, q, kv_pages, mesh: Mesh | None = None) -> str:
-    """`auto`: JAX's kernel on TPU when each device's heads tile for it (see `tpu_fits`), else `xla`."""
+    """`auto`: JAX's kernel on TPU when each device's heads tile for it (see `tpu_fits`), ours on GPU when
+    each device's shapes suit Triton (`paged_attention_gpu.fits`), else `xla`."""
     if implementation != "auto":
         return implementation
-    if _platform(mesh) == "tpu":
+    platform = _platform(mesh)
+    if platform in ("tpu", "gpu", "cuda"):
         n_kv = kv_pages.shape[2] // 2
         heads = _specs(q.shape[0], n_kv, mesh)[1]
         axes = () if heads is None else (heads,) if isinstance(heads, str) else heads
         split = math.prod(mesh.shape[a] for a in axes)
-        if tpu_fits(q.shape[2] // split, 2 * n_kv // split, q.shape[3], q.dtype,
-                    q.dtype if kv_pages.dtype == jnp.int8 else kv_pages.dtype):
+        kv_dtype = q.dtype if kv_pages.dtype == jnp.int8 else kv_pages.dtype
+        if platform == "tpu" and tpu_fits(q.shape[2] // split, 2 * n_kv // split, q.shape[3], q.dtype, kv_dtype):
             return "pallas_tpu"
+        if platform != "tpu" and gpu_rpa.fits(q.shape[2] // split, n_kv // split, q.shape[3], q.dtype,
+                                              kv_pages.dtype):
+            return "pallas_gpu"
     return "xla"
 
 
