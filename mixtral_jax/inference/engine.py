@@ -183,12 +183,13 @@ class Engine:
 
     def _reads_every_entry(self) -> bool:
         """Whether the paged attention reads every page-table entry's page (`xla`: narrow tables for short
-        sequences pay) or only those in use (the TPU kernel: one table width, fewer shapes to compile)."""
+        sequences pay) or only those in use (the TPU and GPU kernels: one table width, fewer shapes to
+        compile)."""
         mc, lay = self.model.config, self.layout
         q = jax.ShapeDtypeStruct((lay.shards, 1, mc.n_heads, mc.head_dim), self.model.runtime.dtype)
         pages = jax.ShapeDtypeStruct((lay.total_pages, lay.page_size, 2 * mc.n_kv_heads, mc.head_dim),
                                      self._cache_dtype)
-        return paged_attention.resolve("auto", q, pages, self.model.runtime.mesh) != "pallas_tpu"
+        return paged_attention.resolve("auto", q, pages, self.model.runtime.mesh) not in ("pallas_tpu", "pallas_gpu")
 
     # ------------------------------------------------------------------------------ public API
     @property
