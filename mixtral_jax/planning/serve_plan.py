@@ -67,7 +67,7 @@ class ServeReport:
     alias_bytes: int
     compile_s: float
     est_step_s: float
-    attention: str            # "ragged paged attention kernel" (Pallas TPU) or "XLA"
+    attention: str            # "ragged paged attention kernel" (Pallas TPU), "Pallas GPU ...", or "XLA"
     xla_error: str | None = None
 
     @property
@@ -182,7 +182,8 @@ def plan_serve(config: MixtralConfig, topology: str | Topology | GpuTopology, me
         shards=shards, weight_bytes=bytes_per_chip(state), fixed_bytes=fixed, page_bytes=page_bytes, pages=pages,
         tokens=pages * page_size, sequences=shards * (per_shard // layout.pages_per_seq),
         **measured, compile_s=seconds, est_step_s=est,
-        attention="ragged paged attention kernel" if "ragged_paged_attention_kernel" in hlo else "XLA",
+        attention=("ragged paged attention kernel" if "ragged_paged_attention_kernel" in hlo else
+                   "Pallas GPU paged attention kernel" if "ragged_paged_attention_gpu" in hlo else "XLA"),
         xla_error=error)
 
 

@@ -218,3 +218,18 @@ def test_training_at_32k_compiles_to_cudnn_flash_attention(capsys):
     assert r.temp_bytes < config.n_heads * t * t * 2 / 4
     text = plan_cli.format_reports(config, get_topology("h100-1"), [r])
     assert f"cuDNN fused flash attention ({r.attention_kernel_flops / 1e12:.2f} TFLOP per GPU)" in text
+
+
+@pytest.mark.gpu
+@needs_plugin
+def test_the_serving_step_on_h100_attends_with_the_pallas_gpu_kernel():
+    """`plan --serve` for an H100 host: the engine's step compiles with our Triton paged attention (not the
+    XLA loop), and its pages fill what the GPUs leave."""
+    from mixtral_jax import MixtralConfig
+    from mixtral_jax.planning import serve_plan
+
+    cfg = MixtralConfig.tiny(dim=256, head_dim=128, hidden_dim=512, vocab_size=512)
+    r = serve_plan.plan_serve(cfg, "h100-8", "data=2,expert=2,tensor=2", max_batch=8, max_context=128, prefill_chunk=32,
+                              page_size=16)
+    assert r.attention == "Pallas GPU paged attention kernel", r.attention
+    assert r.holds_batch and r.sequences >= 8
