@@ -74,7 +74,7 @@ def _free_port() -> int:
 def _ours(args, checkpoint: str | None) -> Server:
     port = _free_port()
     cmd = [sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
-           "--max-context", str(args.max_context)]
+           "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk)]
     if checkpoint:
         cmd += ["--checkpoint", checkpoint]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
@@ -212,6 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request (plain scenario)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences each server runs at once")
     p.add_argument("--max-context", type=int, default=512)
+    p.add_argument("--prefill-chunk", type=int, default=256, help="our engine's tokens a step (as serve's; the "
+                   "peer keeps its own chunked-prefill default)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (each: ours, then the peer)")
     p.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds before them (compiles every "
                    "step shape the timed rounds use)")

@@ -102,7 +102,7 @@ def use_compile_cache(directory: str | None) -> str | None:
     model) instead of compiling them again. Returns the folder used."""
     if directory == "":
         return None
-    path = directory or str(cpu_kernels.cache_dir() / "xla")
+    path = directory or str(cpu_kernels.cache_dir().parent / "xla")
     jax.config.update("jax_compilation_cache_dir", path)
     return path
 

@@ -120,8 +120,8 @@ def test_a_real_run_without_the_peer(monkeypatch, capsys):
     monkeypatch.delenv(vllm_peer.PEER_ENV, raising=False)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert serve.main(["--clients", "2", "--max-tokens", "4", "--rounds", "1", "--max-batch", "2",
-                       "--max-context", "128", "--prefix-tokens", "48", "--prefix-max-tokens", "2",
-                       "--startup-timeout", "600"]) == 0
+                       "--max-context", "128", "--prefill-chunk", "64", "--prefix-tokens", "48",
+                       "--prefix-max-tokens", "2", "--startup-timeout", "600"]) == 0
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])
     assert report["peer"] is None and "vLLM peer: not measured" in out
