@@ -185,6 +185,11 @@ class Scheduler:
         self.prefix_hit_tokens = 0
         self.preemptions = 0
 
+    def table_width(self, n: int) -> int:
+        """A step's page-table width when its longest sequence has n pages (`table_width`, or always
+        pages_per_seq without narrow tables)."""
+        return table_width(n, self.pages_per_seq) if self.narrow_tables else self.pages_per_seq
+
     # ---- rows
     def free_rows(self, shard: int) -> list[int]:
         return [r for r in range(shard * self.rows, (shard + 1) * self.rows) if r not in self.seqs]
@@ -305,7 +310,7 @@ class Scheduler:
                       for s in range(self.shards))
         widest = max(len(self.seqs[r].pages) for r, n in wants.items() if n and r in self.seqs)
         p = StepPlan.empty(self.shards, self.rows, step_tokens(busiest, self.budget),
-                           table_width(widest, self.pages_per_seq) if self.narrow_tables else self.pages_per_seq)
+                           self.table_width(widest))
         ps = self.page_size
         for s in range(self.shards):
             t = i = drawn = 0

@@ -172,11 +172,11 @@ class MoE(nnx.Module):
                                               lora=adapters)
         else:
             routing = route(flat, self.router[...], self.top_k)
-            flat_valid = None if valid is None else valid.reshape(b * t)
             if valid is not None:
-                routing = without_padding(routing, flat_valid)
+                valid = valid.reshape(b * t)
+                routing = without_padding(routing, valid)
             out = run_experts(flat, routing, w1, w3, w2, self.strategy, self.capacity_factor, expert_weights,
-                              cpu_kernel=True, lora=adapters, valid=flat_valid)
+                              cpu_kernel=True, lora=adapters, valid=valid)
             logits = routing.logits
         return out.reshape(b, t, d), logits.reshape(b, t, -1)
 
