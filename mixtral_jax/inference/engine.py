@@ -164,6 +164,11 @@ class Engine:
         self.counts = self._put(np.zeros((rows, vocab), np.int32))  # for the penalties
         self.bias = self._put(np.zeros((rows, vocab), np.float32))  # logit_bias per row
         self._prev = self._put(np.zeros(rows, np.int32))  # the last step's tokens
+        if mesh is None:  # a step's outputs are committed to the model's device, so its first inputs are too:
+            # jit keys programs by committedness, and warm-up's first shape was compiled twice otherwise
+            device = next(iter(self._leaves[0].devices()))
+            self.cache, self.counts, self.bias, self._prev = jax.device_put(
+                (self.cache, self.counts, self.bias, self._prev), device)
         self._words = -(-vocab // 32)
         self._masks = np.full((rows, self._words), -1, np.int32)  # allowed tokens, process 0
         self._open = self._put(self._masks.copy())  # every token allowed in every row

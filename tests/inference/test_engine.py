@@ -5,6 +5,7 @@ and equals the batched sampler's where that is deterministic, and bad requests a
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,18 +21,23 @@ from mixtral_jax.model.placement import shard_model
 
 
 def test_warmup_compiles_every_step_shape_and_changes_nothing():
-    """After `warmup`, mixed prefill/decode steps, preemption, sampling with penalties and logprobs compile
-    nothing more (every shape the scheduler asks for was compiled), and the greedy answers still equal the
-    sampler's alone (a warm-up step writes, counts and draws nothing)."""
+    """After `warmup`, a lone decode, mixed prefill/decode steps, preemption, sampling with penalties and
+    logprobs compile nothing more (every shape the scheduler asks for was compiled, once), and the greedy
+    answers still equal the sampler's alone (a warm-up step writes, counts and draws nothing)."""
     lengths, new = [5, 40, 12, 3, 44, 9], [30, 20, 25, 32, 18, 31]
     ids = prompts(lengths, seed=7)
     solo = [mixtral_jax.generate(model(), [p], max_new_tokens=n, stop_tokens=[])[0] for p, n in zip(ids, new)]
-    engine = Engine(model(), EngineConfig(max_batch=4, max_context=80, prefill_chunk=16, page_size=4, num_pages=20))
+    graphdef, state = nnx.split(model())  # weights committed to a device, as a loaded checkpoint's are
+    loaded = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+    engine = Engine(loaded, EngineConfig(max_batch=4, max_context=80, prefill_chunk=16, page_size=4, num_pages=20))
     seen = []
     assert engine.warmup(lambda done, total: seen.append((done, total))) == len(engine.step_shapes)
     assert engine.step_shapes == [(t, w) for t in (4, 8, 16) for w in (4, 8, 16, 20)]
     assert seen[-1] == (12, 12) and engine.stats.steps == 0 and engine.idle
     compiled = engine_module.paged_step._cache_size()
+    (alone,), _, _ = submit_all(engine, prompts([3], seed=9), SamplingParams(max_tokens=4, stop_tokens=()))
+    steps_until_idle(engine)  # the first shape warmed up (4 slots, 4 pages) as a lone decode runs it
+    assert alone.n_generated == 4 and engine_module.paged_step._cache_size() == compiled
     params = [SamplingParams(max_tokens=n, stop_tokens=()) for n in new]
     params.append(SamplingParams(max_tokens=12, temperature=0.8, top_k=5, frequency_penalty=0.5, logprobs=3, seed=1))
     _, outs, _ = submit_all(engine, ids + prompts([7], seed=8), params)
