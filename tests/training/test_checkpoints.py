@@ -84,22 +84,20 @@ def test_a_half_written_step_is_ignored(tmp_path, straight):
     _assert_same(resumed.params, straight)
 
 
-def _two_processes(out: str, stop_at: int, result: str) -> list[str]:
-    return run_processes(2, "train_worker.py", [out, str(stop_at), result], timeout=400)
+def _two_processes(out: str, kill_at: int, stop_at: int, result: str) -> list[str]:
+    return run_processes(2, "train_worker.py", [out, str(kill_at), str(stop_at), result], timeout=400)
 
 
 @pytest.mark.multiprocess
 def test_two_processes_save_one_checkpoint_and_resume(tmp_path, straight):
     out, result = str(tmp_path / "run"), str(tmp_path / "params.npz")
-    outputs = _two_processes(out, 3, result)  # "killed" after step 3 (saves at 2 and 3)
+    # one launch: "killed" after step 3 (saves at 2 and 3), then a fresh trainer of another init resumes to 6
+    outputs = _two_processes(out, 3, TC.steps, result)
     assert all("resumed=False step=3" in o for o in outputs), outputs
-    ckpts = list_checkpoints(out)
-    assert [p.rsplit("/", 1)[-1] for p in ckpts] == ["step_00000002", "step_00000003"]
     # one step folder per save, written by both processes: no per-process temporary folders left behind
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_00000002", "step_00000003"]
-
-    outputs = _two_processes(out, TC.steps, result)
+    assert all("folders=step_00000002,step_00000003\n" in o for o in outputs), outputs
     assert all("resumed=True step=6" in o for o in outputs), outputs
+    assert [p.rsplit("/", 1)[-1] for p in list_checkpoints(out)] == ["step_00000004", "step_00000006"]
     # sharded over two processes' devices equals one process, no mesh (float32 reductions in another order)
     _assert_same(dict(np.load(result)), straight, atol=1e-5)
     single = make_trainer(seed=42)  # and the two-process checkpoint restores into one process
