@@ -46,15 +46,17 @@ def _metric(base, name) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-COMPILE_CACHE = {}
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(compile_cache):
     """The demo model's server, warmed up (every step shape compiled at start-up) into a compile cache of
     its own (every program kept, however quick its compile)."""
     port = free_port()
-    COMPILE_CACHE["dir"] = cache = tmp_path_factory.mktemp("xla")
+    cache = compile_cache
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli", "serve", "--port", str(port), "--max-batch", "4",
                              "--max-context", str(MAX_CONTEXT), "--prefill-chunk", "16", "--drain-seconds", "20",
@@ -79,13 +81,12 @@ def server(tmp_path_factory):
         proc.kill()
         proc.wait(30)
 
-
-
-def test_the_warm_up_writes_the_step_programs_to_the_compile_cache(server):
+def test_the_warm_up_writes_the_step_programs_to_the_compile_cache(server, compile_cache):
     """What a restarted server loads instead of compiling: the warm-up's programs, one entry each at least
     (3 token-slot counts x 2 page-table widths at this context and chunk)."""
-    entries = [f for f in COMPILE_CACHE["dir"].rglob("*") if f.is_file()]
+    entries = [f for f in compile_cache.rglob("*") if f.is_file()]
     assert len(entries) >= 6, entries
+
 
 def test_models_completion_and_stream_agree(server):
     _, base, client = server
